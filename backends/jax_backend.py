@@ -1,0 +1,334 @@
+"""JAX backend: docs/spec.md on jax.Array, eagerly and under jit, vmap and sharding.
+
+Same function names as numpy_backend.py. The kernels reduce over the last axis
+of an array of any rank and never reshape leading axes, so a KV cache sharded
+over batch, kv_heads or tokens stays sharded and the per-token and per-group
+paths need no collective; per-tensor FP8 needs exactly one (the global max).
+
+XLA on the CPU rewrites x / broadcast(s) into x * (1/s), contracts a multiply
+followed by an add into an FMA inside fusions, and flushes subnormals (FTZ and
+DAZ). None can change these results (docs/spec.md, "Why compilers cannot change
+the bits"): the reciprocal is computed once per token and multiplied; no product
+is ever added to anything; and the spec flushes every subnormal itself, explicitly
+here too, because XLA on GPUs keeps subnormals. Constants are NumPy float32 built
+from bit patterns, so jax_enable_x64 cannot turn them into float64.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from kvquant import _spec
+from kvquant._ops import BackendOps
+from kvquant._types import QuantizedKV
+
+NAME = "jax"
+
+F32 = jnp.float32
+
+_DTYPES = {
+    "float32": jnp.dtype(jnp.float32),
+    "float16": jnp.dtype(jnp.float16),
+    "bfloat16": jnp.dtype(jnp.bfloat16),
+    "float8_e4m3fn": jnp.dtype(jnp.float8_e4m3fn),
+    "int8": jnp.dtype(jnp.int8),
+    "uint8": jnp.dtype(jnp.uint8),
+}
+
+
+def _f32(bits: int) -> np.float32:
+    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
+
+
+R448 = _f32(_spec.R448_BITS)
+R127 = _f32(_spec.R127_BITS)
+R15 = _f32(_spec.R15_BITS)
+S_MIN = _f32(_spec.S_MIN_BITS)
+ONE = _f32(_spec.ONE_BITS)
+ZERO = np.float32(0)
+FP8_MAX = _f32(_spec.FP8_MAX_BITS)
+INT8_MAX = _f32(_spec.INT8_MAX_BITS)
+INT4_MAX = _f32(_spec.INT4_MAX_BITS)
+MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
+NAN = _f32(_spec.NAN_BITS)
+STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
+_NAN_BITS = {
+    "float32": np.array(_spec.NAN_BITS_BY_DTYPE["float32"], np.uint32).view(np.int32)[()],
+    "float16": np.array(_spec.NAN_BITS_BY_DTYPE["float16"], np.uint16).view(np.int16)[()],
+    "bfloat16": np.array(_spec.NAN_BITS_BY_DTYPE["bfloat16"], np.uint16).view(np.int16)[()],
+}
+
+
+def flush(v):
+    """Spec flush(): a subnormal float32 becomes a zero of the same sign."""
+    return jnp.where(jnp.abs(v) < MIN_NORMAL, v * ZERO, v)
+
+
+def _widen(x):
+    return x.astype(F32)
+
+
+def _symmetric_scale(amax, reciprocal):
+    """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
+    A poisoned token gets the NaN scale and inv = 0."""
+    poisoned = ~jnp.isfinite(amax)
+    amax = flush(amax)
+    scale = jnp.maximum(amax * reciprocal, S_MIN)
+    scale = jnp.where(amax == ZERO, ONE, scale)
+    scale = jnp.where(poisoned, NAN, scale)
+    inv = jnp.where(poisoned, ZERO, ONE / scale)
+    return scale, inv, poisoned
+
+
+def _to_output(v, bad, out_dtype: str):
+    """Round once to out_dtype; elements with a NaN parameter get the canonical NaN bits,
+    written as integers so that no conversion can pick another NaN."""
+    out = v.astype(_DTYPES[out_dtype])
+    carrier = jnp.int32 if out_dtype == "float32" else jnp.int16
+    bits = jnp.where(bad, _NAN_BITS[out_dtype], jax.lax.bitcast_convert_type(out, carrier))
+    return jax.lax.bitcast_convert_type(bits, _DTYPES[out_dtype])
+
+
+def _canonical_params(p):
+    """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical."""
+    p = flush(p.astype(F32))
+    return jnp.where(jnp.isnan(p), NAN, p)
+
+
+def _zero_where(codes, poisoned):
+    if codes.dtype == jnp.float8_e4m3fn:
+        as_int = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+        as_int = jnp.where(poisoned, jnp.uint8(0), as_int)
+        return jax.lax.bitcast_convert_type(as_int, jnp.float8_e4m3fn)
+    return jnp.where(poisoned, jnp.zeros((), codes.dtype), codes)
+
+
+# --------------------------------------------------------------------- FP8
+def _fp8_codes(xf, inv):
+    # XLA's cast gives NaN past the largest finite e4m3 value: clamp first.
+    return jnp.clip(xf * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+
+
+def fp8_quantize_per_token(x):
+    xf = _widen(x)
+    scale, inv, poisoned = _symmetric_scale(jnp.max(jnp.abs(xf), axis=-1), R448)
+    codes = _fp8_codes(xf, inv[..., None])
+    return _zero_where(codes, poisoned[..., None]), scale
+
+
+def fp8_quantize_per_tensor(x, static_scale: Optional[float]):
+    if static_scale is None:
+        return _fp8_per_tensor_dynamic(x)
+    # The scale travels as an array so that jit does not compile once per scale value.
+    return _fp8_per_tensor_static(x, np.float32(static_scale), bool(static_scale < STATIC_SCALE_DAZ))
+
+
+def _fp8_per_tensor_dynamic(x):
+    xf = _widen(x)
+    amax = jnp.max(jnp.abs(xf)) if xf.size else jnp.zeros((), F32)
+    scale, inv, poisoned = _symmetric_scale(amax, R448)
+    return _zero_where(_fp8_codes(xf, inv), poisoned), scale
+
+
+def _fp8_per_tensor_static(x, scale, flush_input: bool):
+    xf = _widen(x)
+    if flush_input:
+        # 1/scale > 2^116 lifts a subnormal input past half the smallest e4m3 step.
+        xf = flush(xf)
+    scale = jnp.asarray(scale, F32)
+    inv = flush(ONE / scale)
+    poisoned = ~jnp.all(jnp.isfinite(xf)) if xf.size else jnp.zeros((), bool)
+    scale = jnp.where(poisoned, NAN, scale)
+    return _zero_where(_fp8_codes(xf, inv), poisoned), scale
+
+
+def fp8_dequantize(codes, scales, out_dtype: str):
+    """value = flush(float32(code) * scale); scales broadcast against codes."""
+    scales = _canonical_params(scales)
+    v = flush(codes.astype(F32) * scales)
+    return _to_output(v, jnp.isnan(scales), out_dtype)
+
+
+# -------------------------------------------------------------------- INT8
+def int8_quantize(x):
+    xf = _widen(x)
+    scale, inv, poisoned = _symmetric_scale(jnp.max(jnp.abs(xf), axis=-1), R127)
+    q = jnp.clip(jnp.round(xf * inv[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return _zero_where(q, poisoned[..., None]), scale
+
+
+def int8_dequantize(codes, scales, out_dtype: str):
+    """value = float32(q) * scale: never subnormal for a normal scale and |q| >= 1."""
+    scales = _canonical_params(scales)
+    v = codes.astype(F32) * scales
+    return _to_output(v, jnp.isnan(scales), out_dtype)
+
+
+# -------------------------------------------------------------------- INT4
+def _split_groups(t, group_size: int):
+    """[..., head_dim] as [..., groups, size] blocks: full groups, then the short tail."""
+    width = t.shape[-1]
+    full = (width // group_size) * group_size
+    parts = []
+    if full:
+        parts.append(t[..., :full].reshape(t.shape[:-1] + (full // group_size, group_size)))
+    if full < width:
+        parts.append(t[..., full:].reshape(t.shape[:-1] + (1, width - full)))
+    return parts
+
+
+def _per_element(p, width: int, group_size: int):
+    """Per-group values [..., groups] repeated to [..., head_dim]."""
+    return jnp.repeat(p, group_size, axis=-1, total_repeat_length=p.shape[-1] * group_size)[..., :width]
+
+
+def _int4_params(mn, mx):
+    mn = flush(mn)
+    mn = jnp.where(mn == ZERO, ZERO, mn)  # +0 whatever sign the reduction chose
+    mx = flush(mx)
+    rng = flush(mx - mn)
+    poisoned = ~jnp.isfinite(rng)
+    scale = jnp.maximum(rng * R15, S_MIN)
+    scale = jnp.where(rng == ZERO, ONE, scale)
+    scale = jnp.where(poisoned, NAN, scale)
+    inv = jnp.where(poisoned, ZERO, ONE / scale)
+    zero = flush(-(mn * inv))
+    zero = jnp.where(poisoned, NAN, zero)
+    mn = jnp.where(poisoned, ZERO, mn)
+    return scale, inv, zero, mn, poisoned
+
+
+def int4_quantize(x, group_size: int):
+    xf = _widen(x)
+    width = xf.shape[-1]
+    parts = _split_groups(xf, group_size)
+    mn = jnp.concatenate([jnp.min(p, axis=-1) for p in parts], axis=-1)
+    mx = jnp.concatenate([jnp.max(p, axis=-1) for p in parts], axis=-1)
+    scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
+    v = (xf - _per_element(mn, width, group_size)) * _per_element(inv, width, group_size)
+    q = jnp.clip(jnp.round(v), ZERO, INT4_MAX).astype(jnp.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    bad_bytes = _per_element(poisoned, width, group_size)[..., 0::2]
+    return _zero_where(packed, bad_bytes), scale, zero
+
+
+def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    """value = flush((float32(q) - zero) * scale)."""
+    width = packed.shape[-1] * 2
+    scales, zeros = _canonical_params(scales), _canonical_params(zeros)
+    q = jnp.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(packed.shape[:-1] + (width,))
+    v = (q.astype(F32) - _per_element(zeros, width, group_size)) * _per_element(scales, width, group_size)
+    bad = _per_element(jnp.isnan(scales) | jnp.isnan(zeros), width, group_size)
+    return _to_output(flush(v), bad, out_dtype)
+
+
+# ----------------------------------------------------------------- Runtime
+class JaxRuntime:
+    """numr's ``Runtime`` for jax.Array (and tracers, inside jit and vmap)."""
+
+    name = NAME
+
+    def is_array(self, obj) -> bool:
+        return isinstance(obj, (jax.Array, jax.core.Tracer))
+
+    def device(self, arr) -> str:
+        if isinstance(arr, jax.core.Tracer):
+            return "traced"
+        try:
+            devices = arr.devices()
+        except Exception:
+            return "traced"
+        if len(devices) == 1:
+            return str(next(iter(devices)))
+        return "sharded:" + ",".join(sorted(str(d) for d in devices))
+
+    def devices(self):
+        return [str(d) for d in jax.devices()]
+
+    def version(self) -> str:
+        return f"jax {jax.__version__}, backend {jax.default_backend()}"
+
+    def dtype(self, name: str):
+        try:
+            return _DTYPES[name]
+        except KeyError:
+            raise TypeError(f"unknown dtype name {name!r}") from None
+
+    def dtype_name(self, arr) -> str:
+        return jnp.dtype(arr.dtype).name
+
+    def shape(self, arr):
+        return tuple(arr.shape)
+
+    def reshape(self, arr, shape):
+        shape = tuple(shape)
+        return arr if tuple(arr.shape) == shape else jnp.reshape(arr, shape)
+
+    def to_numpy(self, arr):
+        return np.asarray(jax.device_get(arr))
+
+    def from_numpy(self, arr, device=None):
+        out = jnp.asarray(arr)
+        if device is not None:
+            out = jax.device_put(out, device)
+        return out
+
+    def synchronize(self, device=None) -> None:
+        (jax.device_put(0) + 0).block_until_ready()
+
+    def is_concrete(self, arr) -> bool:
+        return not isinstance(arr, jax.core.Tracer)
+
+    def first_nan_index(self, flat) -> Optional[int]:
+        bad = np.flatnonzero(np.isnan(np.asarray(flat)))
+        return int(bad[0]) if bad.size else None
+
+
+runtime = JaxRuntime()
+
+# QuantizedKV crosses jit boundaries and lives in lax.scan carries: its arrays are
+# the pytree children, format, group size, shape, dtype and backend the static aux data.
+try:
+    jax.tree_util.register_pytree_node(QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten)
+except ValueError:  # already registered (module reloaded)
+    pass
+
+
+class _Kernels:
+    """Kernels run op by op (``eager``) or each under jax.jit (``jit``)."""
+
+    accepts_any_rank = True
+
+    def __init__(self, jit: bool):
+        wrap = (lambda fn, static: jax.jit(fn, static_argnums=static)) if jit else (lambda fn, static: fn)
+        self._jit = jit
+        self.fp8_quantize_per_token = wrap(fp8_quantize_per_token, ())
+        self._dynamic = wrap(_fp8_per_tensor_dynamic, ())
+        self._static = wrap(_fp8_per_tensor_static, (2,))
+        self.fp8_dequantize = wrap(fp8_dequantize, (2,))
+        self.int8_quantize = wrap(int8_quantize, ())
+        self.int8_dequantize = wrap(int8_dequantize, (2,))
+        self.int4_quantize = wrap(int4_quantize, (1,))
+        self.int4_dequantize = wrap(int4_dequantize, (3, 4))
+
+    def fp8_quantize_per_tensor(self, x, static_scale):
+        if static_scale is None:
+            return self._dynamic(x)
+        return self._static(x, np.float32(static_scale), bool(static_scale < STATIC_SCALE_DAZ))
+
+    def variants(self):
+        return {} if self._jit else {"jit": _jit_kernels()}
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_kernels():
+    return _Kernels(jit=True)
+
+
+def create_backend() -> BackendOps:
+    return BackendOps(NAME, runtime, _Kernels(jit=False), variant="eager")

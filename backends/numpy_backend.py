@@ -1,0 +1,510 @@
+"""NumPy backend: the reference implementation of docs/spec.md.
+
+Every other backend is judged against the bits this file produces, so it follows
+the spec's formulas step by step. Each formula step is one NumPy operation on
+float32 (NumPy never fuses, never flushes subnormals and always rounds to nearest
+even), applied to chunks of rows small enough to stay in cache. Where this file
+uses integer arithmetic on float bits instead of a float operation, the comment
+says why the two agree, and tests/test_numpy_reference.py checks the claim
+against a literal transcription of the spec.
+
+Same function names in every backend file (Keras 3 style), so backends can be
+read side by side:
+
+    fp8_quantize_per_token, fp8_quantize_per_tensor, fp8_dequantize,
+    int8_quantize, int8_dequantize, int4_quantize, int4_dequantize
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from kvquant import _spec
+from kvquant._ops import BackendOps, num_groups
+
+NAME = "numpy"
+
+F32 = np.float32
+U32 = np.uint32
+
+
+def _f32(bits: int) -> np.float32:
+    return np.array(bits, dtype=U32).view(F32)[()]
+
+
+R448 = _f32(_spec.R448_BITS)
+R127 = _f32(_spec.R127_BITS)
+R15 = _f32(_spec.R15_BITS)
+S_MIN = _f32(_spec.S_MIN_BITS)
+ONE = _f32(_spec.ONE_BITS)
+FP8_MAX = _f32(_spec.FP8_MAX_BITS)
+MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
+NAN = _f32(_spec.NAN_BITS)
+STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
+
+_NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+}
+
+# Rows per chunk: 256 KiB of float32 keeps every pass of a chunk inside L2.
+_CHUNK_BYTES = 1 << 20
+
+# x + 1.5*2^23 rounds x (|x| < 2^22) to an integer, ties to even, because the sum's
+# ulp is 1; the integer then sits in the sum's low mantissa bits in two's complement,
+# so the low byte of the float32 is the int8 value. 2^23 does the same for 0 <= x < 2^23.
+_ROUND_MAGIC_SIGNED = F32(12582912.0)
+_ROUND_MAGIC_UNSIGNED = F32(8388608.0)
+
+_ABS_MASK = U32(0x7FFFFFFF)
+_INF_BITS = U32(0x7F800000)
+
+
+# ----------------------------------------------------------------- helpers
+def _row_chunks(rows: int, width: int):
+    step = max(1, _CHUNK_BYTES // (4 * max(width, 1)))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _widen(x: np.ndarray) -> np.ndarray:
+    """float16/bfloat16 to float32 exactly; a float32 array is returned as it is."""
+    return x if x.dtype == F32 else x.astype(F32)
+
+
+def flush(v: np.ndarray) -> np.ndarray:
+    """Spec flush(): a subnormal float32 becomes a zero of the same sign (NaN passes)."""
+    v = np.asarray(v, dtype=F32)
+    return np.where(np.abs(v) < MIN_NORMAL, np.copysign(F32(0), v), v)
+
+
+def _flush_rows_inplace(out: np.ndarray, rows: np.ndarray) -> None:
+    if rows.size:
+        block = out[rows]
+        out[rows] = np.where(np.abs(block) < MIN_NORMAL, np.copysign(F32(0), block), block)
+
+
+def _absmax_rows(x: np.ndarray, work_u32: np.ndarray) -> np.ndarray:
+    """max |x| of each row, NaN if the row holds a NaN.
+
+    Clearing the sign bit makes the float32 bits of |x| order like unsigned integers,
+    with every NaN above +inf; an integer max reduction is exact and many times faster
+    than NumPy's NaN-propagating float max along a short axis.
+    """
+    np.bitwise_and(x.view(U32), _ABS_MASK, out=work_u32)
+    top = np.maximum.reduce(work_u32, axis=1)
+    return np.where(top > _INF_BITS, U32(_spec.NAN_BITS), top).view(F32)
+
+
+def _order_keys(x: np.ndarray, out_i32: np.ndarray) -> np.ndarray:
+    """Signed integers that order like the float32 values of x (-NaN < -inf ... +inf < +NaN).
+
+    Negative floats have their magnitude bits flipped, so a larger magnitude gives a
+    smaller key. The map is its own inverse.
+    """
+    bits = x.view(np.int32)
+    np.right_shift(bits, 31, out=out_i32)
+    np.bitwise_and(out_i32, 0x7FFFFFFF, out=out_i32)
+    np.bitwise_xor(out_i32, bits, out=out_i32)
+    return out_i32
+
+
+def _keys_to_f32(keys: np.ndarray) -> np.ndarray:
+    keys = keys.astype(np.int32)
+    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(F32)
+
+
+def _group_slices(head_dim: int, group_size: int):
+    """(start, stop) of each run of equal-length groups: full groups, then the short tail."""
+    full = (head_dim // group_size) * group_size
+    runs = []
+    if full:
+        runs.append((0, full, group_size))
+    if full < head_dim:
+        runs.append((full, head_dim, head_dim - full))
+    return runs
+
+
+def _group_min_max(keys: np.ndarray, group_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    rows, width = keys.shape
+    mins, maxs = [], []
+    for start, stop, size in _group_slices(width, group_size):
+        block = keys[:, start:stop].reshape(rows, -1, size)
+        mins.append(np.minimum.reduce(block, axis=2))
+        maxs.append(np.maximum.reduce(block, axis=2))
+    return (
+        _keys_to_f32(np.concatenate(mins, axis=1)),
+        _keys_to_f32(np.concatenate(maxs, axis=1)),
+    )
+
+
+def _broadcast_groups(params: np.ndarray, head_dim: int, group_size: int) -> np.ndarray:
+    """Per-group values [rows, groups] repeated to one per element [rows, head_dim]."""
+    counts = [group_size] * (head_dim // group_size)
+    if head_dim % group_size:
+        counts.append(head_dim % group_size)
+    return np.repeat(params, counts, axis=1)
+
+
+def _symmetric_scale(amax: np.ndarray, reciprocal: np.float32):
+    """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
+
+    Returns (scale, inv, poisoned); a poisoned row gets the NaN scale and inv = 0.
+    """
+    poisoned = ~np.isfinite(amax)
+    amax = flush(amax)
+    scale = np.maximum(amax * reciprocal, S_MIN)
+    scale = np.where(amax == 0, ONE, scale)
+    scale = np.where(poisoned, NAN, scale).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(poisoned, F32(0), ONE / scale).astype(F32)
+    return scale, inv, poisoned
+
+
+# --------------------------------------------------------------------- FP8
+def encode_e4m3(y: np.ndarray) -> np.ndarray:
+    """e4m3fn codes (as uint8) of float32 values already clamped to [-448, 448].
+
+    Equal to ml_dtypes' round-to-nearest-even cast on every such float32
+    (tests/test_numpy_reference.py checks all 2^31 of them in an opt-in sweep,
+    and every rounding boundary in the default run). For |y| >= 2^-6 the e4m3
+    value keeps the top 3 mantissa bits: adding 0x7FFFF plus the lowest kept bit
+    to the float32 bits rounds the 20 dropped bits to nearest even, carrying into
+    the exponent when needed, and rebiasing the exponent from 127 to 7 is a
+    subtraction of 120 << 3. Below 2^-6 e4m3 is subnormal with a fixed step of
+    2^-9, so the code is rint(|y| * 512); such values are rare in real data and
+    are patched afterwards.
+    """
+    bits = np.ascontiguousarray(y).view(U32)
+    mag = bits & _ABS_MASK
+    code = mag >> U32(20)
+    code &= U32(1)
+    code += mag
+    code += U32(0x7FFFF)
+    code >>= U32(20)
+    code -= U32(120 << 3)
+    out = code.astype(np.uint8)
+    small = np.flatnonzero(mag < U32(0x3C800000))
+    if small.size:
+        flat = out.reshape(-1)
+        flat[small] = np.rint(mag.reshape(-1)[small].view(F32) * F32(512)).astype(np.uint8)
+    out |= (bits >> U32(24)).astype(np.uint8) & np.uint8(0x80)
+    return out
+
+
+def _decode_e4m3_into(codes_u8: np.ndarray, out: np.ndarray) -> None:
+    """float32 values of e4m3fn codes, exactly.
+
+    Placing the 7 magnitude bits at float32 bits 20-26 gives 2^(e-127)(1+m/8) for
+    e > 0 and the subnormal m * 2^-129 for e = 0; both are the e4m3 value times
+    2^-120, and multiplying by 2^120 is exact (NumPy keeps float32 subnormals).
+    """
+    wide = codes_u8.astype(U32)
+    bits = out.view(U32)
+    np.left_shift(wide & U32(0x7F), U32(20), out=bits)
+    wide &= U32(0x80)
+    wide <<= U32(24)
+    bits |= wide
+    out *= F32(2.0**120)
+
+
+def _fp8_encode_block(xc: np.ndarray, inv: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """code = e4m3(clamp(x * inv, -448, 448)) for one chunk of rows."""
+    np.multiply(xc, inv, out=work)
+    np.clip(work, -FP8_MAX, FP8_MAX, out=work)
+    return encode_e4m3(work)
+
+
+def fp8_quantize_per_token(x: np.ndarray):
+    rows, width = x.shape
+    codes = np.empty((rows, width), np.uint8)
+    scales = np.empty(rows, F32)
+    for start, stop in _row_chunks(rows, width):
+        xc = _widen(x[start:stop])
+        work = np.empty(xc.shape, F32)
+        amax = _absmax_rows(xc, work.view(U32))
+        scale, inv, poisoned = _symmetric_scale(amax, R448)
+        with np.errstate(invalid="ignore"):
+            block = _fp8_encode_block(xc, inv[:, None], work)
+        block[poisoned] = 0
+        codes[start:stop] = block
+        scales[start:stop] = scale
+    return codes.view(ml_dtypes.float8_e4m3fn), scales
+
+
+def fp8_quantize_per_tensor(x: np.ndarray, static_scale: Optional[float]):
+    rows, width = x.shape
+    if static_scale is None:
+        amax = F32(0)
+        for start, stop in _row_chunks(rows, width):
+            xc = _widen(x[start:stop])
+            work = np.empty(xc.shape, np.uint32)
+            amax = max(amax, _absmax_rows(xc, work).max(initial=F32(0)), key=_nan_wins)
+        scale, inv, poisoned = (a[0] for a in _symmetric_scale(np.array([amax], F32), R448))
+        flush_input = False
+    else:
+        scale = F32(static_scale)
+        inv = flush(ONE / scale)[()]
+        # 1/scale <= 2^116 maps every subnormal input below half the smallest e4m3 step
+        # (2^-10), so reading it as zero changes no code; above that it must be flushed.
+        flush_input = scale < STATIC_SCALE_DAZ
+        poisoned = False
+    codes = np.empty((rows, width), np.uint8)
+    any_nonfinite = False
+    for start, stop in _row_chunks(rows, width):
+        xc = _widen(x[start:stop])
+        if flush_input:
+            xc = flush(xc)
+        work = np.empty(xc.shape, F32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            codes[start:stop] = _fp8_encode_block(xc, inv, work)
+        if static_scale is not None and not any_nonfinite:
+            any_nonfinite = not np.isfinite(xc).all()
+    if static_scale is not None and any_nonfinite:
+        poisoned, scale = True, NAN
+    if poisoned:
+        codes[...] = 0
+    return codes.view(ml_dtypes.float8_e4m3fn), np.array(scale, F32)
+
+
+def _nan_wins(v):
+    return (math.isnan(v), v)
+
+
+@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
+def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
+    """value = flush(float32(code) * scale), rounded once to out_dtype.
+
+    scales is [rows, 1] (per token) or [1, 1] (per tensor).
+    """
+    rows, width = codes.shape
+    scales = flush(scales)
+    out = np.empty((rows, width), _NP_DTYPES[out_dtype])
+    # A scale >= 2^-116 times a nonzero e4m3 magnitude (>= 2^-9) is normal: no flush.
+    needs_flush = bool((scales < STATIC_SCALE_DAZ * F32(2)).any())
+    for start, stop in _row_chunks(rows, width):
+        block = np.empty((stop - start, width), F32)
+        _decode_e4m3_into(codes[start:stop].view(np.uint8), block)
+        block *= scales if scales.shape[0] == 1 else scales[start:stop]
+        if needs_flush:
+            block = flush(block)
+        out[start:stop] = block
+    _canonical_nan_rows(out, scales[:, 0], out_dtype)
+    return out
+
+
+def _canonical_nan_rows(out: np.ndarray, per_row: np.ndarray, out_dtype: str) -> None:
+    """Rows (or groups) with a NaN parameter dequantize to the one canonical NaN of out_dtype.
+
+    Hardware differs in which NaN x * NaN returns (x86 keeps the operand's payload,
+    CUDA returns 0x7FFFFFFF), so the spec names the bits.
+    """
+    bad = np.isnan(per_row)
+    if bad.any():
+        nan = np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype], dtype=np.uint32)
+        if per_row.shape[0] == 1:
+            out[...] = nan.astype(_uint_of(out.dtype)).view(out.dtype)
+        else:
+            out[bad] = nan.astype(_uint_of(out.dtype)).view(out.dtype)
+
+
+def _uint_of(dtype: np.dtype):
+    return np.uint32 if dtype.itemsize == 4 else np.uint16
+
+
+# -------------------------------------------------------------------- INT8
+def int8_quantize(x: np.ndarray):
+    rows, width = x.shape
+    codes = np.empty((rows, width), np.int8)
+    scales = np.empty(rows, F32)
+    for start, stop in _row_chunks(rows, width):
+        xc = _widen(x[start:stop])
+        work = np.empty(xc.shape, F32)
+        amax = _absmax_rows(xc, work.view(U32))
+        scale, inv, poisoned = _symmetric_scale(amax, R127)
+        with np.errstate(invalid="ignore"):
+            np.multiply(xc, inv[:, None], out=work)
+        # |x * inv| <= 127.00003 (docs/spec.md, "INT8"), so the clamp to [-127, 127] can
+        # never act and round-half-even is the magic-number addition.
+        work += _ROUND_MAGIC_SIGNED
+        block = work.view(np.int8)[:, ::4]
+        codes[start:stop] = block
+        codes[start:stop][poisoned] = 0
+        scales[start:stop] = scale
+    return codes, scales
+
+
+@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
+def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
+    """value = float32(q) * scale; never subnormal, since |q| >= 1 and a read scale is normal."""
+    scales = flush(scales)
+    out = np.empty(codes.shape, _NP_DTYPES[out_dtype])
+    if out_dtype == "float32":
+        np.multiply(codes, scales, out=out, dtype=F32)
+    else:
+        for start, stop in _row_chunks(*codes.shape):
+            out[start:stop] = np.multiply(codes[start:stop], scales[start:stop], dtype=F32)
+    _canonical_nan_rows(out, scales[:, 0], out_dtype)
+    return out
+
+
+# -------------------------------------------------------------------- INT4
+def _int4_params(mn: np.ndarray, mx: np.ndarray):
+    """Spec INT4 scale, inverse and zero from a group's min and max (float32 [rows, groups])."""
+    mn = flush(mn)
+    mn = np.where(mn == 0, F32(0), mn)  # the sign of a zero minimum is not the reduction's to choose
+    mx = flush(mx)
+    with np.errstate(invalid="ignore", over="ignore"):
+        rng = flush(mx - mn)
+    poisoned = ~np.isfinite(rng)
+    scale = np.maximum(rng * R15, S_MIN)
+    scale = np.where(rng == 0, ONE, scale)
+    scale = np.where(poisoned, NAN, scale).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(poisoned, F32(0), ONE / scale).astype(F32)
+        zero = flush(-(mn * inv))
+    zero = np.where(poisoned, NAN, zero).astype(F32)
+    mn = np.where(poisoned, F32(0), mn).astype(F32)
+    return scale, inv, zero, mn, poisoned
+
+
+def int4_quantize(x: np.ndarray, group_size: int):
+    rows, width = x.shape
+    groups = num_groups(width, group_size)
+    packed = np.empty((rows, width // 2), np.uint8)
+    scales = np.empty((rows, groups), F32)
+    zeros = np.empty((rows, groups), F32)
+    for start, stop in _row_chunks(rows, width):
+        xc = _widen(x[start:stop])
+        work = np.empty(xc.shape, F32)
+        mn, mx = _group_min_max(_order_keys(xc, work.view(np.int32)), group_size)
+        scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if width % group_size == 0:
+                shaped = work.reshape(stop - start, groups, group_size)
+                np.subtract(xc.reshape(shaped.shape), mn[:, :, None], out=shaped)
+                shaped *= inv[:, :, None]
+            else:
+                np.subtract(xc, _broadcast_groups(mn, width, group_size), out=work)
+                work *= _broadcast_groups(inv, width, group_size)
+        # 0 <= (x - mn) * inv <= 15.000004 (docs/spec.md, "INT4"): the clamp never acts,
+        # and a negative value only arises as -tiny when mn was flushed, rounding to 0.
+        work += _ROUND_MAGIC_UNSIGNED
+        q = work.view(np.uint8)[:, ::4]
+        block = q[:, 0::2] | (q[:, 1::2] << np.uint8(4))
+        if poisoned.any():
+            block[_broadcast_groups(poisoned, width, group_size)[:, 0::2]] = 0
+        packed[start:stop] = block
+        scales[start:stop] = scale
+        zeros[start:stop] = zero
+    return packed, scales, zeros
+
+
+@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
+def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+    """value = flush((float32(q) - zero) * scale), rounded once to out_dtype."""
+    rows, half = packed.shape
+    width = half * 2
+    scales, zeros = flush(scales), flush(zeros)
+    out = np.empty((rows, width), _NP_DTYPES[out_dtype])
+    # Only a q = 0 element of a group with |zero * scale| near 2^-126, or any element of a
+    # group whose scale is below 2^-99, can land in the subnormal range: see the spec.
+    with np.errstate(over="ignore", invalid="ignore"):
+        at_risk = (scales < F32(2.0**-99)) | (np.abs(zeros) * scales < F32(2.0**-124))
+    at_risk &= zeros != 0
+    risky_rows = np.flatnonzero(at_risk.any(axis=1))
+    for start, stop in _row_chunks(rows, width):
+        pc = packed[start:stop]
+        block = np.empty((stop - start, width), F32)
+        block[:, 0::2] = pc & np.uint8(0x0F)
+        block[:, 1::2] = pc >> np.uint8(4)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if width % group_size == 0:
+                shaped = block.reshape(stop - start, -1, group_size)
+                shaped -= zeros[start:stop, :, None]
+                shaped *= scales[start:stop, :, None]
+            else:
+                block -= _broadcast_groups(zeros[start:stop], width, group_size)
+                block *= _broadcast_groups(scales[start:stop], width, group_size)
+        local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
+        _flush_rows_inplace(block, local)
+        out[start:stop] = block
+    bad = np.isnan(scales) | np.isnan(zeros)
+    if bad.any():
+        nan_out = np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype]).astype(_uint_of(out.dtype)).view(out.dtype)
+        out[_broadcast_groups(bad, width, group_size)] = nan_out
+    return out
+
+
+# ----------------------------------------------------------------- Runtime
+class NumpyRuntime:
+    """numr's ``Runtime`` for NumPy arrays: host memory, one device called ``cpu``."""
+
+    name = NAME
+
+    def is_array(self, obj) -> bool:
+        return isinstance(obj, np.ndarray)
+
+    def device(self, arr) -> str:
+        return "cpu"
+
+    def devices(self):
+        return ["cpu"]
+
+    def version(self) -> str:
+        return f"numpy {np.__version__}, ml_dtypes {ml_dtypes.__version__}"
+
+    def dtype(self, name: str):
+        try:
+            return _NP_DTYPES[name]
+        except KeyError:
+            raise TypeError(f"unknown dtype name {name!r}") from None
+
+    def dtype_name(self, arr) -> str:
+        return arr.dtype.name
+
+    def shape(self, arr):
+        return arr.shape
+
+    def reshape(self, arr, shape):
+        return arr.reshape(shape)
+
+    def to_numpy(self, arr) -> np.ndarray:
+        return arr
+
+    def from_numpy(self, arr: np.ndarray, device=None):
+        return np.asarray(arr)
+
+    def synchronize(self, device=None) -> None:
+        return None
+
+    def is_concrete(self, arr) -> bool:
+        return True
+
+    def first_nan_index(self, flat) -> Optional[int]:
+        bad = np.flatnonzero(np.isnan(flat))
+        return int(bad[0]) if bad.size else None
+
+
+runtime = NumpyRuntime()
+
+
+class _Kernels:
+    fp8_quantize_per_token = staticmethod(fp8_quantize_per_token)
+    fp8_quantize_per_tensor = staticmethod(fp8_quantize_per_tensor)
+    fp8_dequantize = staticmethod(fp8_dequantize)
+    int8_quantize = staticmethod(int8_quantize)
+    int8_dequantize = staticmethod(int8_dequantize)
+    int4_quantize = staticmethod(int4_quantize)
+    int4_dequantize = staticmethod(int4_dequantize)
+
+
+def create_backend() -> BackendOps:
+    return BackendOps(NAME, runtime, _Kernels(), variant="eager")

@@ -1,0 +1,43 @@
+"""kvquant: KV-cache quantization with the same bits on NumPy, PyTorch and JAX.
+
+    import kvquant
+    q = kvquant.quantize(k_cache, "int4", group_size=64)   # numpy, torch or jax array
+    k_approx = kvquant.dequantize(q)                         # same framework, same device
+
+The arithmetic is specified bit for bit in docs/spec.md; the NumPy backend is its
+reference. Importing this package imports NumPy only: the PyTorch and JAX backends
+load when their arrays show up or when asked for by name.
+"""
+from ._registry import (
+    BackendNotFoundError,
+    available_backends,
+    backend_for,
+    get_backend,
+    register_backend,
+)
+from ._spec import SPEC_VERSION
+from ._types import Format, Int4GroupSize, KvQuantMode, NonFiniteInputError, QuantizedKV
+from .api import adapt, dequantize, quantize
+from .protocols import KvCacheQuantOps, Runtime, TensorAdapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotFoundError",
+    "Format",
+    "Int4GroupSize",
+    "KvCacheQuantOps",
+    "KvQuantMode",
+    "NonFiniteInputError",
+    "QuantizedKV",
+    "Runtime",
+    "SPEC_VERSION",
+    "TensorAdapter",
+    "adapt",
+    "available_backends",
+    "backend_for",
+    "dequantize",
+    "get_backend",
+    "quantize",
+    "register_backend",
+]

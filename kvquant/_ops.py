@@ -1,0 +1,364 @@
+"""Argument checking shared by every backend, and the seed's ``KvCacheQuantOps`` surface.
+
+A backend supplies a ``Runtime`` (what its arrays look like) and a kernels object
+(the arithmetic of docs/spec.md on a validated ``[tokens, head_dim]`` view). This
+class checks every argument before any kernel runs, so that bad input is reported
+the same way, with the same words, by every backend.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional, Sequence, Tuple
+
+from . import _spec
+from ._types import Format, Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
+
+_GROUP_SIZES = tuple(int(g) for g in Int4GroupSize)
+
+
+def canonical_dtype_name(dtype: Any) -> str:
+    """Name of a dtype given as a string, a NumPy/JAX/ml_dtypes type or a torch.dtype.
+
+    Never imports a framework: torch dtypes are recognised by their ``repr``.
+    """
+    if isinstance(dtype, str):
+        name = dtype.strip().lower()
+        return name[len("torch."):] if name.startswith("torch.") else name
+    text = repr(dtype)
+    if text.startswith("torch."):
+        return text[len("torch."):]
+    try:
+        import numpy as np
+
+        return np.dtype(dtype).name
+    except TypeError:
+        pass
+    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None)
+    if isinstance(name, str):
+        return name.lower()
+    raise TypeError(f"cannot interpret {dtype!r} as a dtype")
+
+
+def parse_output_dtype(dtype: Any) -> str:
+    name = canonical_dtype_name(dtype) if dtype is not None else "float32"
+    if name not in _spec.OUTPUT_DTYPES:
+        raise TypeError(
+            f"output_dtype {dtype!r} is not supported; expected one of "
+            + ", ".join(_spec.OUTPUT_DTYPES)
+        )
+    return name
+
+
+def parse_group_size(group_size: Any) -> int:
+    if isinstance(group_size, bool):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    try:
+        value = operator.index(group_size)
+    except TypeError:
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}") from None
+    if value not in _GROUP_SIZES:
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    return value
+
+
+def parse_on_nonfinite(on_nonfinite: Any) -> str:
+    if on_nonfinite not in ON_NONFINITE_CHOICES:
+        raise ValueError(
+            f"on_nonfinite must be 'raise' or 'propagate', got {on_nonfinite!r}"
+        )
+    return on_nonfinite
+
+
+def parse_static_scale(scale: Any) -> float:
+    """A caller-given FP8 scale as an exact float32 value (held in a Python float).
+
+    Python floats are rounded to the nearest float32: a checkpoint's k_scale is
+    stored as float32 anyway, and that is the value every backend then uses.
+    """
+    if isinstance(scale, bool):
+        raise TypeError(f"static scale must be a number, got {scale!r}")
+    try:
+        value = float(scale)
+    except Exception as exc:  # tracers, strings, arrays of several elements
+        raise TypeError(
+            f"static scale must be a concrete real number, got {type(scale).__name__}: {exc}"
+        ) from None
+    problem = f"static scale must be a finite, positive, normal float32 (2^-126 to 3.4028235e38), got {scale!r}"
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(problem)
+    try:
+        as_f32 = _spec.f32_from_bits(_spec.f32_bits(value))
+    except OverflowError:  # rounds past the largest float32
+        raise ValueError(problem) from None
+    if as_f32 < _spec.f32_from_bits(_spec.MIN_NORMAL_BITS):
+        raise ValueError(problem)
+    return as_f32
+
+
+def _as_count(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
+
+
+def _prod(dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def num_groups(head_dim: int, group_size: int) -> int:
+    return -(-head_dim // group_size)
+
+
+class BackendOps:
+    """``KvCacheQuantOps`` for one backend: validation here, arithmetic in ``kernels``.
+
+    ``variant`` names how the kernels run (``"eager"``, ``"compile"``, ``"jit"``...):
+    the conformance suite reports each variant on its own row.
+    """
+
+    def __init__(self, name: str, runtime: Any, kernels: Any, variant: str = "eager"):
+        self.name = name
+        self.runtime = runtime
+        self.kernels = kernels
+        self.variant = variant
+        # Kernels that reduce over the last axis of any rank (JAX) get arrays in the
+        # caller's shape, so that a sharded leading axis is never merged by a reshape;
+        # the others get a [tokens, head_dim] view.
+        self._any_rank = bool(getattr(kernels, "accepts_any_rank", False))
+
+    def _view(self, arr, lead, tail):
+        """arr as lead + tail (any-rank kernels) or as (prod(lead),) + tail."""
+        shape = tuple(lead) + tuple(tail) if self._any_rank else (_prod(lead),) + tuple(tail)
+        return self.runtime.reshape(arr, shape)
+
+    def __repr__(self) -> str:
+        return f"<kvquant backend {self.name!r} ({self.variant})>"
+
+    def variants(self) -> dict:
+        """Every way this backend can run, each an object with the same methods."""
+        extra = getattr(self.kernels, "variants", None)
+        out = {self.variant: self}
+        if extra is not None:
+            for variant, kernels in extra().items():
+                out[variant] = BackendOps(self.name, self.runtime, kernels, variant)
+        return out
+
+    # ---------------------------------------------------------------- checks
+    def _check_array(self, arr: Any, what: str) -> None:
+        if not self.runtime.is_array(arr):
+            raise TypeError(
+                f"{what} must be a {self.runtime.name} array for the {self.name!r} backend, "
+                f"got {type(arr).__module__}.{type(arr).__name__}"
+            )
+
+    def _check_same_device(self, reference: Any, *others: Tuple[str, Any]) -> None:
+        device = self.runtime.device(reference)
+        for what, arr in others:
+            other = self.runtime.device(arr)
+            if other != device:
+                raise ValueError(
+                    f"{what} is on device {other} but the codes are on {device}; "
+                    "kvquant never moves arrays between devices for you"
+                )
+
+    def _check_input(self, x: Any, num_tokens: Any, head_dim: Any) -> Tuple[int, ...]:
+        self._check_array(x, "input")
+        dtype = self.runtime.dtype_name(x)
+        if dtype not in _spec.INPUT_DTYPES:
+            raise TypeError(
+                f"input dtype {dtype} is not supported; expected one of "
+                + ", ".join(_spec.INPUT_DTYPES)
+            )
+        shape = tuple(self.runtime.shape(x))
+        self._check_token_shape(shape, num_tokens, head_dim, "input", shape[-1:] and shape[-1])
+        return shape
+
+    def _check_token_shape(self, shape, num_tokens, head_dim, what, last_dim) -> None:
+        num_tokens = _as_count(num_tokens, "num_tokens")
+        head_dim = _as_count(head_dim, "head_dim")
+        if len(shape) < 2:
+            raise ValueError(
+                f"{what} must have rank 2 [num_tokens, head_dim] or 4 "
+                f"[batch, kv_heads, seq_len, head_dim], got shape {shape}"
+            )
+        if head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if last_dim != head_dim:
+            raise ValueError(f"{what} has last dimension {shape[-1]}, but head_dim={head_dim}")
+        tokens = _prod(shape[:-1])
+        if tokens != num_tokens:
+            raise ValueError(
+                f"{what} of shape {shape} holds {tokens} tokens, but num_tokens={num_tokens}"
+            )
+
+    def _check_codes(self, codes, code_dtype, num_tokens, head_dim, packed=False):
+        self._check_array(codes, "quantized codes")
+        dtype = self.runtime.dtype_name(codes)
+        if dtype != code_dtype:
+            raise TypeError(f"quantized codes must have dtype {code_dtype}, got {dtype}")
+        shape = tuple(self.runtime.shape(codes))
+        head_dim_i = _as_count(head_dim, "head_dim")
+        if packed:
+            if head_dim_i <= 0 or head_dim_i % 2:
+                raise ValueError(f"INT4 needs a positive, even head_dim, got {head_dim_i}")
+            last = shape[-1] * 2 if shape else None
+            self._check_token_shape(shape, num_tokens, head_dim, "packed INT4 codes", last)
+        else:
+            self._check_token_shape(shape, num_tokens, head_dim, "quantized codes", shape[-1:] and shape[-1])
+        return shape
+
+    def _check_params(self, arr, what, accepted_shapes, reference) -> None:
+        self._check_array(arr, what)
+        dtype = self.runtime.dtype_name(arr)
+        if dtype != "float32":
+            raise TypeError(f"{what} must have dtype float32, got {dtype}")
+        shape = tuple(self.runtime.shape(arr))
+        if shape not in accepted_shapes:
+            allowed = " or ".join(str(s) for s in dict.fromkeys(accepted_shapes))
+            raise ValueError(f"{what} has shape {shape}; expected {allowed}")
+        self._check_same_device(reference, (what, arr))
+
+    def _finish_nonfinite(self, scales_flat, on_nonfinite, lead_shape, groups: Optional[int]):
+        """Raise for the first poisoned token or group if the caller asked and values are concrete."""
+        if on_nonfinite != "raise" or not self.runtime.is_concrete(scales_flat):
+            return
+        first = self.runtime.first_nan_index(scales_flat)
+        if first is None:
+            return
+        if groups is None:
+            if not lead_shape:
+                raise NonFiniteInputError(
+                    "input tensor holds NaN or +-inf; pass on_nonfinite='propagate' to "
+                    "store a NaN scale instead", ()
+                )
+            index = _unravel(first, lead_shape)
+            raise NonFiniteInputError(
+                f"token {index} holds NaN or +-inf; pass on_nonfinite='propagate' to store "
+                "a NaN scale for it instead", index
+            )
+        token, group = divmod(first, groups)
+        index = _unravel(token, lead_shape) + (group,)
+        raise NonFiniteInputError(
+            f"INT4 group {group} of token {index[:-1]} holds NaN or +-inf, or its range "
+            "overflows float32; pass on_nonfinite='propagate' to store NaN scale and zero "
+            "for it instead", index
+        )
+
+    # ------------------------------------------------------------- FP8 token
+    def quantize_kv_fp8_per_token(self, input, num_tokens, head_dim, *, on_nonfinite="raise"):
+        on_nonfinite = parse_on_nonfinite(on_nonfinite)
+        shape = self._check_input(input, num_tokens, head_dim)
+        rt = self.runtime
+        codes, scales = self.kernels.fp8_quantize_per_token(self._view(input, shape[:-1], (head_dim,)))
+        self._finish_nonfinite(rt.reshape(scales, (num_tokens,)), on_nonfinite, shape[:-1], None)
+        return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
+
+    def dequantize_kv_fp8_per_token(self, quantized, scales, num_tokens, head_dim, output_dtype="float32"):
+        out_dtype = parse_output_dtype(output_dtype)
+        shape = self._check_codes(quantized, "float8_e4m3fn", num_tokens, head_dim)
+        self._check_params(scales, "scales", (shape[:-1], (num_tokens,)), quantized)
+        rt = self.runtime
+        out = self.kernels.fp8_dequantize(
+            self._view(quantized, shape[:-1], (head_dim,)),
+            self._view(scales, shape[:-1], (1,)),
+            out_dtype,
+        )
+        return rt.reshape(out, shape)
+
+    # ------------------------------------------------------------ FP8 tensor
+    def quantize_kv_fp8_per_tensor(self, input, num_tokens, head_dim, scale=None, *, on_nonfinite="raise"):
+        """One scale for the whole tensor: dynamic (from max |x|) or the caller's ``scale``."""
+        on_nonfinite = parse_on_nonfinite(on_nonfinite)
+        shape = self._check_input(input, num_tokens, head_dim)
+        static = None if scale is None else parse_static_scale(scale)
+        rt = self.runtime
+        codes, scale_out = self.kernels.fp8_quantize_per_tensor(
+            self._view(input, shape[:-1], (head_dim,)), static
+        )
+        self._finish_nonfinite(rt.reshape(scale_out, (1,)), on_nonfinite, (), None)
+        return rt.reshape(codes, shape), scale_out
+
+    def dequantize_kv_fp8_per_tensor(self, quantized, scale, num_tokens, head_dim, output_dtype="float32"):
+        out_dtype = parse_output_dtype(output_dtype)
+        shape = self._check_codes(quantized, "float8_e4m3fn", num_tokens, head_dim)
+        self._check_params(scale, "scale", ((), (1,)), quantized)
+        rt = self.runtime
+        ones = (1,) * (len(shape) if self._any_rank else 2)
+        out = self.kernels.fp8_dequantize(
+            self._view(quantized, shape[:-1], (head_dim,)), rt.reshape(scale, ones), out_dtype
+        )
+        return rt.reshape(out, shape)
+
+    # ------------------------------------------------------------------ INT8
+    def quantize_kv_int8(self, input, num_tokens, head_dim, *, on_nonfinite="raise"):
+        on_nonfinite = parse_on_nonfinite(on_nonfinite)
+        shape = self._check_input(input, num_tokens, head_dim)
+        rt = self.runtime
+        codes, scales = self.kernels.int8_quantize(self._view(input, shape[:-1], (head_dim,)))
+        self._finish_nonfinite(rt.reshape(scales, (num_tokens,)), on_nonfinite, shape[:-1], None)
+        return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
+
+    def dequantize_kv_int8(self, quantized, scales, num_tokens, head_dim, output_dtype="float32"):
+        out_dtype = parse_output_dtype(output_dtype)
+        shape = self._check_codes(quantized, "int8", num_tokens, head_dim)
+        self._check_params(scales, "scales", (shape[:-1], (num_tokens,)), quantized)
+        rt = self.runtime
+        out = self.kernels.int8_dequantize(
+            self._view(quantized, shape[:-1], (head_dim,)),
+            self._view(scales, shape[:-1], (1,)),
+            out_dtype,
+        )
+        return rt.reshape(out, shape)
+
+    # ------------------------------------------------------------------ INT4
+    def quantize_kv_int4(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        on_nonfinite = parse_on_nonfinite(on_nonfinite)
+        group = parse_group_size(group_size)
+        shape = self._check_input(input, num_tokens, head_dim)
+        if head_dim % 2:
+            raise ValueError(f"INT4 packs two codes per byte, so head_dim must be even, got {head_dim}")
+        rt = self.runtime
+        packed, scales, zeros = self.kernels.int4_quantize(
+            self._view(input, shape[:-1], (head_dim,)), group
+        )
+        groups = num_groups(head_dim, group)
+        self._finish_nonfinite(rt.reshape(scales, (num_tokens * groups,)), on_nonfinite, shape[:-1], groups)
+        lead = shape[:-1]
+        return (
+            rt.reshape(packed, lead + (head_dim // 2,)),
+            rt.reshape(scales, lead + (groups,)),
+            rt.reshape(zeros, lead + (groups,)),
+        )
+
+    def dequantize_kv_int4(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+        out_dtype = parse_output_dtype(output_dtype)
+        group = parse_group_size(group_size)
+        shape = self._check_codes(packed, "uint8", num_tokens, head_dim, packed=True)
+        groups = num_groups(head_dim, group)
+        accepted = (shape[:-1] + (groups,), (num_tokens * groups,), (num_tokens, groups))
+        self._check_params(scales, "scales", accepted, packed)
+        self._check_params(zeros, "zeros", accepted, packed)
+        rt = self.runtime
+        out = self.kernels.int4_dequantize(
+            self._view(packed, shape[:-1], (head_dim // 2,)),
+            self._view(scales, shape[:-1], (groups,)),
+            self._view(zeros, shape[:-1], (groups,)),
+            group,
+            out_dtype,
+        )
+        return rt.reshape(out, shape[:-1] + (head_dim,))
+
+
+def _unravel(flat: int, dims: Tuple[int, ...]) -> Tuple[int, ...]:
+    index = []
+    for d in reversed(dims):
+        flat, r = divmod(flat, d)
+        index.append(r)
+    return tuple(reversed(index))

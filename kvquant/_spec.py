@@ -1,0 +1,44 @@
+"""Spec v1 constants as exact float32 bit patterns (docs/spec.md, section "Constants").
+
+Backends build their float32 constants from these bits, never from Python floats,
+so that no framework can round a float64 literal differently or promote it to
+float64 under ``jax_enable_x64``.
+"""
+
+SPEC_VERSION = "1"
+
+R448_BITS = 0x3B124925  # float32(1/448), round to nearest even
+R127_BITS = 0x3C010204  # float32(1/127)
+R15_BITS = 0x3D888889  # float32(1/15)
+S_MIN_BITS = 0x0D800000  # 2^-100, the floor of every dynamic scale
+ONE_BITS = 0x3F800000  # 1.0, the scale of an all-zero token or constant group
+FP8_MAX_BITS = 0x43E00000  # 448.0, largest finite e4m3fn value
+INT8_MAX_BITS = 0x42FE0000  # 127.0
+INT4_MAX_BITS = 0x41700000  # 15.0
+MIN_NORMAL_BITS = 0x00800000  # 2^-126: anything smaller in magnitude is flushed to zero
+NAN_BITS = 0x7FC00000  # the one quiet NaN stored as the scale (and zero) of a poisoned token
+# Canonical NaN of each dequantization output dtype: what a poisoned token dequantizes to.
+NAN_BITS_BY_DTYPE = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}
+
+INPUT_DTYPES = ("float32", "float16", "bfloat16")
+OUTPUT_DTYPES = INPUT_DTYPES
+CODE_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8", "int4": "uint8"}
+
+# Above this static scale 1/scale is subnormal, so spec v1 flushes the reciprocal to zero;
+# below STATIC_SCALE_DAZ_BITS a subnormal input times 1/scale can reach an FP8 code, so
+# inputs are flushed first (docs/spec.md, "Static-scale FP8").
+STATIC_SCALE_DAZ_BITS = 0x05800000  # 2^-116
+
+
+def f32_from_bits(bits: int) -> float:
+    """The float32 with these bits, as a Python float (exact: float64 holds every float32)."""
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def f32_bits(value: float) -> int:
+    """Bits of float32(value), rounding a Python float to nearest even."""
+    import struct
+
+    return struct.unpack("<I", struct.pack("<f", value))[0]

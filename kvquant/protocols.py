@@ -1,0 +1,83 @@
+"""The two protocols a backend implements, mirroring boostr's generics.
+
+``Runtime`` mirrors numr's ``Runtime``: what a framework's arrays are and how to
+move them. ``KvCacheQuantOps`` mirrors boostr's ``KvCacheQuantOps<R: Runtime>``:
+the seed's six methods with the same names and argument order, plus FP8
+per-tensor quantization with a dynamic or caller-given scale.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+from ._types import Int4GroupSize
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What kvquant needs to know about a framework's arrays."""
+
+    name: str
+
+    def is_array(self, obj: Any) -> bool: ...
+    def device(self, arr: Any) -> str: ...
+    def devices(self) -> List[str]: ...
+    def version(self) -> str: ...
+    def dtype(self, name: str) -> Any:
+        """The framework's dtype for a name: float32, float16, bfloat16,
+        float8_e4m3fn, int8 or uint8."""
+    def dtype_name(self, arr: Any) -> str: ...
+    def shape(self, arr: Any) -> Tuple[int, ...]: ...
+    def reshape(self, arr: Any, shape: Sequence[int]) -> Any: ...
+    def to_numpy(self, arr: Any) -> Any:
+        """A host NumPy copy (DLPack where the framework allows)."""
+    def from_numpy(self, arr: Any, device: Optional[str] = None) -> Any: ...
+    def synchronize(self, device: Optional[str] = None) -> None: ...
+    def is_concrete(self, arr: Any) -> bool:
+        """False while tracing or compiling, where values cannot be inspected."""
+    def first_nan_index(self, flat: Any) -> Optional[int]: ...
+
+
+@runtime_checkable
+class KvCacheQuantOps(Protocol):
+    """boostr's ``KvCacheQuantOps``; every quantize method also takes ``on_nonfinite``."""
+
+    name: str
+    runtime: Runtime
+
+    def quantize_kv_fp8_per_token(self, input, num_tokens: int, head_dim: int, *, on_nonfinite: str = "raise") -> Tuple[Any, Any]: ...
+    def dequantize_kv_fp8_per_token(self, quantized, scales, num_tokens: int, head_dim: int, output_dtype: Any = "float32") -> Any: ...
+    def quantize_kv_fp8_per_tensor(self, input, num_tokens: int, head_dim: int, scale: Optional[float] = None, *, on_nonfinite: str = "raise") -> Tuple[Any, Any]: ...
+    def dequantize_kv_fp8_per_tensor(self, quantized, scale, num_tokens: int, head_dim: int, output_dtype: Any = "float32") -> Any: ...
+    def quantize_kv_int4(self, input, num_tokens: int, head_dim: int, group_size: Int4GroupSize | int = Int4GroupSize.G64, *, on_nonfinite: str = "raise") -> Tuple[Any, Any, Any]: ...
+    def dequantize_kv_int4(self, packed, scales, zeros, num_tokens: int, head_dim: int, group_size: Int4GroupSize | int = Int4GroupSize.G64, output_dtype: Any = "float32") -> Any: ...
+    def quantize_kv_int8(self, input, num_tokens: int, head_dim: int, *, on_nonfinite: str = "raise") -> Tuple[Any, Any]: ...
+    def dequantize_kv_int8(self, quantized, scales, num_tokens: int, head_dim: int, output_dtype: Any = "float32") -> Any: ...
+
+
+class TensorAdapter:
+    """One array of any backend, seen through its runtime: framework-neutral code
+    (the conformance suite) reads shape, dtype, device and host bits through this."""
+
+    __slots__ = ("runtime", "array")
+
+    def __init__(self, runtime: Runtime, array: Any):
+        self.runtime = runtime
+        self.array = array
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.runtime.shape(self.array))
+
+    @property
+    def dtype(self) -> str:
+        return self.runtime.dtype_name(self.array)
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device(self.array)
+
+    def numpy(self):
+        return self.runtime.to_numpy(self.array)
+
+    def __repr__(self) -> str:
+        return f"TensorAdapter({self.runtime.name}, shape={self.shape}, dtype={self.dtype}, device={self.device})"
