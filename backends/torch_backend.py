@@ -238,7 +238,7 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     mx = torch.cat([lh[1] for lh in lo_hi], dim=1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
     if width % group_size == 0:
-        g = xf.reshape(rows, -1, group_size)
+        g = xf.reshape(rows, width // group_size, group_size)
         q = torch.clamp(torch.round((g - mn[:, :, None]) * inv[:, :, None]), 0.0, 15.0).reshape(rows, width)
     else:
         q = torch.clamp(
@@ -259,7 +259,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
     q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, width).to(torch.float32)
     if width % group_size == 0:
-        v = ((q.reshape(rows, -1, group_size) - zeros[:, :, None]) * scales[:, :, None]).reshape(rows, width)
+        v = ((q.reshape(rows, width // group_size, group_size) - zeros[:, :, None]) * scales[:, :, None]).reshape(rows, width)
     else:
         v = (q - _per_element(zeros, width, group_size)) * _per_element(scales, width, group_size)
     # Only groups with a scale below 2^-99, or a q = 0 element with |zero * scale| near
@@ -402,7 +402,7 @@ def _compiled_kernels():
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4096
         )
-        _COMPILED = _Kernels(lambda fn: torch.compile(fn, fullgraph=True, dynamic=None))
+        _COMPILED = _Kernels(lambda fn: torch.compile(fn, fullgraph=True, dynamic=True))
     return _COMPILED
 
 

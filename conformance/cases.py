@@ -1,0 +1,327 @@
+"""The case families of the conformance suite, as framework-neutral NumPy inputs.
+
+A case is one input plus the format parameters to quantize it with; expected
+outputs come from the reference backend (or, for golden vectors, from the
+checked-in file). Every case has an id of the form
+``family/format/dtype/name`` that names what it covers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from kvquant._types import Format
+
+DTYPES = ("float32", "float16", "bfloat16")
+NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+GROUP_SIZES = (32, 64, 128)
+HEAD_DIMS = (64, 80, 96, 128, 256)
+
+FAMILIES = (
+    "golden",
+    "exhaustive16",
+    "fp8-boundary",
+    "rounding-ties",
+    "realistic",
+    "degenerate",
+    "shapes",
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A format with its parameters: what one quantize call is asked to do."""
+
+    format: Format
+    group_size: Optional[int] = None
+    static_scale: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        if self.format is Format.INT4:
+            return f"int4-g{self.group_size}"
+        if self.static_scale is not None:
+            return f"fp8_per_tensor-static={_scale_label(self.static_scale)}"
+        return self.format.value
+
+
+def _scale_label(scale: float) -> str:
+    mantissa, exponent = np.frexp(scale)
+    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{scale:g}"
+
+
+def all_specs(static_scales: Tuple[float, ...] = ()) -> List[Spec]:
+    specs = [Spec(Format.FP8_PER_TOKEN), Spec(Format.FP8_PER_TENSOR), Spec(Format.INT8)]
+    specs += [Spec(Format.INT4, g) for g in GROUP_SIZES]
+    specs += [Spec(Format.FP8_PER_TENSOR, static_scale=s) for s in static_scales]
+    return specs
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    family: str
+    spec: Spec
+    dtype: str
+    x: np.ndarray = field(repr=False, compare=False)
+    flags: Tuple[str, ...] = ()
+    on_nonfinite: str = "raise"
+    # "swapaxes": x is stored [B, S, H, D] and handed to the backend as the
+    # non-contiguous view x.swapaxes(1, 2), i.e. [B, H, S, D].
+    layout: str = "contiguous"
+    expected: Optional[Dict[str, np.ndarray]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def logical_input(self) -> np.ndarray:
+        return self.x.swapaxes(1, 2) if self.layout == "swapaxes" else self.x
+
+
+def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(NP_DTYPES[dtype])
+
+
+def _has_nonfinite(x: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore"):
+        return not np.isfinite(x.astype(np.float32)).all()
+
+
+def _make(family, spec, dtype, name, x, flags, layout="contiguous") -> Case:
+    x = _cast(x, dtype)
+    on_nonfinite = "propagate" if _has_nonfinite(x) or "RangeOverflow" in flags else "raise"
+    return Case(
+        id=f"{family}/{spec.label}/{dtype}/{name}",
+        family=family,
+        spec=spec,
+        dtype=dtype,
+        x=x,
+        flags=tuple(flags),
+        on_nonfinite=on_nonfinite,
+        layout=layout,
+    )
+
+
+# ------------------------------------------------------------- exhaustive16
+def exhaustive16_cases() -> Iterator[Case]:
+    """Every float16 and every bfloat16 bit pattern, 128 patterns per token in bit
+    order, so the non-finite patterns (exponent all ones) fill whole tokens of their own."""
+    for dtype, carrier in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
+        bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+        x = bits.view(carrier).reshape(512, 128)
+        finite = np.isfinite(x.astype(np.float32)).all(axis=1)
+        for spec in all_specs():
+            if spec.format is Format.FP8_PER_TENSOR:
+                data, name = x[finite], "all-finite-patterns"
+            else:
+                data, name = x, "all-patterns"
+            yield Case(
+                id=f"exhaustive16/{spec.label}/{dtype}/{name}",
+                family="exhaustive16",
+                spec=spec,
+                dtype=dtype,
+                x=np.ascontiguousarray(data),
+                flags=("AllBitPatterns",),
+                on_nonfinite="propagate" if not finite.all() and spec.format is not Format.FP8_PER_TENSOR else "raise",
+            )
+
+
+# ------------------------------------------------------------- fp8-boundary
+@functools.lru_cache(maxsize=None)
+def e4m3_values() -> np.ndarray:
+    """The 127 non-negative finite e4m3fn values, ascending, as float32."""
+    return np.arange(127, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def fp8_boundary_values() -> np.ndarray:
+    """Each midpoint between adjacent e4m3 values and its neighbours at +-1 and +-2
+    float32 ulp, both signs."""
+    v = e4m3_values()
+    mids = (v[:-1] + v[1:]) / np.float32(2)  # exact: adjacent e4m3 values share an exponent or differ by one
+    out = [mids]
+    for steps in (1, 2):
+        up, down = mids.copy(), mids.copy()
+        for _ in range(steps):
+            up = np.nextafter(up, np.float32(np.inf))
+            down = np.nextafter(down, np.float32(0))
+        out += [up, down]
+    allv = np.concatenate(out).astype(np.float32)
+    allv = allv[allv <= np.float32(448)]
+    return np.concatenate([allv, -allv])
+
+
+def fp8_boundary_cases() -> Iterator[Case]:
+    """Values that land exactly on e4m3 rounding boundaries after scaling: each token
+    holds 448 * 2^k, so its scale is exactly 2^k and x * inv is the boundary value."""
+    vals = fp8_boundary_values()
+    per_token = 127
+    pad = (-len(vals)) % per_token
+    vals = np.concatenate([vals, np.zeros(pad, np.float32)]).reshape(-1, per_token)
+    tokens = np.concatenate([vals, np.full((vals.shape[0], 1), 448, np.float32)], axis=1)
+    for k in (0, -20, 7):
+        x = tokens * np.float32(2.0**k)
+        for spec in (Spec(Format.FP8_PER_TOKEN), Spec(Format.FP8_PER_TENSOR), Spec(Format.FP8_PER_TENSOR, static_scale=2.0**k)):
+            yield _make("fp8-boundary", spec, "float32", f"midpoints-scale-2^{k}", x, ("Fp8Midpoint",))
+
+
+# ------------------------------------------------------------ rounding-ties
+def rounding_tie_cases() -> Iterator[Case]:
+    """INT8 and INT4 values exactly halfway between integers after scaling, and +-1 ulp."""
+    halves = np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)
+    cols = [halves, np.nextafter(halves, np.float32(np.inf)), np.nextafter(halves, np.float32(-np.inf))]
+    v = np.concatenate(cols)
+    pad = (-len(v)) % 127
+    v = np.concatenate([v, np.zeros(pad, np.float32)]).reshape(-1, 127)
+    x = np.concatenate([v, np.full((v.shape[0], 1), 127, np.float32)], axis=1)  # scale exactly 1
+    yield _make("rounding-ties", Spec(Format.INT8), "float32", "half-integers", x, ("RoundingTie",))
+    h4 = np.arange(0, 15, dtype=np.float32) + np.float32(0.5)
+    t4 = np.concatenate([h4, np.nextafter(h4, np.float32(np.inf)), np.nextafter(h4, np.float32(0))])
+    for g in GROUP_SIZES:
+        reps = -(-g // len(t4)) + 1
+        body = np.tile(t4, reps)[: g - 2]
+        group = np.concatenate([[0.0], body, [15.0]]).astype(np.float32)  # mn 0, mx 15: scale 1
+        x = np.tile(group, (4, 128 // g if g <= 128 else 1))
+        yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "half-integers", x, ("RoundingTie",))
+
+
+# ---------------------------------------------------------------- realistic
+def realistic_inputs(rng: np.random.Generator, head_dim: int = 128) -> Dict[str, np.ndarray]:
+    """KV-like data: heavy-tailed tokens, keys with a few fixed outlier channels 10 to
+    100 times larger (as measured in real LLM keys), and near-Gaussian values."""
+    shape = (1, 4, 24, head_dim)
+    heavy = rng.standard_t(3, size=shape) * 0.7
+    keys = rng.standard_normal(shape)
+    channels = rng.choice(head_dim, size=4, replace=False)
+    keys[..., channels] *= rng.uniform(10, 100, size=4)
+    values = rng.standard_normal(shape) * 0.3
+    return {"heavy-tailed": heavy, "keys-outlier-channels": keys, "values-gaussian": values}
+
+
+def realistic_cases() -> Iterator[Case]:
+    rng = np.random.default_rng(20261127)
+    inputs = {128: realistic_inputs(rng, 128), 96: realistic_inputs(rng, 96)}
+    for head_dim, named in inputs.items():
+        for name, x in named.items():
+            for dtype in DTYPES:
+                for spec in all_specs(static_scales=(0.05,)):
+                    yield _make("realistic", spec, dtype, f"{name}-d{head_dim}", x, ("Realistic",))
+
+
+# --------------------------------------------------------------- degenerate
+def degenerate_inputs(dtype: str) -> List[Tuple[str, np.ndarray, Tuple[str, ...]]]:
+    rng = np.random.default_rng(7)
+    d = 128
+    base = rng.standard_normal((6, d)).astype(np.float32)
+    out = []
+    x = base.copy()
+    x[1] = 0
+    x[4] = -0.0
+    out.append(("all-zero-tokens", x, ("AllZeroToken",)))
+    x = base.copy()
+    x[0, :] = 3.0
+    x[2, 32:64] = -1.25
+    x[3, :64] = 7.0
+    out.append(("constant-groups", x, ("ConstantGroup",)))
+    x = np.zeros((4, d), np.float32)
+    x[0, 5] = 2.5
+    x[1, 0] = -1e-3
+    x[2, d - 1] = 65000.0
+    x[3, 70] = -3.0
+    out.append(("single-nonzero", x, ("SingleNonZero",)))
+    # Magnitudes near the floors: subnormals (flushed: the token counts as zero), values
+    # whose scale would fall below S_MIN, and values just above 2^-126.
+    tiny_scale = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-140}[dtype]
+    x = np.stack([
+        base[0] * np.float32(tiny_scale),
+        base[1] * np.float32(2.0**-100 * 448 / 4),
+        base[2] * np.float32(2.0**-125),
+        np.where(np.arange(d) % 2 == 0, np.float32(2.0**-126), np.float32(2.0**-127)),
+        base[4] * np.float32(2.0**-90),
+        -np.abs(base[5]) * np.float32(2.0**-118),
+    ])
+    out.append(("tiny-magnitudes", x, ("Subnormal", "NearSMin")))
+    big = {"float16": 60000.0, "bfloat16": 3.0e38, "float32": 3.4e38}[dtype]
+    x = base.copy()
+    x[0] = np.sign(base[0]) * np.float32(big)
+    x[1, ::2] = np.float32(big)
+    x[1, 1::2] = np.float32(-big)
+    x[2] *= np.float32(big / 8)
+    out.append(("huge-magnitudes", x, ("Huge", "RangeOverflow") if dtype != "float16" else ("Huge",)))
+    x = base.copy()
+    x[0, 0] = np.nan
+    x[1, d - 1] = np.inf
+    x[2, 63] = -np.inf
+    x[3, 64] = np.nan
+    x[3, 65] = np.inf
+    x[5, 100] = -np.nan
+    out.append(("nan-inf", x, ("NaN", "Inf")))
+    return out
+
+
+def degenerate_cases() -> Iterator[Case]:
+    for dtype in DTYPES:
+        for name, x, flags in degenerate_inputs(dtype):
+            for spec in all_specs(static_scales=(1.0, 2.0**-120, 3.0e38)):
+                yield _make("degenerate", spec, dtype, name, x, flags)
+
+
+# ------------------------------------------------------------------- shapes
+def shape_cases() -> Iterator[Case]:
+    rng = np.random.default_rng(11)
+    # Dtypes are covered by every other family; here each head_dim gets one 2-D case
+    # and two of them a 4-D case, which keeps compiled variants' specialisations few.
+    for head_dim in HEAD_DIMS:
+        x2 = rng.standard_normal((5, head_dim)) * 4
+        for spec in all_specs():
+            yield _make("shapes", spec, "float32", f"2d-d{head_dim}", x2, ("Layout2D",))
+    for head_dim in (64, 128):
+        x4 = rng.standard_normal((2, 3, 4, head_dim))
+        for spec in all_specs():
+            yield _make("shapes", spec, "bfloat16", f"4d-d{head_dim}", x4, ("Layout4D",))
+    for spec in all_specs(static_scales=(0.25,)):
+        yield _make("shapes", spec, "float16", "zero-tokens-2d", np.zeros((0, 64)), ("ZeroTokens",))
+        yield _make("shapes", spec, "float32", "zero-tokens-4d", np.zeros((2, 0, 3, 128)), ("ZeroTokens",))
+        stored = rng.standard_normal((2, 5, 3, 96))  # [B, S, H, D], read as [B, H, S, D]
+        yield _make("shapes", spec, "float32", "noncontiguous-swapaxes-d96", stored, ("NonContiguous",), layout="swapaxes")
+
+
+# ------------------------------------------------------------------- golden
+def golden_cases() -> Iterator[Case]:
+    from .vectors import load_vectors, vector_to_case
+
+    data = load_vectors()
+    for group in data["testGroups"]:
+        for test in group["tests"]:
+            yield vector_to_case(group, test)
+
+
+_GENERATORS = {
+    "golden": golden_cases,
+    "exhaustive16": exhaustive16_cases,
+    "fp8-boundary": fp8_boundary_cases,
+    "rounding-ties": rounding_tie_cases,
+    "realistic": realistic_cases,
+    "degenerate": degenerate_cases,
+    "shapes": shape_cases,
+}
+
+
+def iter_cases(families=None) -> Iterator[Case]:
+    for family in families or FAMILIES:
+        if family not in _GENERATORS:
+            raise ValueError(f"unknown case family {family!r}; expected one of {', '.join(FAMILIES)}")
+        yield from _GENERATORS[family]()
+
+
+@functools.lru_cache(maxsize=None)
+def all_cases(families: Optional[Tuple[str, ...]] = None) -> Tuple[Case, ...]:
+    cases = tuple(iter_cases(families))
+    seen = set()
+    for c in cases:
+        if c.id in seen:
+            raise AssertionError(f"duplicate case id {c.id}")
+        seen.add(c.id)
+    return cases

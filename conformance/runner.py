@@ -1,0 +1,345 @@
+"""Run cases against a backend and say exactly where and how it differs.
+
+A check never loosens: every output (codes, scales, zeros, each dequantized
+dtype) is compared bit for bit, shape and dtype included, and outputs must stay
+on the input's device. Dequantization is fed the *reference's* codes, so a
+quantize bug cannot hide or fake a dequantize bug.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from kvquant._types import Format
+
+from .cases import Case, Spec
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+_QUANTIZE_OP = {
+    Format.FP8_PER_TOKEN: "quantize_kv_fp8_per_token",
+    Format.FP8_PER_TENSOR: "quantize_kv_fp8_per_tensor",
+    Format.INT8: "quantize_kv_int8",
+    Format.INT4: "quantize_kv_int4",
+}
+_DEQUANTIZE_OP = {k: "de" + v for k, v in _QUANTIZE_OP.items()}
+
+
+@dataclass
+class Mismatch:
+    backend: str
+    variant: str
+    case_id: str
+    operation: str
+    output: str
+    message: str
+    index: Optional[Tuple[int, ...]] = None
+    expected_hex: Optional[str] = None
+    actual_hex: Optional[str] = None
+    input_hex: Optional[str] = None
+    differing: int = 0
+    total: int = 0
+
+    def __str__(self) -> str:
+        head = f"[{self.backend}/{self.variant}] {self.operation} -> {self.output} on case {self.case_id}: {self.message}"
+        if self.index is None:
+            return head
+        return (
+            f"{head}\n  first mismatch at index {self.index}: expected {self.expected_hex}, "
+            f"actual {self.actual_hex}; input bits {self.input_hex}\n"
+            f"  {self.differing} of {self.total} elements differ"
+        )
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class CaseResult:
+    backend: str
+    variant: str
+    case: Case
+    mismatches: List[Mismatch] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+
+# ---------------------------------------------------------------- reference
+_REFERENCE_CACHE: Dict[str, Dict[str, np.ndarray]] = {}
+
+
+def reference_backend():
+    from kvquant.backends.numpy_backend import create_backend
+
+    return create_backend()
+
+
+def _quantize(ops, spec: Spec, x, on_nonfinite: str):
+    shape = tuple(ops.runtime.shape(x))
+    tokens, head_dim = math.prod(shape[:-1]), shape[-1]
+    if spec.format is Format.FP8_PER_TOKEN:
+        return ops.quantize_kv_fp8_per_token(x, tokens, head_dim, on_nonfinite=on_nonfinite)
+    if spec.format is Format.FP8_PER_TENSOR:
+        return ops.quantize_kv_fp8_per_tensor(x, tokens, head_dim, spec.static_scale, on_nonfinite=on_nonfinite)
+    if spec.format is Format.INT8:
+        return ops.quantize_kv_int8(x, tokens, head_dim, on_nonfinite=on_nonfinite)
+    return ops.quantize_kv_int4(x, tokens, head_dim, spec.group_size, on_nonfinite=on_nonfinite)
+
+
+def _dequantize(ops, spec: Spec, outputs: Sequence[Any], shape, out_dtype: str):
+    tokens, head_dim = math.prod(shape[:-1]), shape[-1]
+    if spec.format is Format.INT4:
+        packed, scales, zeros = outputs
+        return ops.dequantize_kv_int4(packed, scales, zeros, tokens, head_dim, spec.group_size, out_dtype)
+    codes, scales = outputs
+    return getattr(ops, _DEQUANTIZE_OP[spec.format])(codes, scales, tokens, head_dim, out_dtype)
+
+
+def _names(spec: Spec) -> Tuple[str, ...]:
+    return ("codes", "scales", "zeros") if spec.format is Format.INT4 else ("codes", "scales")
+
+
+def reference_outputs(case: Case) -> Dict[str, np.ndarray]:
+    """Expected bits for a case: the checked-in ones for golden vectors, else the reference's."""
+    if case.expected is not None:
+        return case.expected
+    cached = _REFERENCE_CACHE.get(case.id)
+    if cached is not None:
+        return cached
+    ref = reference_backend()
+    x = case.logical_input
+    outs = _quantize(ref, case.spec, x, case.on_nonfinite)
+    result = dict(zip(_names(case.spec), outs))
+    for dt in OUTPUT_DTYPES:
+        result["dequant:" + dt] = _dequantize(ref, case.spec, outs, x.shape, dt)
+    _REFERENCE_CACHE[case.id] = result
+    return result
+
+
+# ------------------------------------------------------------------ compare
+def bits_of(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _hex(value: np.ndarray) -> str:
+    width = value.dtype.itemsize * 2
+    return f"0x{int(bits_of(np.asarray(value).reshape(1))[0]):0{width}x}"
+
+
+def _input_context(case: Case, output: str, index: Tuple[int, ...]) -> str:
+    """Input bits that produced the mismatching element, for the report."""
+    x = case.logical_input
+    if x.size == 0:
+        return "(empty input)"
+    lead = index[:-1] if output in ("codes",) or output.startswith("dequant") else index
+    if case.spec.format is Format.FP8_PER_TENSOR and output in ("scales",):
+        flat = np.abs(x.astype(np.float32)).reshape(-1)
+        return f"tensor amax element {_hex(x.reshape(-1)[int(np.nanargmax(flat))])}" if not np.isnan(flat).all() else "all NaN"
+    if output == "codes" and case.spec.format is Format.INT4:
+        j = index[-1]
+        return f"x{lead + (2 * j,)}={_hex(x[lead + (2 * j,)])}, x{lead + (2 * j + 1,)}={_hex(x[lead + (2 * j + 1,)])}"
+    if output == "codes" or output.startswith("dequant"):
+        return f"x{index}={_hex(x[index])}"
+    if case.spec.format is Format.INT4:  # scales / zeros: show the group's extremes
+        token, group = index[:-1], index[-1]
+        g = case.spec.group_size
+        block = x[token][group * g:(group + 1) * g].astype(np.float32)
+        return f"group {group} of token {token}: min {_hex(np.float32(np.min(block)))}, max {_hex(np.float32(np.max(block)))}"
+    row = x[lead].astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        k = int(np.nanargmax(np.abs(row))) if not np.isnan(row).all() else 0
+    return f"token {lead} amax element x{lead + (k,)}={_hex(x[lead + (k,)])}"
+
+
+def compare(case: Case, operation: str, output: str, expected: np.ndarray, actual: np.ndarray, backend: str, variant: str) -> Optional[Mismatch]:
+    make = lambda msg, **kw: Mismatch(backend, variant, case.id, operation, output, msg, **kw)  # noqa: E731
+    if tuple(actual.shape) != tuple(expected.shape):
+        return make(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        return make(f"dtype {actual.dtype}, expected {expected.dtype}")
+    e, a = bits_of(expected).reshape(-1), bits_of(actual).reshape(-1)
+    differ = e != a  # vectorised first; details only for the first bad element
+    if not differ.any():
+        return None
+    first = int(np.argmax(differ))
+    index = tuple(int(i) for i in np.unravel_index(first, expected.shape)) if expected.ndim else ()
+    return make(
+        "bits differ",
+        index=index,
+        expected_hex=_hex(expected.reshape(-1)[first]),
+        actual_hex=_hex(actual.reshape(-1)[first]),
+        input_hex=_input_context(case, output, index),
+        differing=int(differ.sum()),
+        total=int(differ.size),
+    )
+
+
+# ---------------------------------------------------------------------- run
+def to_backend(ops, a: np.ndarray, device=None):
+    return ops.runtime.from_numpy(np.ascontiguousarray(a), device)
+
+
+def backend_input(ops, case: Case, device=None):
+    arr = ops.runtime.from_numpy(case.x, device)
+    return arr.swapaxes(1, 2) if case.layout == "swapaxes" else arr
+
+
+def run_case(ops, case: Case, device=None) -> CaseResult:
+    rt = ops.runtime
+    result = CaseResult(ops.name, ops.variant, case)
+    add = result.mismatches.append
+    expected = reference_outputs(case)
+    shape = case.logical_input.shape
+    op = _QUANTIZE_OP[case.spec.format]
+    x = backend_input(ops, case, device)
+    in_device = rt.device(x)
+    try:
+        outs = _quantize(ops, case.spec, x, case.on_nonfinite)
+    except Exception as exc:  # a crash is a finding, reported like a mismatch
+        add(Mismatch(ops.name, ops.variant, case.id, op, "*", f"raised {type(exc).__name__}: {exc}"))
+    else:
+        for name, arr in zip(_names(case.spec), outs):
+            if rt.device(arr) != in_device:
+                add(Mismatch(ops.name, ops.variant, case.id, op, name, f"returned on {rt.device(arr)}, input was on {in_device}"))
+                continue
+            m = compare(case, op, name, expected[name], rt.to_numpy(arr), ops.name, ops.variant)
+            if m:
+                add(m)
+    dop = _DEQUANTIZE_OP[case.spec.format]
+    ref_outs = [to_backend(ops, expected[n], device) for n in _names(case.spec)]
+    for dt in OUTPUT_DTYPES:
+        try:
+            out = _dequantize(ops, case.spec, ref_outs, shape, dt)
+        except Exception as exc:
+            add(Mismatch(ops.name, ops.variant, case.id, dop, f"dequant[{dt}]", f"raised {type(exc).__name__}: {exc}"))
+            continue
+        m = compare(case, dop, f"dequant[{dt}]", expected["dequant:" + dt], rt.to_numpy(out), ops.name, ops.variant)
+        if m:
+            add(m)
+    return result
+
+
+# --------------------------------------------------------------- invariance
+INVARIANCE_CHECKS = ("batch", "streaming", "threads", "determinism", "raise")
+
+
+def _as_np(ops, outs) -> List[np.ndarray]:
+    return [ops.runtime.to_numpy(o) for o in outs]
+
+
+def _same(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Optional[str]:
+    for name, x, y in zip(("codes", "scales", "zeros"), a, b):
+        if x.shape != y.shape or not np.array_equal(bits_of(x), bits_of(y)):
+            bad = np.flatnonzero(bits_of(x).reshape(-1) != bits_of(y).reshape(-1)) if x.shape == y.shape else []
+            where = f" first at flat index {int(bad[0])}" if len(bad) else f" shapes {x.shape} vs {y.shape}"
+            return f"{name} differ:{where}"
+    return None
+
+
+def invariance_inputs() -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(99)
+    x = rng.standard_normal((12, 96)).astype(np.float32)
+    x[3, :5] *= 50
+    x[7] = 0
+    return {"float32": x}
+
+
+def _per_token(arrays: Sequence[np.ndarray], spec: Spec) -> List[np.ndarray]:
+    """Outputs of any layout as [tokens, ...]: codes [T, D'], scales [T] or [T, groups]."""
+    tokens = arrays[0].size // arrays[0].shape[-1] if arrays[0].ndim else 0
+    out = [arrays[0].reshape(tokens, -1)]
+    for a in arrays[1:]:
+        out.append(a.reshape(tokens, -1) if spec.format is Format.INT4 else a.reshape(tokens))
+    return out
+
+
+def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
+    """Properties every backend must have, beyond matching the reference."""
+    x_np = invariance_inputs()["float32"]
+    label = f"invariance/{spec.label}/float32/{check}"
+    fail = lambda msg: [Mismatch(ops.name, ops.variant, label, _QUANTIZE_OP[spec.format], "*", msg)]  # noqa: E731
+    on = "raise"
+    whole = _as_np(ops, _quantize(ops, spec, to_backend(ops, x_np, device), on))
+    if check == "determinism":
+        again = _as_np(ops, _quantize(ops, spec, to_backend(ops, x_np, device), on))
+        problem = _same(whole, again)
+        return fail(f"two runs on the same input differ: {problem}") if problem else []
+    if check == "batch":
+        if spec.format is Format.FP8_PER_TENSOR:
+            return []  # one scale for the whole tensor: batch-dependent by definition
+        for t in (0, 5, 11):
+            alone = _as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[t:t + 1], device), on))
+            inside = [a[t:t + 1] for a in whole]
+            problem = _same(inside, alone)
+            if problem:
+                return fail(f"token {t} alone differs from token {t} inside the batch: {problem}")
+        batched = x_np.reshape(2, 3, 2, 96)
+        four = _as_np(ops, _quantize(ops, spec, to_backend(ops, batched, device), on))
+        problem = _same(_per_token(four, spec), _per_token(whole, spec))
+        return fail(f"the 4-D layout differs from the same tokens in 2-D: {problem}") if problem else []
+    if check == "streaming":
+        if spec.format is Format.FP8_PER_TENSOR:
+            return []
+        pieces = [_as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[t:t + 1], device), on)) for t in range(x_np.shape[0])]
+        joined = [np.concatenate([p[i] for p in pieces], axis=0) for i in range(len(whole))]
+        problem = _same(joined, whole)
+        return fail(f"appending tokens one at a time differs from quantizing all at once: {problem}") if problem else []
+    if check == "threads":
+        set_threads = getattr(ops.runtime, "num_threads", None)
+        if set_threads is None:
+            return []  # the runtime has no thread control to vary
+        results = []
+        for n in (1, 2):
+            with set_threads(n):
+                results.append(_as_np(ops, _quantize(ops, spec, to_backend(ops, x_np, device), on)))
+        problem = _same(results[0], results[1])
+        return fail(f"1 thread and 2 threads differ: {problem}") if problem else []
+    if check == "raise":
+        if not ops.runtime.is_concrete(to_backend(ops, x_np, device)):
+            return []
+        bad = x_np.copy()
+        bad[4, 70] = np.nan
+        try:
+            _quantize(ops, spec, to_backend(ops, bad, device), "raise")
+        except ValueError as exc:
+            expected_index = () if spec.format is Format.FP8_PER_TENSOR else (4,) + ((70 // spec.group_size,) if spec.format is Format.INT4 else ())
+            got = getattr(exc, "index", None)
+            if got is not None and tuple(got) != expected_index:
+                return fail(f"on_nonfinite='raise' named index {got}, expected {expected_index}")
+            return []
+        return fail("on_nonfinite='raise' did not raise ValueError for a NaN input")
+    raise ValueError(f"unknown invariance check {check!r}")
+
+
+# ------------------------------------------------------------------ drivers
+def backend_variants(names: Optional[Iterable[str]] = None, variants: Optional[Iterable[str]] = None) -> List[Any]:
+    """Every (backend, variant) object to check: all installed backends by default."""
+    import kvquant
+
+    chosen = list(names) if names else None
+    out = []
+    for name in chosen or kvquant.available_backends():
+        try:
+            ops = kvquant.get_backend(name)
+        except kvquant.BackendNotFoundError:
+            if chosen:
+                raise
+            continue
+        for variant, v_ops in ops.variants().items():
+            if variants and variant not in variants:
+                continue
+            out.append(v_ops)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    with np.errstate(all="ignore"):
+        yield
