@@ -76,7 +76,7 @@ def parse_static_scale(scale: Any) -> float:
     Python floats are rounded to the nearest float32: a checkpoint's k_scale is
     stored as float32 anyway, and that is the value every backend then uses.
     """
-    if isinstance(scale, bool):
+    if isinstance(scale, (bool, str, bytes)):
         raise TypeError(f"static scale must be a number, got {scale!r}")
     try:
         value = float(scale)

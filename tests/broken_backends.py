@@ -1,0 +1,116 @@
+"""Deliberately broken backends: each is the spec transcription with one classic bug.
+
+The conformance suite must fail every one of them, and say where. Each entry names
+the operation and output where the bug must show up first.
+"""
+import types
+
+import ml_dtypes
+import numpy as np
+
+import kvquant_example_backend.kernels as spec_kernels
+from kvquant._ops import BackendOps
+from kvquant.backends.numpy_backend import NumpyRuntime
+
+F32 = np.float32
+k = spec_kernels
+
+
+def _half_away(v):
+    return np.sign(v) * np.floor(np.abs(v) + F32(0.5))
+
+
+def int8_round_half_away(x):
+    t = k._read(x)
+    scale, poisoned = k._sym_scale(k._row_max_abs(t), k.R127)
+    with np.errstate(all="ignore"):
+        q = np.clip(_half_away(k.flush(t * (F32(1) / scale)[:, None])), -127, 127)
+    return np.where(poisoned[:, None], 0, q).astype(np.int8), scale
+
+
+def int8_divide(x):
+    t = k._read(x)
+    scale, poisoned = k._sym_scale(k._row_max_abs(t), k.R127)
+    with np.errstate(all="ignore"):
+        q = np.clip(np.rint(k.flush(t / scale[:, None])), -127, 127)  # x / s, not x * (1/s)
+    return np.where(poisoned[:, None], 0, q).astype(np.int8), scale
+
+
+def int8_full_range(x):
+    t = k._read(x)
+    scale, poisoned = k._sym_scale(k._row_max_abs(t), F32(1) / F32(128))
+    with np.errstate(all="ignore"):
+        q = np.clip(np.rint(k.flush(t * (F32(1) / scale)[:, None])), -128, 127)
+    return np.where(poisoned[:, None], 0, q).astype(np.int8), scale
+
+
+def fp8_no_clamp(x, static_scale):
+    t = k._read(x)
+    if static_scale is None:
+        return k.fp8_quantize_per_tensor(x, None)
+    poisoned = not np.isfinite(t).all()
+    scale = F32(static_scale)
+    with np.errstate(all="ignore"):
+        code = k.flush(t * k.flush(F32(1) / scale)).astype(ml_dtypes.float8_e4m3fn)  # no clamp
+    if poisoned:
+        return np.zeros_like(code), np.array(k.NAN, F32)
+    return code, np.array(scale, F32)
+
+
+def int4_dequant_fma(packed, scales, zeros, g, out_dtype):
+    n, half = packed.shape
+    d = half * 2
+    q = np.empty((n, d), np.float64)
+    q[:, 0::2] = packed & 0xF
+    q[:, 1::2] = packed >> 4
+    s = k.flush(scales).astype(np.float64)
+    z = k.flush(zeros)
+    idx = np.arange(d) // g
+    offset = (-(z * k.flush(scales))).astype(np.float64)  # -zero*scale, rounded to float32
+    with np.errstate(all="ignore"):
+        v = k.flush((q * s[:, idx] + offset[:, idx]).astype(F32))  # q*scale + offset, rounded once
+    return k._out(v, np.isnan(s[:, idx]) | np.isnan(z[:, idx]), out_dtype)
+
+
+def int4_swapped_nibbles(x, g):
+    packed, scales, zeros = k.int4_quantize(x, g)
+    return ((packed >> 4) | (packed << 4)).astype(np.uint8), scales, zeros
+
+
+def int4_groups_span_tokens(x, g):
+    n, d = x.shape
+    flat = np.asarray(x).reshape(1, n * d)
+    total_groups = -(-(n * d) // g)
+    packed, scales, zeros = k.int4_quantize(flat, g)
+    ng = -(-d // g)
+    # Spread the flat groups back over tokens as if they were per token.
+    s = np.resize(scales.reshape(-1), n * ng).reshape(n, ng)
+    z = np.resize(zeros.reshape(-1), n * ng).reshape(n, ng)
+    return packed.reshape(n, d // 2), s.astype(F32), z.astype(F32)
+
+
+BROKEN = {
+    # name: (overrides, operation where it must show, output)
+    "round-half-away": ({"int8_quantize": int8_round_half_away}, "quantize_kv_int8", "codes"),
+    "divide-not-multiply": ({"int8_quantize": int8_divide}, "quantize_kv_int8", "codes"),
+    "fused-dequant": ({"int4_dequantize": int4_dequant_fma}, "dequantize_kv_int4", "dequant[float32]"),
+    "cast-without-clamp": ({"fp8_quantize_per_tensor": fp8_no_clamp}, "quantize_kv_fp8_per_tensor", "codes"),
+    "swapped-nibbles": ({"int4_quantize": int4_swapped_nibbles}, "quantize_kv_int4", "codes"),
+    "int8-full-range": ({"int8_quantize": int8_full_range}, "quantize_kv_int8", "codes"),
+    "groups-span-tokens": ({"int4_quantize": int4_groups_span_tokens}, "quantize_kv_int4", "codes"),
+}
+
+
+def make_broken(name: str) -> BackendOps:
+    overrides, _, _ = BROKEN[name]
+    kernels = types.SimpleNamespace(**{fn: getattr(k, fn) for fn in (
+        "fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_dequantize",
+        "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize")})
+    for fn, impl in overrides.items():
+        setattr(kernels, fn, impl)
+
+    class BrokenRuntime(NumpyRuntime):
+        pass
+
+    BrokenRuntime.name = f"broken-{name}"
+    return BackendOps(f"broken-{name}", BrokenRuntime(), kernels, variant="eager")

@@ -1,0 +1,38 @@
+"""`import kvquant` stays light: NumPy (and ml_dtypes) only, proven in a fresh interpreter."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow")
+TEST_TOOLS = ("hypothesis", "pytest")
+
+
+@pytest.mark.parametrize("module", ["kvquant", "kvquant.backends", "kvquant.conformance", "kvquant.conformance.plugin", "kvquant.cli"])
+def test_import_pulls_in_no_framework(module):
+    # The pytest plugin is loaded by pytest itself, so only it may import pytest.
+    banned = FRAMEWORKS + (() if module.endswith("plugin") else TEST_TOOLS)
+    code = f"import sys, json, {module}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [], f"importing {module} imported {out.stdout}"
+
+
+def test_dispatching_a_numpy_array_imports_no_framework():
+    code = (
+        "import sys, numpy as np, kvquant; q = kvquant.quantize(np.ones((2, 64), np.float32), 'int4');"
+        "kvquant.dequantize(q); print(any(m in sys.modules for m in ('torch', 'jax')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_installed_names_are_namespaced():
+    import kvquant.backends.numpy_backend as ref
+    import kvquant.conformance.runner as runner
+
+    assert ref.__name__ == "kvquant.backends.numpy_backend"
+    assert runner.__name__ == "kvquant.conformance.runner"
+    code = "import importlib.util as u; print(u.find_spec('backends'), u.find_spec('conformance'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "None None"

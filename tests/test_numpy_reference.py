@@ -1,0 +1,94 @@
+"""The reference against a literal transcription of the spec, and its fast encoder
+against ml_dtypes."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvquant_example_backend.kernels as transcription
+from conftest import assert_same_bits
+from kvquant.backends import numpy_backend as ref
+from kvquant.conformance.cases import e4m3_values, fp8_boundary_values
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def both(fn, *args):
+    with np.errstate(all="ignore"):
+        return getattr(ref, fn)(*args), getattr(transcription, fn)(*args)
+
+
+def check_all_formats(x):
+    for fn, extra in [("fp8_quantize_per_token", ()), ("int8_quantize", ()), ("fp8_quantize_per_tensor", (None,)),
+                      ("fp8_quantize_per_tensor", (0.125,)), ("fp8_quantize_per_tensor", (2.0**-122,)),
+                      ("int4_quantize", (32,)), ("int4_quantize", (64,)), ("int4_quantize", (128,))]:
+        got, want = both(fn, x, *extra)
+        for name, g, w in zip(("codes", "scales", "zeros"), got, want):
+            assert_same_bits(w, g, f"{fn}{extra} {name}")
+        for out in ("float32", "float16", "bfloat16"):
+            if fn.startswith("int4"):
+                d = both("int4_dequantize", got[0], got[1], got[2], extra[0], out)
+            elif fn.startswith("int8"):
+                d = both("int8_dequantize", got[0], got[1][:, None], out)
+            else:
+                s = got[1].reshape(-1, 1) if got[1].ndim else got[1].reshape(1, 1)
+                d = both("fp8_dequantize", got[0], s, out)
+            assert_same_bits(d[1], d[0], f"{fn}{extra} dequant {out}")
+
+
+special = st.sampled_from([0.0, -0.0, np.nan, np.inf, -np.inf, 2.0**-126, 2.0**-127, -2.0**-149, 448.0, 3.4e38, -3.4e38, 2.0**-100, 7.5, 0.5])
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    dtype=st.sampled_from(sorted(DTYPES)),
+    tokens=st.integers(0, 9),
+    head_dim=st.sampled_from([2, 64, 80, 96, 128, 256]),
+    exponent=st.integers(-149, 127),
+    seed=st.integers(0, 2**32 - 1),
+    specials=st.lists(st.tuples(st.integers(0, 10**6), special), max_size=6),
+)
+def test_reference_equals_transcription_on_adversarial_inputs(dtype, tokens, head_dim, exponent, seed, specials):
+    rng = np.random.default_rng(seed)
+    x = np.clip(rng.standard_normal((tokens, head_dim)) * 2.0**exponent, -3.4e38, 3.4e38).astype(np.float32)
+    for pos, value in specials:
+        if x.size:
+            x.reshape(-1)[pos % x.size] = value
+    with np.errstate(all="ignore"):
+        check_all_formats(x.astype(DTYPES[dtype]))
+
+
+@pytest.mark.parametrize("rows", [1, 2047, 2048, 2049, 4100])
+def test_chunk_boundaries_do_not_change_results(rows):
+    # The reference works in row chunks (2048 rows of 128 float32); results must not
+    # depend on where a chunk ends.
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 128)).astype(np.float32)
+    x[rows // 2] = np.nan
+    check_all_formats(x)
+
+
+def test_encoder_on_every_rounding_boundary():
+    v = fp8_boundary_values()
+    more = np.concatenate([v, e4m3_values(), -e4m3_values(), np.float32([2.0**-10, 2.0**-11, 3 * 2.0**-11, 2.0**-150 * 0])])
+    assert_same_bits(more.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), ref.encode_e4m3(more), "encode_e4m3")
+
+
+def test_encoder_decoder_roundtrip_every_code():
+    codes = np.array([c for c in range(256) if c not in (0x7F, 0xFF)], np.uint8)
+    values = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    decoded = np.empty(codes.shape, np.float32)
+    ref._decode_e4m3_into(codes, decoded)
+    assert_same_bits(values, decoded, "decode")
+    assert_same_bits(codes, ref.encode_e4m3(values), "encode")
+
+
+@pytest.mark.exhaustive
+def test_encoder_on_every_float32_up_to_448():
+    top = 0x43E00000
+    for start in range(0, top + 1, 1 << 24):
+        b = np.arange(start, min(top + 1, start + (1 << 24)), dtype=np.uint32)
+        for sign in (0, 0x80000000):
+            f = (b | np.uint32(sign)).view(np.float32)
+            assert_same_bits(f.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), ref.encode_e4m3(f), f"block {start:#x}")
