@@ -16,6 +16,7 @@ written out explicitly exactly where the spec lists them.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Optional
 
@@ -340,6 +341,16 @@ class TorchRuntime:
 
     def is_concrete(self, arr) -> bool:
         return not torch.compiler.is_compiling()
+
+    @contextlib.contextmanager
+    def num_threads(self, n: int):
+        """Run with n intra-op threads (the conformance suite's thread-count invariance)."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def first_nan_index(self, flat) -> Optional[int]:
         bad = torch.isnan(flat)

@@ -22,6 +22,10 @@ from .protocols import KvCacheQuantOps, Runtime, TensorAdapter
 
 __version__ = "0.1.0"
 
+from ._registry import preload_for_imported_frameworks as _preload
+
+_preload()
+
 __all__ = [
     "BackendNotFoundError",
     "Format",

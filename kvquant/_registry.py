@@ -66,6 +66,9 @@ def _instantiate(obj: Any, name: str) -> Any:
 
 def get_backend(name: str) -> Any:
     """The backend registered under ``name``, imported on first use."""
+    loaded = _loaded.get(name)
+    if loaded is not None:  # lock-free, so torch.compile can trace a dispatch
+        return loaded
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -95,36 +98,65 @@ def register_backend(name: str, backend: Any) -> None:
         _by_type.clear()
 
 
+def _refuse_while_torch_compiles(kind: type) -> None:
+    """torch.compile cannot trace an import, so the first dispatch must happen eagerly."""
+    torch = sys.modules.get("torch")
+    if torch is not None and "torch" not in _loaded and torch.compiler.is_compiling():
+        raise RuntimeError(
+            "kvquant's torch backend is not loaded yet and torch.compile cannot trace an import: "
+            "call kvquant.get_backend('torch') once before compiling (importing kvquant after torch does it)"
+        )
+
+
+def preload_for_imported_frameworks() -> None:
+    """Load the torch backend if torch is already imported (this imports no framework),
+    so that a first kvquant call inside torch.compile finds it."""
+    if "torch" in sys.modules and "torch" not in _loaded:
+        try:
+            get_backend("torch")
+        except Exception:  # a broken torch install must not break `import kvquant`
+            pass
+
+
 def backend_for(array: Any) -> Any:
-    """The backend whose runtime owns ``array``."""
+    """The backend whose runtime owns ``array``.
+
+    No lock here: torch.compile must be able to trace a dispatch, the registry
+    dicts are only ever added to, and a race at worst loads a backend twice.
+    """
     kind = type(array)
     cached = _by_type.get(kind)
     if cached is not None:
         return cached
-    with _lock:
-        candidates = []
-        for name, (framework, _) in BUILTIN_BACKENDS.items():
-            if framework in sys.modules:
-                candidates.append(name)
-        candidates += [n for n in _loaded if n not in candidates]
-        for name in candidates:
-            try:
-                backend = get_backend(name)
-            except BackendNotFoundError:
-                continue
-            if backend.runtime.is_array(array):
-                _by_type[kind] = backend
-                return backend
-        for name in _entry_points():
-            if name in candidates:
-                continue
-            try:
-                backend = get_backend(name)
-            except Exception:
-                continue
-            if backend.runtime.is_array(array):
-                _by_type[kind] = backend
-                return backend
+    # Already loaded: no import, no lock. Built-ins first, so that a third-party
+    # backend that also takes NumPy arrays is used only when asked for by name.
+    for name in sorted(_loaded, key=lambda n: n not in BUILTIN_BACKENDS):
+        backend = _loaded[name]
+        if backend.runtime.is_array(array):
+            _by_type[kind] = backend
+            return backend
+    _refuse_while_torch_compiles(kind)
+    candidates = [name for name, (framework, _) in BUILTIN_BACKENDS.items() if framework in sys.modules]
+    for name in candidates:
+        if name in _loaded:
+            continue
+        try:
+            backend = get_backend(name)
+        except BackendNotFoundError:
+            continue
+        if backend.runtime.is_array(array):
+            _by_type[kind] = backend
+            return backend
+    for name in _entry_points():
+        if name in candidates or name in _loaded:
+            continue
+        try:
+            backend = get_backend(name)
+        except Exception:
+            continue
+        if backend.runtime.is_array(array):
+            _by_type[kind] = backend
+            return backend
     raise TypeError(
         f"no kvquant backend accepts arrays of type {kind.__module__}.{kind.__name__}; "
         f"available backends: {', '.join(available_backends())}"

@@ -1,0 +1,181 @@
+"""The conformance suite over every built-in backend and variant, one test per check;
+and proof that it catches real bugs and reports them usefully."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kvquant
+from broken_backends import BROKEN, make_broken
+from kvquant.conformance.runner import backend_variants
+from kvquant.conformance.suite import (
+    KnownFailures,
+    UnmatchedKnownFailureWarning,
+    format_table,
+    iter_checks,
+    run_checks,
+    warn_unmatched,
+)
+
+BUILTIN = [n for n in ("numpy", "torch", "jax") if n == "numpy" or __import__("importlib").util.find_spec(n)]
+CHECKS = list(iter_checks(backend_variants(BUILTIN)))
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.id for c in CHECKS])
+def test_builtin_backend_conforms(check):
+    mismatches = check.run()
+    assert not mismatches, "\n".join(str(m) for m in mismatches[:5])
+
+
+def test_every_builtin_variant_is_checked():
+    seen = {(c.backend, c.variant) for c in CHECKS}
+    expected = {("numpy", "eager")}
+    if "torch" in BUILTIN:
+        expected |= {("torch", "eager"), ("torch", "compile")}
+    if "jax" in BUILTIN:
+        expected |= {("jax", "eager"), ("jax", "jit")}
+    assert seen == expected
+
+
+# ------------------------------------------------------------ broken backends
+@pytest.fixture(scope="module")
+def broken_outcomes():
+    return {name: run_checks(iter_checks([make_broken(name)], families=("golden", "fp8-boundary", "rounding-ties", "degenerate", "shapes")))
+            for name in BROKEN}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_suite_fails_broken_backend_where_the_bug_is(broken_outcomes, name):
+    _, operation, output = BROKEN[name]
+    failed = [o for o in broken_outcomes[name] if o.status == "fail"]
+    assert failed, f"the suite passed the broken backend {name!r}"
+    firsts = [o.mismatches[0] for o in failed]
+    assert any(m.operation == operation and m.output == output for m in firsts), \
+        f"{name}: expected failures in {operation} -> {output}, got {sorted({(m.operation, m.output) for m in firsts})}"
+    hit = next(m for m in firsts if m.operation == operation and m.output == output)
+    text = str(hit)
+    for part in (f"broken-{name}", operation, hit.case_id, "first mismatch at index", "expected 0x", "actual 0x", "input bits", "elements differ"):
+        assert part in text, f"report lacks {part!r}:\n{text}"
+
+
+def test_swapped_nibbles_report_shows_the_swap(broken_outcomes):
+    m = next(o.mismatches[0] for o in broken_outcomes["swapped-nibbles"] if o.status == "fail")
+    e, a = int(m.expected_hex, 16), int(m.actual_hex, 16)
+    assert a == ((e >> 4) | (e << 4)) & 0xFF
+
+
+def test_cast_without_clamp_report_shows_nan_past_448(broken_outcomes):
+    m = next(o.mismatches[0] for o in broken_outcomes["cast-without-clamp"] if o.status == "fail")
+    assert m.expected_hex in ("0x7e", "0xfe") and m.actual_hex in ("0x7f", "0xff")
+
+
+def test_round_half_away_report_shows_a_tie(broken_outcomes):
+    tie = [o.mismatches[0] for o in broken_outcomes["round-half-away"] if o.status == "fail" and "ties" in o.check.id]
+    assert tie, "no rounding-tie case caught round-half-away"
+    assert abs(int(tie[0].expected_hex, 16) - int(tie[0].actual_hex, 16)) == 1
+
+
+def test_a_correct_backend_passes_the_same_families(broken_outcomes):
+    # Guards the test above: the families used are passable by a correct implementation.
+    outcomes = run_checks(iter_checks([kvquant.get_backend("example")], families=("golden", "fp8-boundary", "rounding-ties", "degenerate", "shapes")))
+    assert outcomes and all(o.status == "pass" for o in outcomes)
+
+
+def test_table_counts_failures():
+    outcomes = run_checks(iter_checks([make_broken("swapped-nibbles")], families=("rounding-ties",)))
+    table = format_table(outcomes)
+    assert "broken-swapped-nibbles / eager" in table
+    assert "0/1!" in table  # the int4 tie cases fail ...
+    assert "1/1" in table   # ... and the int8 one passes
+
+
+# ------------------------------------------------------------ known failures
+def test_known_failures_mark_expected_and_warn_on_stale(tmp_path):
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps({"knownFailures": [
+        {"id": "broken-swapped-nibbles-eager/rounding-ties/int4-*", "reason": "nibbles swapped on purpose"},
+        {"id": "broken-swapped-nibbles-eager/no-such-family/*", "reason": "stale"},
+    ]}))
+    known = KnownFailures.load([str(path)])
+    checks = list(iter_checks([make_broken("swapped-nibbles")], families=("rounding-ties",)))
+    with pytest.warns(UnmatchedKnownFailureWarning, match="no-such-family"):
+        stale = warn_unmatched(known, (c.id for c in checks))
+    assert stale == ["broken-swapped-nibbles-eager/no-such-family/*"]
+    outcomes = run_checks(checks, known)
+    assert {o.status for o in outcomes if "int4" in o.check.id} == {"known"}
+    assert {o.status for o in outcomes if "int8" in o.check.id} == {"pass"}
+
+
+# ------------------------------------------------------ plugin and command
+def run(cmd, cwd, env=None):
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("KVQUANT_BACKEND", None) if env is None or "KVQUANT_BACKEND" not in env else None
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+
+
+def test_plugin_runs_suite_for_third_party_backend(tmp_path):
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--kvquant-backend", "example",
+               "--kvquant-family", "golden", "--kvquant-family", "invariance"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_plugin_reads_backend_from_environment(tmp_path):
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--kvquant-family", "rounding-ties",
+               "--collect-only"], tmp_path, {"KVQUANT_BACKEND": "example"})
+    assert "example-eager/rounding-ties/int8/float32/half-integers" in out.stdout
+
+
+def test_plugin_is_inert_without_a_backend(tmp_path):
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only"], tmp_path)
+    assert "no tests collected" in out.stdout or "no tests ran" in out.stdout
+
+
+def test_plugin_reports_failures_with_ids(tmp_path):
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import kvquant
+        from broken_backends import make_broken
+        kvquant.register_backend("broken-swapped-nibbles", make_broken("swapped-nibbles"))
+    """))
+    out = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--kvquant-backend", "broken-swapped-nibbles",
+               "--kvquant-family", "rounding-ties"], tmp_path)
+    assert out.returncode == 1
+    assert "FAILED" in out.stdout and "broken-swapped-nibbles-eager/rounding-ties/int4-g32/float32/half-integers" in out.stdout
+    assert "quantize_kv_int4 -> codes" in out.stdout and "first mismatch at index" in out.stdout
+
+
+def test_command_checks_third_party_backend_and_writes_json(tmp_path):
+    report = tmp_path / "report.json"
+    out = run([sys.executable, "-m", "kvquant.cli", "conformance", "--backend", "example", "--family", "golden",
+               "--json", str(report)], tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["failed"] == 0 and data["passed"] == len(data["checks"]) > 300
+    assert "example / eager" in out.stdout
+
+
+def test_command_exits_nonzero_on_mismatch(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import kvquant
+        from broken_backends import make_broken
+        from kvquant.cli import main
+        kvquant.register_backend("broken-divide-not-multiply", make_broken("divide-not-multiply"))
+        sys.exit(main(["conformance", "--backend", "broken-divide-not-multiply", "--family", "golden"]))
+    """)
+    out = run([sys.executable, "-c", script], tmp_path)
+    assert out.returncode == 1
+    assert "FAIL broken-divide-not-multiply-eager/golden/int8" in out.stdout
+
+
+def test_info_lists_backends(tmp_path):
+    out = run([sys.executable, "-m", "kvquant.cli", "info"], tmp_path)
+    assert out.returncode == 0
+    assert "numpy" in out.stdout and "example" in out.stdout and "devices" in out.stdout

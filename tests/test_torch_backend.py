@@ -1,0 +1,103 @@
+"""PyTorch specifics: torch.compile without graph breaks, threads, views, autograd."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kvquant  # noqa: E402
+from conftest import assert_same_bits  # noqa: E402
+
+# pytest imported kvquant (through the conformance plugin) before torch, so the torch
+# backend was not preloaded; torch.compile cannot trace its import (see README).
+kvquant.get_backend("torch")
+
+FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("fp8_per_tensor", {"scale": 0.02}), ("int8", {}), ("int4", {"group_size": 32})]
+FIDS = ["fp8", "fp8_tensor", "fp8_static", "int8", "int4"]
+
+
+def np_ref(x, fmt, kw):
+    q = kvquant.quantize(x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else kvquant.get_backend("torch").runtime.to_numpy(x), fmt, **kw)
+    return q, kvquant.dequantize(q, "float32")
+
+
+def np_of(t):
+    return kvquant.get_backend("torch").runtime.to_numpy(t)
+
+
+def sample(shape=(2, 4, 8, 64), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
+def test_user_level_compile_fullgraph_has_no_graph_break(fmt, kw):
+    torch._dynamo.reset()
+
+    def roundtrip(x):
+        q = kvquant.quantize(x, fmt, **kw)
+        return q.codes, q.scales, kvquant.dequantize(q, torch.float32)
+
+    compiled = torch.compile(roundtrip, fullgraph=True)  # a graph break raises
+    x = sample()
+    codes, scales, out = compiled(x)
+    q_ref, out_ref = np_ref(x, fmt, kw)
+    assert_same_bits(q_ref.codes, np_of(codes), "codes")
+    assert_same_bits(q_ref.scales, np_of(scales), "scales")
+    assert_same_bits(out_ref, np_of(out), "dequant")
+
+
+def test_raise_becomes_propagate_while_compiling():
+    torch._dynamo.reset()
+    x = sample((3, 64))
+    x[1, 7] = float("nan")
+    compiled = torch.compile(lambda t: kvquant.quantize(t, "int8").scales, fullgraph=True)
+    scales = compiled(x)
+    assert torch.isnan(scales[1]) and torch.isfinite(scales[[0, 2]]).all()
+    with pytest.raises(kvquant.NonFiniteInputError) as e:
+        kvquant.quantize(x, "int8")
+    assert e.value.index == (1,)
+
+
+@pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
+@pytest.mark.parametrize("view", ["transpose", "slice"])
+def test_non_contiguous_views_match_contiguous_copies(fmt, kw, view):
+    base = sample((2, 8, 4, 64))
+    x = base.transpose(1, 2) if view == "transpose" else base[:, ::2]
+    assert not x.is_contiguous()
+    a, b = kvquant.quantize(x, fmt, **kw), kvquant.quantize(x.contiguous(), fmt, **kw)
+    for p, q in ((a.codes, b.codes), (a.scales, b.scales)):
+        assert_same_bits(np_of(q), np_of(p))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
+def test_thread_count_does_not_change_bits(fmt, kw, threads):
+    x = sample((64, 128), seed=3)
+    q_ref, out_ref = np_ref(x, fmt, kw)
+    with kvquant.get_backend("torch").runtime.num_threads(threads):
+        q = kvquant.quantize(x, fmt, **kw)
+        out = kvquant.dequantize(q, torch.float32)
+    assert_same_bits(q_ref.codes, np_of(q.codes))
+    assert_same_bits(out_ref, np_of(out))
+
+
+def test_requires_grad_is_accepted_and_detached():
+    x = sample((4, 64)).requires_grad_(True)
+    q = kvquant.quantize(x, "int4")
+    out = kvquant.dequantize(q)
+    assert not q.codes.requires_grad and not q.scales.requires_grad and not out.requires_grad
+
+
+@pytest.mark.parametrize("fmt, dtype", [("fp8", torch.float8_e4m3fn), ("fp8_per_tensor", torch.float8_e4m3fn), ("int8", torch.int8), ("int4", torch.uint8)])
+def test_code_dtypes(fmt, dtype):
+    q = kvquant.quantize(sample((2, 64)), fmt)
+    assert q.codes.dtype == dtype and q.scales.dtype == torch.float32
+
+
+@pytest.mark.parametrize("out", [torch.float32, torch.float16, torch.bfloat16, "bfloat16"])
+def test_output_dtype_choices(out):
+    x = sample((2, 64), dtype=torch.bfloat16)
+    q = kvquant.quantize(x, "int8")
+    want = torch.float32 if out == torch.float32 else (torch.bfloat16 if out in (torch.bfloat16, "bfloat16") else torch.float16)
+    assert kvquant.dequantize(q, out).dtype == want
+    assert kvquant.dequantize(q).dtype == torch.bfloat16  # the source dtype by default
