@@ -114,9 +114,15 @@ def _fp8_codes(xf, inv):
     return jnp.clip(xf * inv, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
 
 
+def _per_token_params(xf, reciprocal):
+    scale, inv, poisoned = _symmetric_scale(jnp.max(jnp.abs(xf), axis=-1), reciprocal)
+    # Speed only: keeps XLA from fusing the row reduction into the per-element loop.
+    return jax.lax.optimization_barrier((scale, inv, poisoned))
+
+
 def fp8_quantize_per_token(x):
     xf = _widen(x)
-    scale, inv, poisoned = _symmetric_scale(jnp.max(jnp.abs(xf), axis=-1), R448)
+    scale, inv, poisoned = _per_token_params(xf, R448)
     codes = _fp8_codes(xf, inv[..., None])
     return _zero_where(codes, poisoned[..., None]), scale
 
@@ -157,7 +163,7 @@ def fp8_dequantize(codes, scales, out_dtype: str):
 # -------------------------------------------------------------------- INT8
 def int8_quantize(x):
     xf = _widen(x)
-    scale, inv, poisoned = _symmetric_scale(jnp.max(jnp.abs(xf), axis=-1), R127)
+    scale, inv, poisoned = _per_token_params(xf, R127)
     q = jnp.clip(jnp.round(xf * inv[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return _zero_where(q, poisoned[..., None]), scale
 
@@ -203,28 +209,56 @@ def _int4_params(mn, mx):
     return scale, inv, zero, mn, poisoned
 
 
+def _apply_groups(t, params, group_size: int, fn):
+    """fn(block, per-group params broadcast over the block), for [..., head_dim] data and
+    [..., groups] params: a reshape when head_dim is a multiple of the group size (no
+    gather), else the full groups and the short tail separately."""
+    width = t.shape[-1]
+    lead = t.shape[:-1]
+    full = (width // group_size) * group_size
+    pieces = []
+    if full:
+        block = t[..., :full].reshape(lead + (full // group_size, group_size))
+        args = [p[..., : full // group_size, None] for p in params]
+        pieces.append(fn(block, *args).reshape(lead + (full,)))
+    if full < width:
+        pieces.append(fn(t[..., full:], *[p[..., -1:] for p in params]))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+
+
 def int4_quantize(x, group_size: int):
     xf = _widen(x)
-    width = xf.shape[-1]
     parts = _split_groups(xf, group_size)
     mn = jnp.concatenate([jnp.min(p, axis=-1) for p in parts], axis=-1)
     mx = jnp.concatenate([jnp.max(p, axis=-1) for p in parts], axis=-1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
-    v = (xf - _per_element(mn, width, group_size)) * _per_element(inv, width, group_size)
-    q = jnp.clip(jnp.round(v), ZERO, INT4_MAX).astype(jnp.uint8)
-    packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    bad_bytes = _per_element(poisoned, width, group_size)[..., 0::2]
-    return _zero_where(packed, bad_bytes), scale, zero
+    poisoned_f = poisoned.astype(F32)
+    # Speed only: without the barrier XLA fuses the group reductions into the per-element
+    # loop and recomputes them for every element (10x slower on the CPU). No bits change.
+    mn, inv, poisoned_f = jax.lax.optimization_barrier((mn, inv, poisoned_f))
+
+    def codes(block, mn_b, inv_b, bad_b):
+        v = jnp.round((block - mn_b) * inv_b)
+        return jnp.where(bad_b > ZERO, ZERO, jnp.clip(v, ZERO, INT4_MAX))
+
+    q = _apply_groups(xf, (mn, inv, poisoned_f), group_size, codes)
+    q = q.reshape(q.shape[:-1] + (q.shape[-1] // 2, 2))
+    # Packing in float32 is exact (integers below 256), so an FMA contraction of
+    # lo + hi * 16 gives the same bits as the separate operations.
+    return (q[..., 0] + q[..., 1] * np.float32(16)).astype(jnp.uint8), scale, zero
 
 
 def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
     """value = flush((float32(q) - zero) * scale)."""
     width = packed.shape[-1] * 2
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
-    q = jnp.stack((packed & 0x0F, packed >> 4), axis=-1).reshape(packed.shape[:-1] + (width,))
-    v = (q.astype(F32) - _per_element(zeros, width, group_size)) * _per_element(scales, width, group_size)
-    bad = _per_element(jnp.isnan(scales) | jnp.isnan(zeros), width, group_size)
-    return _to_output(flush(v), bad, out_dtype)
+    byte = packed.astype(F32)
+    hi = jnp.floor(byte * np.float32(0.0625))  # exact: byte / 16; byte - hi * 16 is exact too, fused or not
+    q = jnp.stack((byte - hi * np.float32(16), hi), axis=-1).reshape(packed.shape[:-1] + (width,))
+    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush((b - z) * s))
+    bad = (jnp.isnan(scales) | jnp.isnan(zeros)).astype(F32)
+    bad_el = _apply_groups(jnp.zeros_like(v), (bad,), group_size, lambda b, m: b + m) > ZERO
+    return _to_output(v, bad_el, out_dtype)
 
 
 # ----------------------------------------------------------------- Runtime

@@ -62,6 +62,8 @@ _CHUNK_BYTES = 1 << 20
 # so the low byte of the float32 is the int8 value. 2^23 does the same for 0 <= x < 2^23.
 _ROUND_MAGIC_SIGNED = F32(12582912.0)
 _ROUND_MAGIC_UNSIGNED = F32(8388608.0)
+_ROUND_MAGIC_SIGNED_BITS = np.int32(0x4B400000)
+_ROUND_MAGIC_UNSIGNED_BITS = np.int32(0x4B000000)
 
 _ABS_MASK = U32(0x7FFFFFFF)
 _INF_BITS = U32(0x7F800000)
@@ -215,10 +217,14 @@ def _decode_e4m3_into(codes_u8: np.ndarray, out: np.ndarray) -> None:
     out *= F32(2.0**120)
 
 
-def _fp8_encode_block(xc: np.ndarray, inv: np.ndarray, work: np.ndarray) -> np.ndarray:
-    """code = e4m3(clamp(x * inv, -448, 448)) for one chunk of rows."""
+def _fp8_encode_block(xc: np.ndarray, inv: np.ndarray, work: np.ndarray, clamp: bool = True) -> np.ndarray:
+    """code = e4m3(clamp(x * inv, -448, 448)) for one chunk of rows.
+
+    With a dynamic scale |x * inv| < 448.0002 (docs/spec.md, section 10): the encoder
+    rounds that to 448 exactly as the clamp would, so the clamp may be skipped."""
     np.multiply(xc, inv, out=work)
-    np.clip(work, -FP8_MAX, FP8_MAX, out=work)
+    if clamp:
+        np.clip(work, -FP8_MAX, FP8_MAX, out=work)
     return encode_e4m3(work)
 
 
@@ -232,7 +238,7 @@ def fp8_quantize_per_token(x: np.ndarray):
         amax = _absmax_rows(xc, work.view(U32))
         scale, inv, poisoned = _symmetric_scale(amax, R448)
         with np.errstate(invalid="ignore"):
-            block = _fp8_encode_block(xc, inv[:, None], work)
+            block = _fp8_encode_block(xc, inv[:, None], work, clamp=False)
         block[poisoned] = 0
         codes[start:stop] = block
         scales[start:stop] = scale
@@ -264,7 +270,7 @@ def fp8_quantize_per_tensor(x: np.ndarray, static_scale: Optional[float]):
             xc = flush(xc)
         work = np.empty(xc.shape, F32)
         with np.errstate(invalid="ignore", over="ignore"):
-            codes[start:stop] = _fp8_encode_block(xc, inv, work)
+            codes[start:stop] = _fp8_encode_block(xc, inv, work, clamp=static_scale is not None)
         if static_scale is not None and not any_nonfinite:
             any_nonfinite = not np.isfinite(xc).all()
     if static_scale is not None and any_nonfinite:
@@ -334,8 +340,11 @@ def int8_quantize(x: np.ndarray):
         # |x * inv| <= 127.00003 (docs/spec.md, "INT8"), so the clamp to [-127, 127] can
         # never act and round-half-even is the magic-number addition.
         work += _ROUND_MAGIC_SIGNED
-        block = work.view(np.int8)[:, ::4]
-        codes[start:stop] = block
+        # The integer sits in the low bits: subtracting the magic number's bits leaves
+        # q exactly, and a narrowing cast of int32 is far faster than a strided copy.
+        as_int = work.view(np.int32)
+        as_int -= _ROUND_MAGIC_SIGNED_BITS
+        codes[start:stop] = as_int
         codes[start:stop][poisoned] = 0
         scales[start:stop] = scale
     return codes, scales
@@ -397,7 +406,9 @@ def int4_quantize(x: np.ndarray, group_size: int):
         # 0 <= (x - mn) * inv <= 15.000004 (docs/spec.md, "INT4"): the clamp never acts,
         # and a negative value only arises as -tiny when mn was flushed, rounding to 0.
         work += _ROUND_MAGIC_UNSIGNED
-        q = work.view(np.uint8)[:, ::4]
+        as_int = work.view(np.int32)
+        as_int -= _ROUND_MAGIC_UNSIGNED_BITS
+        q = as_int.astype(np.uint8)
         block = q[:, 0::2] | (q[:, 1::2] << np.uint8(4))
         if poisoned.any():
             block[_broadcast_groups(poisoned, width, group_size)[:, 0::2]] = 0

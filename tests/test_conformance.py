@@ -25,7 +25,10 @@ BUILTIN = [n for n in ("numpy", "torch", "jax") if n == "numpy" or __import__("i
 CHECKS = list(iter_checks(backend_variants(BUILTIN)))
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=[c.id for c in CHECKS])
+# One xdist group per backend variant: a worker compiles each torch.compile / jax.jit
+# specialisation once, instead of both workers compiling all of them.
+@pytest.mark.parametrize("check", [pytest.param(c, marks=pytest.mark.xdist_group(f"{c.backend}-{c.variant}")) for c in CHECKS],
+                         ids=[c.id for c in CHECKS])
 def test_builtin_backend_conforms(check):
     mismatches = check.run()
     assert not mismatches, "\n".join(str(m) for m in mismatches[:5])

@@ -1,0 +1,113 @@
+"""Quantize, and quantize + dequantize, per format and backend, as a multiple of a
+plain copy of the same array timed in the same run: each repeat times the copy and
+the candidates back to back, and the median of the per-repeat ratios is reported.
+
+    python benchmarks/bench_quantize.py                  # every installed backend
+    python benchmarks/bench_quantize.py --backend numpy --tokens 32768 --head-dim 128
+
+Not a test: numbers depend on the machine. The closing notes of the issues record
+what was measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import kvquant
+
+FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("int8", {}), ("int4", {"group_size": 64})]
+
+
+def _timed(fn, sync) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def interleaved_ratios(baseline, candidates, sync, repeats: int):
+    """Median over repeats of each candidate's time divided by the baseline's, timed
+    back to back in the same round so that machine noise (frequency, page faults, a
+    neighbour's load) hits both alike. Returns (median baseline seconds, [ratios])."""
+    for fn in (baseline, *candidates):  # warm-up: compilation, allocator pools
+        fn()
+        sync()
+    base_times, ratios = [], [[] for _ in candidates]
+    for _ in range(repeats):
+        tb = _timed(baseline, sync)
+        base_times.append(tb)
+        for i, fn in enumerate(candidates):
+            ratios[i].append(_timed(fn, sync) / tb)
+    return statistics.median(base_times), [statistics.median(r) for r in ratios]
+
+
+def setups(names, x_np):
+    """(label, ops, input, copy function, sync) for every backend variant asked for."""
+    out = []
+    for name in names:
+        try:
+            ops = kvquant.get_backend(name)
+        except kvquant.BackendNotFoundError:
+            continue
+        for variant, v_ops in ops.variants().items():
+            rt = v_ops.runtime
+            x = rt.from_numpy(x_np)
+            if name == "torch":
+                import torch
+
+                copy = x.clone
+                sync = (lambda: torch.cuda.synchronize()) if x.is_cuda else (lambda: None)
+            elif name == "jax":
+                import jax
+                import jax.numpy as jnp
+
+                jcopy = jax.jit(jnp.copy)
+                copy = lambda x=x: jcopy(x).block_until_ready()  # noqa: E731
+                sync = lambda: None  # noqa: E731
+            else:
+                copy = x.copy
+                sync = lambda: None  # noqa: E731
+            out.append((f"{name}/{variant}", v_ops, x, copy, sync))
+    return out
+
+
+def block(result):
+    for leaf in (result if isinstance(result, tuple) else (result,)):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return result
+
+
+def run(names, tokens, head_dim, repeats):
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((tokens, head_dim)).astype(np.float32)
+    rows = []
+    for label, ops, x, copy, sync in setups(names, x_np):
+        for fmt, kw in FORMATS:
+            quant = lambda: block(kvquant.quantize(x, fmt, backend=ops, **kw).codes)  # noqa: E731
+            both = lambda: block(kvquant.dequantize(kvquant.quantize(x, fmt, backend=ops, **kw), "float32", backend=ops))  # noqa: E731
+            base, (rq, rb) = interleaved_ratios(copy, (quant, both), sync, repeats)
+            rows.append((label, fmt + ("-g64" if fmt == "int4" else ""), base, rq, rb))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", action="append", default=[])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args()
+    names = args.backend or ["numpy", "torch", "jax"]
+    rows = run(names, args.tokens, args.head_dim, args.repeats)
+    print(f"float32 [{args.tokens}, {args.head_dim}]; median of {args.repeats} per-repeat ratios to a copy timed in the same repeat")
+    print(f"{'backend':<16}{'format':<18}{'copy ms':>9}{'quantize':>10}{'quant+deq':>11}")
+    for label, fmt, base, rq, rb in rows:
+        print(f"{label:<16}{fmt:<18}{base * 1e3:>9.3f}{rq:>9.2f}x{rb:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The README matches the code: CI runs its test command, its error table is what the
+library measures, and its quickstart snippets run."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvquant
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def bash_blocks():
+    return re.findall(r"```bash\n(.*?)```", README, re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    test_command = bash_blocks()[1].strip()
+    assert "pytest" in test_command
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
+
+
+def test_main_command_runs_the_conformance_suite():
+    assert bash_blocks()[0].strip().endswith("kvquant conformance")
+
+
+ROWS = {
+    "FP8 E4M3, per token": ("fp8", {}),
+    "FP8 E4M3, per tensor": ("fp8_per_tensor", {}),
+    "INT8, per token, symmetric": ("int8", {}),
+    "INT4, groups of 32, asymmetric": ("int4", {"group_size": 32}),
+    "INT4, groups of 64 (default)": ("int4", {"group_size": 64}),
+    "INT4, groups of 128": ("int4", {"group_size": 128}),
+}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_format_table_error_matches_library(row):
+    fmt, kw = ROWS[row]
+    line = next(l for l in README.splitlines() if l.startswith(f"| {row} |"))
+    printed = line.strip("| ").split("|")[-1].strip()
+    x = np.random.default_rng(0).standard_normal((4096, 128)).astype(np.float32)
+    y = kvquant.dequantize(kvquant.quantize(x, fmt, **kw), "float32")
+    assert printed == f"{np.linalg.norm(y - x) / np.linalg.norm(x):.2e}"
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, re.S)
+
+
+def test_numpy_quickstart_runs():
+    scope = {}
+    exec(python_blocks()[0], scope)
+    assert scope["k_hat"].shape == scope["k"].shape and scope["k_hat"].dtype == np.float32
+
+
+def test_torch_quickstart_runs():
+    torch = pytest.importorskip("torch")
+    code = python_blocks()[1]
+    if not torch.cuda.is_available():
+        code = code.replace('device="cuda"', 'device="cpu"')
+    scope = {}
+    exec(code, scope)
+    assert scope["k_hat"].dtype == torch.bfloat16 and scope["q"].codes.dtype == torch.float8_e4m3fn
+    assert scope["step"](scope["k"]).dtype == torch.int8
+
+
+def test_jax_quickstart_runs():
+    pytest.importorskip("jax")
+    scope = {}
+    exec(python_blocks()[2], scope)
+    assert scope["k_hat"].dtype == scope["k"].dtype and scope["k_hat"].shape == scope["k"].shape
