@@ -88,6 +88,39 @@ def _absmax(t: torch.Tensor, dim) -> torch.Tensor:
     return torch.maximum(t.amax(dim), -t.amin(dim))
 
 
+def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
+    """float32(1 / s), correctly rounded and flushed, for positive normal float32 s
+    (docs/spec.md, "Reciprocals"), by integer long division on the significand.
+
+    Triton (torch.compile on CUDA) and XLA on GPUs divide float32 approximately
+    (measured on an H100: 1 ulp off, which moved INT4 zeros and FP8 codes), so the
+    one division of the spec is done in exact integer arithmetic instead. It costs
+    O(tokens or groups), and eager mode on the CPU, whose division is IEEE, skips it.
+    """
+    if _host_checks_allowed(s):
+        return flush(1.0 / s)
+    bits = s.view(torch.int32)
+    exp = (bits >> 23) & 0xFF
+    m = (bits & 0x7FFFFF) | 0x800000
+    # Q = floor(2^48 / m) in 7-bit steps, so every intermediate fits in int32.
+    n = torch.full_like(m, 1 << 30)
+    q, r = n // m, n % m
+    for k in (7, 7, 4):
+        n = r << k
+        q, r = (q << k) + n // m, n % m
+    guard, lsb = q & 1, (q >> 1) & 1
+    sig = (q >> 1) + (guard & ((r != 0).to(torch.int32) | lsb))
+    carry = sig >> 24
+    out_exp = 253 - exp + carry
+    mantissa = torch.where(carry == 1, torch.zeros_like(sig), sig - (1 << 23))
+    power_of_two = m == (1 << 23)
+    out_exp = torch.where(power_of_two, 254 - exp, out_exp)
+    mantissa = torch.where(power_of_two, torch.zeros_like(mantissa), mantissa)
+    result = ((out_exp << 23) | mantissa).view(torch.float32)
+    # A result below 2^-126 is subnormal in IEEE arithmetic and flushed by the spec.
+    return torch.where(out_exp >= 1, result, torch.zeros_like(result))
+
+
 def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
     A poisoned token gets the NaN scale and inv = 0."""
@@ -96,7 +129,7 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     scale = torch.clamp_min(amax * reciprocal, S_MIN)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = torch.where(poisoned, torch.zeros_like(scale), 1.0 / scale)
+    inv = torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
     return scale, inv, poisoned
 
 
@@ -168,7 +201,7 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
     xf = _widen(x)
     if flush_input:
         xf = flush(xf)
-    inv = flush(1.0 / scale)
+    inv = reciprocal_rn(scale)
     if xf.numel():
         poisoned = ~torch.isfinite(_absmax(xf, None))
     else:
@@ -216,11 +249,19 @@ def _grouped(t: torch.Tensor, group_size: int):
     return parts
 
 
-def _per_element(p: torch.Tensor, width: int, group_size: int) -> torch.Tensor:
-    """Per-group values [rows, groups] repeated to [rows, head_dim]."""
-    if width % group_size == 0:
-        return p[:, :, None].expand(-1, -1, group_size).reshape(p.shape[0], width)
-    return torch.repeat_interleave(p, group_size, dim=1)[:, :width]
+def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
+    """fn(block, per-group params broadcast over the block) for [rows, head_dim] data and
+    [rows, groups] params: a reshape when head_dim is a multiple of the group size,
+    else the full groups and the short tail separately (the same shape as JAX's)."""
+    rows, width = t.shape
+    full = (width // group_size) * group_size
+    pieces = []
+    if full:
+        block = t[:, :full].reshape(rows, full // group_size, group_size)
+        pieces.append(fn(block, *[p[:, : full // group_size, None] for p in params]).reshape(rows, full))
+    if full < width:
+        pieces.append(fn(t[:, full:], *[p[:, -1:] for p in params]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
@@ -232,7 +273,7 @@ def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
     scale = torch.clamp_min(rng * R15, S_MIN)
     scale = torch.where(rng == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = torch.where(poisoned, torch.zeros_like(scale), 1.0 / scale)
+    inv = torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
     zero = flush(-(mn * inv))
     zero = torch.where(poisoned, _nan_like(zero), zero)
     mn = torch.where(poisoned, torch.zeros_like(mn), mn)
@@ -246,13 +287,8 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     mn = torch.cat([p.amin(-1) for p in parts], dim=1)
     mx = torch.cat([p.amax(-1) for p in parts], dim=1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
-    if width % group_size == 0:
-        g = xf.reshape(rows, width // group_size, group_size) - mn[:, :, None]
-        g = _zero_poisoned(g.mul_(inv[:, :, None]), poisoned[:, :, None])
-        v = g.reshape(rows, width)
-    else:
-        v = (xf - _per_element(mn, width, group_size)).mul_(_per_element(inv, width, group_size))
-        v = _zero_poisoned(v, _per_element(poisoned, width, group_size))
+    v = _apply_groups(xf, (mn, inv, poisoned), group_size,
+                      lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
     q = v.round_().clamp_(0.0, 15.0).reshape(rows, width // 2, 2)
     # Packing in float32 is exact (integers below 256) and keeps Inductor's loops
     # vectorised, which uint8 shifts and strided slices did not.
@@ -268,18 +304,14 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     byte = packed.to(torch.float32)
     hi = torch.floor(byte * 0.0625)
     q = torch.stack((byte - hi * 16.0, hi), dim=-1).reshape(rows, width)
-    if width % group_size == 0:
-        g = q.reshape(rows, width // group_size, group_size)
-        v = g.sub_(zeros[:, :, None]).mul_(scales[:, :, None]).reshape(rows, width)
-    else:
-        v = q.sub_(_per_element(zeros, width, group_size)).mul_(_per_element(scales, width, group_size))
+    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z).mul_(sc))
     # Only groups with a scale below 2^-99, or a q = 0 element with |zero * scale| near
     # 2^-126, can produce a subnormal (docs/spec.md, "Where flushing matters").
     at_risk = ((scales < 2.0**-99) | (zeros.abs() * scales < 2.0**-124)) & (zeros != 0)
     if not _host_checks_allowed(v) or bool(at_risk.any()):
         v = flush(v)
     bad = torch.isnan(scales) | torch.isnan(zeros)
-    return _to_output(v, bad, out_dtype, lambda b: _per_element(b, width, group_size))
+    return _to_output(v, bad, out_dtype, lambda b: _apply_groups(torch.zeros_like(v, dtype=torch.bool), (b,), group_size, lambda z, m: z | m))
 
 
 # ----------------------------------------------------------------- Runtime
