@@ -66,7 +66,9 @@ _NAN_BITS = {
 
 def flush(v):
     """Spec flush(): a subnormal float32 becomes a zero of the same sign."""
-    return jnp.where(jnp.abs(v) < MIN_NORMAL, v * ZERO, v)
+    # copysign rather than v * 0: a compiler may fold the product into +0.0 (torch.compile
+    # on CUDA did), losing the sign the spec keeps.
+    return jnp.where(jnp.abs(v) < MIN_NORMAL, jnp.copysign(jnp.zeros_like(v), v), v)
 
 
 def _widen(x):

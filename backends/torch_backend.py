@@ -69,8 +69,12 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
 
 
 def flush(v: torch.Tensor) -> torch.Tensor:
-    """Spec flush(): a subnormal float32 becomes a zero of the same sign."""
-    return torch.where(v.abs() < MIN_NORMAL, v * 0.0, v)
+    """Spec flush(): a subnormal float32 becomes a zero of the same sign.
+
+    copysign, not v * 0.0: torch.compile on CUDA folded the product into +0.0 and
+    lost the sign (measured on an H100: INT4 zeros of groups whose minimum is zero
+    came out +0.0 instead of -0.0)."""
+    return torch.where(v.abs() < MIN_NORMAL, torch.copysign(torch.zeros_like(v), v), v)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
