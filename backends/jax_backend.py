@@ -83,26 +83,8 @@ def reciprocal_rn(s):
     moved INT4 zeros and FP8 codes), so the spec's one division is done in exact
     integer arithmetic. It costs O(tokens or groups).
     """
-    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
-    exp = (bits >> 23) & 0xFF
-    m = (bits & 0x7FFFFF) | 0x800000
-    # Q = floor(2^48 / m) in 7-bit steps, so every intermediate fits in int32.
-    n = jnp.full_like(m, 1 << 30)
-    q, r = n // m, n % m
-    for k in (7, 7, 4):
-        n = r << k
-        q, r = (q << k) + n // m, n % m
-    guard, lsb = q & 1, (q >> 1) & 1
-    sig = (q >> 1) + (guard & ((r != 0).astype(jnp.int32) | lsb))
-    carry = sig >> 24
-    out_exp = 253 - exp + carry
-    mantissa = jnp.where(carry == 1, 0, sig - (1 << 23))
-    power_of_two = m == (1 << 23)
-    out_exp = jnp.where(power_of_two, 254 - exp, out_exp)
-    mantissa = jnp.where(power_of_two, 0, mantissa)
-    result = jax.lax.bitcast_convert_type((out_exp << 23) | mantissa, F32)
-    # A result below 2^-126 is subnormal in IEEE arithmetic and flushed by the spec.
-    return jnp.where(out_exp >= 1, result, ZERO)
+    bits = _spec.reciprocal_rn_bits(jax.lax.bitcast_convert_type(s, jnp.int32), jnp.where)
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.int32), F32)
 
 
 def _symmetric_scale(amax, reciprocal):

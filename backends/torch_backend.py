@@ -103,26 +103,7 @@ def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
     """
     if _host_checks_allowed(s):
         return flush(1.0 / s)
-    bits = s.view(torch.int32)
-    exp = (bits >> 23) & 0xFF
-    m = (bits & 0x7FFFFF) | 0x800000
-    # Q = floor(2^48 / m) in 7-bit steps, so every intermediate fits in int32.
-    n = torch.full_like(m, 1 << 30)
-    q, r = n // m, n % m
-    for k in (7, 7, 4):
-        n = r << k
-        q, r = (q << k) + n // m, n % m
-    guard, lsb = q & 1, (q >> 1) & 1
-    sig = (q >> 1) + (guard & ((r != 0).to(torch.int32) | lsb))
-    carry = sig >> 24
-    out_exp = 253 - exp + carry
-    mantissa = torch.where(carry == 1, torch.zeros_like(sig), sig - (1 << 23))
-    power_of_two = m == (1 << 23)
-    out_exp = torch.where(power_of_two, 254 - exp, out_exp)
-    mantissa = torch.where(power_of_two, torch.zeros_like(mantissa), mantissa)
-    result = ((out_exp << 23) | mantissa).view(torch.float32)
-    # A result below 2^-126 is subnormal in IEEE arithmetic and flushed by the spec.
-    return torch.where(out_exp >= 1, result, torch.zeros_like(result))
+    return _spec.reciprocal_rn_bits(s.view(torch.int32), torch.where).view(torch.float32)
 
 
 def _symmetric_scale(amax: torch.Tensor, reciprocal: float):

@@ -128,35 +128,24 @@ def backend_for(array: Any) -> Any:
     cached = _by_type.get(kind)
     if cached is not None:
         return cached
-    # Already loaded: no import, no lock. Built-ins first, so that a third-party
-    # backend that also takes NumPy arrays is used only when asked for by name.
-    for name in sorted(_loaded, key=lambda n: n not in BUILTIN_BACKENDS):
-        backend = _loaded[name]
-        if backend.runtime.is_array(array):
-            _by_type[kind] = backend
-            return backend
-    _refuse_while_torch_compiles(kind)
-    candidates = [name for name, (framework, _) in BUILTIN_BACKENDS.items() if framework in sys.modules]
-    for name in candidates:
-        if name in _loaded:
-            continue
-        try:
-            backend = get_backend(name)
-        except BackendNotFoundError:
-            continue
-        if backend.runtime.is_array(array):
-            _by_type[kind] = backend
-            return backend
-    for name in _entry_points():
-        if name in candidates or name in _loaded:
-            continue
-        try:
-            backend = get_backend(name)
-        except Exception:
-            continue
-        if backend.runtime.is_array(array):
-            _by_type[kind] = backend
-            return backend
+    # Already loaded first: no import, no lock. Built-ins before third-party ones, so a
+    # third-party backend that also takes NumPy arrays is used only when asked for by
+    # name. Then built-ins whose framework is imported, then entry points.
+    loaded = sorted(_loaded, key=lambda n: n not in BUILTIN_BACKENDS)
+    builtins = [n for n, (framework, _) in BUILTIN_BACKENDS.items() if framework in sys.modules]
+    for stage, names in enumerate((loaded, builtins, list(_entry_points()))):
+        if stage == 1:
+            _refuse_while_torch_compiles(kind)
+        for name in names:
+            if stage and name in _loaded:
+                continue
+            try:
+                backend = get_backend(name)
+            except Exception:  # not installed, or a broken third-party package
+                continue
+            if backend.runtime.is_array(array):
+                _by_type[kind] = backend
+                return backend
     raise TypeError(
         f"no kvquant backend accepts arrays of type {kind.__module__}.{kind.__name__}; "
         f"available backends: {', '.join(available_backends())}"

@@ -42,3 +42,29 @@ def f32_bits(value: float) -> int:
     import struct
 
     return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def reciprocal_rn_bits(bits, where):
+    """Bits of float32(1 / s), correctly rounded and flushed, from the int32 bits of a
+    positive normal float32 s (docs/spec.md, "Reciprocals").
+
+    Integer long division on the significand, for devices whose float32 division is
+    approximate. Written with operators only, so the same code runs on torch and JAX
+    int32 arrays; ``where(cond, a, b)`` is the framework's select.
+    """
+    exp = (bits >> 23) & 0xFF
+    m = (bits & 0x7FFFFF) | 0x800000
+    # Q = floor(2^48 / m) in 7-bit steps, so every intermediate fits in int32.
+    n = m * 0 + (1 << 30)
+    q, r = n // m, n % m
+    for k in (7, 7, 4):
+        n = r << k
+        q, r = (q << k) + n // m, n % m
+    guard, lsb = q & 1, (q >> 1) & 1
+    sig = (q >> 1) + (guard & ((r != 0) | lsb))  # round half to even; r is the sticky part
+    carry = sig >> 24
+    power_of_two = m == (1 << 23)
+    out_exp = where(power_of_two, 254 - exp, 253 - exp + carry)
+    mantissa = where(power_of_two | (carry == 1), 0, sig - (1 << 23))
+    # A result below 2^-126 is subnormal in IEEE arithmetic and flushed by the spec.
+    return where(out_exp >= 1, (out_exp << 23) | mantissa, 0)
