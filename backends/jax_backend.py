@@ -20,7 +20,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from kvquant import _spec

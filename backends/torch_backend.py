@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from kvquant import _spec
-from kvquant._ops import BackendOps, num_groups
+from kvquant._ops import BackendOps
 
 NAME = "torch"
 
@@ -339,7 +339,6 @@ class TorchRuntime:
 
     def to_numpy(self, arr):
         import ml_dtypes
-        import numpy as np
 
         arr = arr.detach()
         if arr.device.type != "cpu":

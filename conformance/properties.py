@@ -10,7 +10,7 @@ from typing import List
 
 import numpy as np
 
-from .cases import DTYPES, Case, Spec, _make
+from .cases import DTYPES, Spec, _make
 from .runner import Mismatch, run_case
 
 HEAD_DIMS = (64, 96, 128)  # few, so compiled variants specialise few times

@@ -7,10 +7,9 @@ quantize bug cannot hide or fake a dequantize bug.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -337,9 +336,3 @@ def backend_variants(names: Optional[Iterable[str]] = None, variants: Optional[I
                 continue
             out.append(v_ops)
     return out
-
-
-@contextlib.contextmanager
-def _quiet():
-    with np.errstate(all="ignore"):
-        yield

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from . import cases as C
-from .runner import INVARIANCE_CHECKS, Mismatch, backend_variants, run_case, run_invariance
+from .runner import INVARIANCE_CHECKS, Mismatch, run_case, run_invariance
 
 SUITE_FAMILIES = C.FAMILIES + ("property", "invariance")
 KNOWN_FAILURES_DIR = Path(__file__).with_name("known_failures")

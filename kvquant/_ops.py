@@ -12,7 +12,7 @@ import operator
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _spec
-from ._types import Format, Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
+from ._types import Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
 
 _GROUP_SIZES = tuple(int(g) for g in Int4GroupSize)
 

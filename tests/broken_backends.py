@@ -80,7 +80,6 @@ def int4_swapped_nibbles(x, g):
 def int4_groups_span_tokens(x, g):
     n, d = x.shape
     flat = np.asarray(x).reshape(1, n * d)
-    total_groups = -(-(n * d) // g)
     packed, scales, zeros = k.int4_quantize(flat, g)
     ng = -(-d // g)
     # Spread the flat groups back over tokens as if they were per token.

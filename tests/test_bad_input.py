@@ -2,7 +2,6 @@
 kvquant's own checks, never a bare IndexError/TypeError from deep inside a framework."""
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
 

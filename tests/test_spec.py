@@ -1,5 +1,4 @@
 """The constants and formats of docs/spec.md, checked against first principles."""
-import re
 from fractions import Fraction
 from pathlib import Path
 

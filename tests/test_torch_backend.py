@@ -1,5 +1,4 @@
 """PyTorch specifics: torch.compile without graph breaks, threads, views, autograd."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

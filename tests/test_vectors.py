@@ -2,13 +2,12 @@
 import itertools
 import json
 
-import numpy as np
 import pytest
 
 from conftest import assert_same_bits
 from kvquant.conformance import vectors
 from kvquant.conformance.cases import DTYPES
-from kvquant.conformance.runner import OUTPUT_DTYPES, _REFERENCE_CACHE, reference_outputs
+from kvquant.conformance.runner import _REFERENCE_CACHE, reference_outputs
 
 DATA = vectors.load_vectors()
 TESTS = [(g, t) for g in DATA["testGroups"] for t in g["tests"]]
