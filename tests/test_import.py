@@ -36,3 +36,19 @@ def test_installed_names_are_namespaced():
     code = "import importlib.util as u; print(u.find_spec('backends'), u.find_spec('conformance'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "None None"
+
+
+def test_wheel_ships_namespaced_packages_and_vectors(tmp_path):
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(root)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("kvquant_bitexact-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"kvquant"}
+    for required in ("kvquant/backends/numpy_backend.py", "kvquant/backends/torch_backend.py", "kvquant/backends/jax_backend.py",
+                     "kvquant/conformance/plugin.py", "kvquant/conformance/vectors/kvquant-v1.json"):
+        assert required in names
