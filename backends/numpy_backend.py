@@ -306,23 +306,23 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     return out
 
 
-def _canonical_nan_rows(out: np.ndarray, per_row: np.ndarray, out_dtype: str) -> None:
-    """Rows (or groups) with a NaN parameter dequantize to the one canonical NaN of out_dtype.
+def _canonical_nan(out_dtype: str) -> np.ndarray:
+    """The spec's NaN of an output dtype, built from its bits."""
+    dtype = _NP_DTYPES[out_dtype]
+    carrier = np.uint32 if dtype.itemsize == 4 else np.uint16
+    return np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype], dtype=carrier).view(dtype)
 
-    Hardware differs in which NaN x * NaN returns (x86 keeps the operand's payload,
-    CUDA returns 0x7FFFFFFF), so the spec names the bits.
-    """
+
+def _canonical_nan_rows(out: np.ndarray, per_row: np.ndarray, out_dtype: str) -> None:
+    """Rows (or the whole tensor) with a NaN scale dequantize to the one canonical NaN of
+    out_dtype. Hardware differs in which NaN x * NaN returns (x86 keeps the operand's
+    payload, CUDA returns 0x7FFFFFFF), so the spec names the bits."""
     bad = np.isnan(per_row)
     if bad.any():
-        nan = np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype], dtype=np.uint32)
         if per_row.shape[0] == 1:
-            out[...] = nan.astype(_uint_of(out.dtype)).view(out.dtype)
+            out[...] = _canonical_nan(out_dtype)
         else:
-            out[bad] = nan.astype(_uint_of(out.dtype)).view(out.dtype)
-
-
-def _uint_of(dtype: np.dtype):
-    return np.uint32 if dtype.itemsize == 4 else np.uint16
+            out[bad] = _canonical_nan(out_dtype)
 
 
 # -------------------------------------------------------------------- INT8
@@ -449,8 +449,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         out[start:stop] = block
     bad = np.isnan(scales) | np.isnan(zeros)
     if bad.any():
-        nan_out = np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype]).astype(_uint_of(out.dtype)).view(out.dtype)
-        out[_broadcast_groups(bad, width, group_size)] = nan_out
+        out[_broadcast_groups(bad, width, group_size)] = _canonical_nan(out_dtype)
     return out
 
 

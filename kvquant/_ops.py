@@ -177,7 +177,7 @@ class BackendOps:
                 + ", ".join(_spec.INPUT_DTYPES)
             )
         shape = tuple(self.runtime.shape(x))
-        self._check_token_shape(shape, num_tokens, head_dim, "input", shape[-1:] and shape[-1])
+        self._check_token_shape(shape, num_tokens, head_dim, "input", shape[-1] if shape else None)
         return shape
 
     def _check_token_shape(self, shape, num_tokens, head_dim, what, last_dim) -> None:
@@ -208,10 +208,9 @@ class BackendOps:
         if packed:
             if head_dim_i <= 0 or head_dim_i % 2:
                 raise ValueError(f"INT4 needs a positive, even head_dim, got {head_dim_i}")
-            last = shape[-1] * 2 if shape else None
-            self._check_token_shape(shape, num_tokens, head_dim, "packed INT4 codes", last)
+            self._check_token_shape(shape, num_tokens, head_dim, "packed INT4 codes", shape[-1] * 2 if shape else None)
         else:
-            self._check_token_shape(shape, num_tokens, head_dim, "quantized codes", shape[-1:] and shape[-1])
+            self._check_token_shape(shape, num_tokens, head_dim, "quantized codes", shape[-1] if shape else None)
         return shape
 
     def _check_params(self, arr, what, accepted_shapes, reference) -> None:
