@@ -8,6 +8,7 @@ The arithmetic is specified bit for bit in docs/spec.md; the NumPy backend is it
 reference. Importing this package imports NumPy only: the PyTorch and JAX backends
 load when their arrays show up or when asked for by name.
 """
+from ._ops import BackendOps
 from ._registry import (
     BackendNotFoundError,
     available_backends,
@@ -28,6 +29,7 @@ _preload()
 
 __all__ = [
     "BackendNotFoundError",
+    "BackendOps",
     "Format",
     "Int4GroupSize",
     "KvCacheQuantOps",

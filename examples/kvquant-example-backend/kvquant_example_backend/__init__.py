@@ -6,7 +6,7 @@ and the seed's method surface borrowed from kvquant.
     kvquant conformance --backend example
     pytest --kvquant-backend example
 """
-from kvquant._ops import BackendOps
+from kvquant import BackendOps
 from kvquant.backends.numpy_backend import NumpyRuntime
 
 from . import kernels
