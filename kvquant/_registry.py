@@ -131,12 +131,17 @@ def backend_for(array: Any) -> Any:
     # Already loaded first: no import, no lock. Built-ins before third-party ones, so a
     # third-party backend that also takes NumPy arrays is used only when asked for by
     # name. Then built-ins whose framework is imported, then entry points.
-    loaded = sorted(_loaded, key=lambda n: n not in BUILTIN_BACKENDS)
-    builtins = [n for n, (framework, _) in BUILTIN_BACKENDS.items() if framework in sys.modules]
-    for stage, names in enumerate((loaded, builtins, list(_entry_points()))):
+    # Each stage's names are computed only when it is reached: the first must stay
+    # traceable by dynamo, which can follow neither an import nor entry-point discovery.
+    stages = (
+        lambda: sorted(_loaded, key=lambda n: n not in BUILTIN_BACKENDS),
+        lambda: [n for n, (framework, _) in BUILTIN_BACKENDS.items() if framework in sys.modules],
+        lambda: list(_entry_points()),
+    )
+    for stage, names_of in enumerate(stages):
         if stage == 1:
             _refuse_while_torch_compiles(kind)
-        for name in names:
+        for name in names_of():
             if stage and name in _loaded:
                 continue
             try:

@@ -31,6 +31,11 @@ def sample(shape=(2, 4, 8, 64), dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
 def test_user_level_compile_fullgraph_has_no_graph_break(fmt, kw):
     torch._dynamo.reset()
+    # The first dispatch of a torch.Tensor happens inside the trace, with entry points
+    # not yet discovered: the state a user's first call meets (an earlier regression
+    # passed only when another test had warmed these caches).
+    kvquant._registry._by_type.clear()
+    kvquant._registry._entry_points_cache = None
 
     def roundtrip(x):
         q = kvquant.quantize(x, fmt, **kw)
