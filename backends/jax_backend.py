@@ -94,7 +94,7 @@ def _symmetric_scale(amax, reciprocal):
     scale = jnp.maximum(amax * reciprocal, S_MIN)
     scale = jnp.where(amax == ZERO, ONE, scale)
     scale = jnp.where(poisoned, NAN, scale)
-    inv = jnp.where(poisoned, ZERO, reciprocal_rn(jnp.where(poisoned, ONE, scale)))
+    inv = _inverse(scale, poisoned)
     return scale, inv, poisoned
 
 
@@ -210,7 +210,7 @@ def _int4_params(mn, mx):
     scale = jnp.maximum(rng * R15, S_MIN)
     scale = jnp.where(rng == ZERO, ONE, scale)
     scale = jnp.where(poisoned, NAN, scale)
-    inv = jnp.where(poisoned, ZERO, reciprocal_rn(jnp.where(poisoned, ONE, scale)))
+    inv = _inverse(scale, poisoned)
     zero = flush(-(mn * inv))
     zero = jnp.where(poisoned, NAN, zero)
     mn = jnp.where(poisoned, ZERO, mn)
@@ -218,20 +218,21 @@ def _int4_params(mn, mx):
 
 
 def _apply_groups(t, params, group_size: int, fn):
-    """fn(block, per-group params broadcast over the block), for [..., head_dim] data and
-    [..., groups] params: a reshape when head_dim is a multiple of the group size (no
-    gather), else the full groups and the short tail separately."""
-    width = t.shape[-1]
-    lead = t.shape[:-1]
-    full = (width // group_size) * group_size
-    pieces = []
-    if full:
-        block = t[..., :full].reshape(lead + (full // group_size, group_size))
-        args = [p[..., : full // group_size, None] for p in params]
-        pieces.append(fn(block, *args).reshape(lead + (full,)))
-    if full < width:
-        pieces.append(fn(t[..., full:], *[p[..., -1:] for p in params]))
+    """fn(block, per-group params broadcast over the block) over the blocks of
+    _split_groups, for [..., head_dim] data and [..., groups] params; a reshape, never a
+    gather, so it stays cheap and keeps sharding."""
+    pieces, start = [], 0
+    for block in _split_groups(t, group_size):
+        groups, size = block.shape[-2:]
+        out = fn(block, *[p[..., start:start + groups, None] for p in params])
+        pieces.append(out.reshape(block.shape[:-2] + (groups * size,)))
+        start += groups
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+
+
+def _inverse(scale, poisoned):
+    """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
+    return jnp.where(poisoned, ZERO, reciprocal_rn(jnp.where(poisoned, ONE, scale)))
 
 
 def int4_quantize(x, group_size: int):
@@ -264,9 +265,8 @@ def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
     hi = jnp.floor(byte * np.float32(0.0625))  # exact: byte / 16; byte - hi * 16 is exact too, fused or not
     q = jnp.stack((byte - hi * np.float32(16), hi), axis=-1).reshape(packed.shape[:-1] + (width,))
     v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush((b - z) * s))
-    bad = (jnp.isnan(scales) | jnp.isnan(zeros)).astype(F32)
-    bad_el = _apply_groups(jnp.zeros_like(v), (bad,), group_size, lambda b, m: b + m) > ZERO
-    return _to_output(v, bad_el, out_dtype)
+    bad = jnp.isnan(scales) | jnp.isnan(zeros)
+    return _to_output(v, _apply_groups(v, (bad,), group_size, lambda b, m: jnp.broadcast_to(m, b.shape)), out_dtype)
 
 
 # ----------------------------------------------------------------- Runtime

@@ -114,7 +114,7 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     scale = torch.clamp_min(amax * reciprocal, S_MIN)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
+    inv = _inverse(scale, poisoned)
     return scale, inv, poisoned
 
 
@@ -235,18 +235,22 @@ def _grouped(t: torch.Tensor, group_size: int):
 
 
 def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
-    """fn(block, per-group params broadcast over the block) for [rows, head_dim] data and
-    [rows, groups] params: a reshape when head_dim is a multiple of the group size,
-    else the full groups and the short tail separately (the same shape as JAX's)."""
-    rows, width = t.shape
-    full = (width // group_size) * group_size
-    pieces = []
-    if full:
-        block = t[:, :full].reshape(rows, full // group_size, group_size)
-        pieces.append(fn(block, *[p[:, : full // group_size, None] for p in params]).reshape(rows, full))
-    if full < width:
-        pieces.append(fn(t[:, full:], *[p[:, -1:] for p in params]))
+    """fn(block, per-group params broadcast over the block) over the blocks of _grouped,
+    for [rows, head_dim] data and [rows, groups] params: reshapes only (the same shape
+    as JAX's); repeat_interleave here was miscompiled by Inductor."""
+    rows = t.shape[0]
+    pieces, start = [], 0
+    for block in _grouped(t, group_size):
+        groups, size = block.shape[1:]
+        out = fn(block, *[p[:, start:start + groups, None] for p in params])
+        pieces.append(out.reshape(rows, groups * size))
+        start += groups
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _inverse(scale: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
+    """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
+    return torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
 
 
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
@@ -258,7 +262,7 @@ def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
     scale = torch.clamp_min(rng * R15, S_MIN)
     scale = torch.where(rng == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
+    inv = _inverse(scale, poisoned)
     zero = flush(-(mn * inv))
     zero = torch.where(poisoned, _nan_like(zero), zero)
     mn = torch.where(poisoned, torch.zeros_like(mn), mn)
@@ -296,7 +300,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     if not _host_checks_allowed(v) or bool(at_risk.any()):
         v = flush(v)
     bad = torch.isnan(scales) | torch.isnan(zeros)
-    return _to_output(v, bad, out_dtype, lambda b: _apply_groups(torch.zeros_like(v, dtype=torch.bool), (b,), group_size, lambda z, m: z | m))
+    return _to_output(v, bad, out_dtype, lambda b: _apply_groups(v, (b,), group_size, lambda blk, m: m.expand(blk.shape)))
 
 
 # ----------------------------------------------------------------- Runtime
