@@ -286,7 +286,8 @@ def _nan_wins(v):
 
 @np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
 def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
-    """value = flush(float32(code) * scale), rounded once to out_dtype.
+    """value = flush(float32(code) * scale), rounded once to out_dtype; a NaN code or
+    scale gives the canonical NaN.
 
     scales is [rows, 1] (per token) or [1, 1] (per tensor).
     """
@@ -301,8 +302,12 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
         block *= scales if scales.shape[0] == 1 else scales[start:stop]
         if needs_flush:
             block = flush(block)
+        # 0x7F and 0xFF are e4m3fn's NaN: never produced, but a caller may hand them in.
+        nan_codes = (codes[start:stop].view(np.uint8) | np.uint8(0x80)) == np.uint8(0xFF)
+        if nan_codes.any():
+            block[nan_codes] = NAN
         out[start:stop] = block
-    _canonical_nan_rows(out, scales[:, 0], out_dtype)
+    _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
     return out
 
 
@@ -313,16 +318,19 @@ def _canonical_nan(out_dtype: str) -> np.ndarray:
     return np.array(_spec.NAN_BITS_BY_DTYPE[out_dtype], dtype=carrier).view(dtype)
 
 
-def _canonical_nan_rows(out: np.ndarray, per_row: np.ndarray, out_dtype: str) -> None:
-    """Rows (or the whole tensor) with a NaN scale dequantize to the one canonical NaN of
-    out_dtype. Hardware differs in which NaN x * NaN returns (x86 keeps the operand's
-    payload, CUDA returns 0x7FFFFFFF), so the spec names the bits."""
-    bad = np.isnan(per_row)
-    if bad.any():
-        if per_row.shape[0] == 1:
-            out[...] = _canonical_nan(out_dtype)
-        else:
-            out[bad] = _canonical_nan(out_dtype)
+def _canonical_nans(out: np.ndarray, suspect_rows: np.ndarray, out_dtype: str) -> None:
+    """Every NaN a dequantization writes is the one canonical NaN of out_dtype: hardware
+    differs in which NaN x * NaN or 0 * inf returns (x86 keeps an operand's payload, CUDA
+    returns 0x7FFFFFFF), so the spec names the bits. Only a row with a non-finite scale or
+    zero (suspect_rows, one flag per row or one for the whole tensor) can hold a NaN from
+    arithmetic, so only those rows are searched."""
+    rows = np.flatnonzero(suspect_rows)
+    if rows.size == 0:
+        return
+    block = out if suspect_rows.shape[0] == 1 else out[rows]
+    block[np.isnan(block)] = _canonical_nan(out_dtype)
+    if suspect_rows.shape[0] != 1:
+        out[rows] = block
 
 
 # -------------------------------------------------------------------- INT8
@@ -360,7 +368,7 @@ def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     else:
         for start, stop in _row_chunks(*codes.shape):
             out[start:stop] = np.multiply(codes[start:stop], scales[start:stop], dtype=F32)
-    _canonical_nan_rows(out, scales[:, 0], out_dtype)
+    _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
     return out
 
 
@@ -447,9 +455,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
         _flush_rows_inplace(block, local)
         out[start:stop] = block
-    bad = np.isnan(scales) | np.isnan(zeros)
-    if bad.any():
-        out[_broadcast_groups(bad, width, group_size)] = _canonical_nan(out_dtype)
+    _canonical_nans(out, ~(np.isfinite(scales) & np.isfinite(zeros)).all(axis=1), out_dtype)
     return out
 
 

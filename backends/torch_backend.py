@@ -103,7 +103,11 @@ def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
     """
     if _host_checks_allowed(s):
         return flush(1.0 / s)
-    return _spec.reciprocal_rn_bits(s.view(torch.int32), torch.where).view(torch.float32)
+    return _spec.reciprocal_rn_bits(s.view(torch.int32), torch.where, _floor_div_estimate).view(torch.float32)
+
+
+def _floor_div_estimate(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.floor(n.float() / m.float()).int()
 
 
 def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
@@ -128,17 +132,20 @@ def _zero_poisoned(y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     return torch.where(poisoned, torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
-def _to_output(v: torch.Tensor, bad: torch.Tensor, out_dtype: str, expand=None) -> torch.Tensor:
-    """Round once to out_dtype; elements with a NaN parameter become the canonical NaN.
+def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Round once to out_dtype; every NaN (a NaN code, scale or zero, or 0 x inf from a
+    caller's infinite scale) becomes the canonical NaN.
 
     Which NaN x * NaN gives is the hardware's choice (x86 keeps the operand's payload,
     CUDA returns 0x7FFFFFFF), and ATen's and Inductor's vectorised float32 -> bfloat16
     casts turn every NaN into 0xFFFF, so the NaN bits are written as integers.
+    ``suspects`` (non-finite scales or zeros) lets eager mode on the CPU skip the NaN
+    search when no parameter could have made one.
     """
     out = v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
-    if _host_checks_allowed(v) and not bool(bad.any()):
+    if _host_checks_allowed(v) and suspects is not None and not bool(suspects.any()):
         return out
-    mask = expand(bad) if expand is not None else bad
+    mask = torch.isnan(v)
     carrier = torch.int32 if out_dtype == "float32" else torch.int16
     nan_bits = _nan_like(out, out_dtype).view(carrier)
     return torch.where(mask, nan_bits, out.view(carrier)).view(out.dtype)
@@ -196,13 +203,15 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
 
 
 def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
-    """value = flush(float32(code) * scale); scales is [rows, 1] or [1, 1]."""
+    """value = flush(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
+    (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
     scales = _canonical_params(scales)
     v = codes.to(torch.float32).mul_(scales)
     # A nonzero e4m3 magnitude (>= 2^-9) times a scale >= 2^-115 is normal.
     if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
         v = flush(v)
-    return _to_output(v, torch.isnan(scales), out_dtype)
+    # No suspects: a NaN code can hide in any row.
+    return _to_output(v, out_dtype)
 
 
 # -------------------------------------------------------------------- INT8
@@ -217,7 +226,7 @@ def int8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
     """value = float32(q) * scale: never subnormal for a normal scale and |q| >= 1."""
     scales = _canonical_params(scales)
     v = codes.to(torch.float32).mul_(scales)
-    return _to_output(v, torch.isnan(scales), out_dtype)
+    return _to_output(v, out_dtype, ~torch.isfinite(scales))
 
 
 # -------------------------------------------------------------------- INT4
@@ -299,8 +308,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     at_risk = ((scales < 2.0**-99) | (zeros.abs() * scales < 2.0**-124)) & (zeros != 0)
     if not _host_checks_allowed(v) or bool(at_risk.any()):
         v = flush(v)
-    bad = torch.isnan(scales) | torch.isnan(zeros)
-    return _to_output(v, bad, out_dtype, lambda b: _apply_groups(v, (b,), group_size, lambda blk, m: m.expand(blk.shape)))
+    return _to_output(v, out_dtype, ~(torch.isfinite(scales) & torch.isfinite(zeros)))
 
 
 # ----------------------------------------------------------------- Runtime

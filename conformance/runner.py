@@ -226,7 +226,7 @@ def run_case(ops, case: Case, device=None) -> CaseResult:
 
 
 # --------------------------------------------------------------- invariance
-INVARIANCE_CHECKS = ("batch", "streaming", "threads", "determinism", "raise")
+INVARIANCE_CHECKS = ("batch", "streaming", "threads", "determinism", "raise", "every-code")
 
 
 def _as_np(ops, outs) -> List[np.ndarray]:
@@ -314,7 +314,58 @@ def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
                 return fail(f"on_nonfinite='raise' named index {got}, expected {expected_index}")
             return []
         return fail("on_nonfinite='raise' did not raise ValueError for a NaN input")
+    if check == "every-code":
+        return _check_every_code(ops, spec, label, device)
     raise ValueError(f"unknown invariance check {check!r}")
+
+
+def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
+    """Dequantization inputs holding every code value, quantize's or not (the FP8 NaN codes
+    0x7F/0xFF, INT8 -128), with scales that overflow float16, products that must be
+    flushed, and a NaN: what a cache written elsewhere may hand a backend."""
+    import ml_dtypes
+
+    scales = np.array([1.0, 2.0**-118, 1e36, np.nan, np.inf, 0.0], np.float32)
+    if spec.format is Format.INT4:
+        packed = np.resize(np.arange(256, dtype=np.uint8), (9, 64))
+        groups = -(-128 // spec.group_size)
+        scale_g = np.resize(np.array([0.375, 2.0**-110, 1e30, 3.0, np.nan, 1.0, np.inf, 0.0], np.float32), (9, groups))
+        zeros_g = np.resize(np.array([7.5, -3.0, 0.0, 15.0, 2.0**-126, np.nan, 1e-3, np.inf, 4.0], np.float32), (9, groups))
+        return [packed, scale_g, zeros_g], (9, 128)
+    if spec.format is Format.INT8:
+        return [np.resize(np.arange(-128, 128).astype(np.int8), (6, 64)), scales], (6, 64)
+    codes = np.resize(np.arange(256, dtype=np.uint8), (6, 64)).view(ml_dtypes.float8_e4m3fn)
+    if spec.format is Format.FP8_PER_TENSOR:
+        return [codes, np.array(0.3125, np.float32)], (6, 64)
+    return [codes, scales], (6, 64)
+
+
+def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
+    inputs, shape = every_code_inputs(spec)
+    ref = reference_backend()
+    dop = _DEQUANTIZE_OP[spec.format]
+    found = []
+    for dt in OUTPUT_DTYPES:
+        expected = ref.runtime.to_numpy(_dequantize(ref, spec, inputs, shape, dt))
+        try:
+            actual = ops.runtime.to_numpy(_dequantize(ops, spec, [to_backend(ops, a, device) for a in inputs], shape, dt))
+        except Exception as exc:
+            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"raised {type(exc).__name__}: {exc}"))
+            continue
+        e, a = bits_of(expected).reshape(-1), bits_of(actual).reshape(-1)
+        if actual.shape != expected.shape or actual.dtype != expected.dtype:
+            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]",
+                                  f"shape/dtype {actual.shape} {actual.dtype}, expected {expected.shape} {expected.dtype}"))
+            continue
+        differ = e != a
+        if differ.any():
+            first = int(np.argmax(differ))
+            index = tuple(int(i) for i in np.unravel_index(first, expected.shape))
+            code_bits = bits_of(inputs[0]).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
+            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", "bits differ", index=index,
+                                  expected_hex=_hex(expected.reshape(-1)[first]), actual_hex=_hex(actual.reshape(-1)[first]),
+                                  input_hex=f"code byte 0x{int(code_bits):02x}", differing=int(differ.sum()), total=int(differ.size)))
+    return found
 
 
 # ------------------------------------------------------------------ drivers

@@ -35,3 +35,28 @@ def test_torch_compiled_reciprocal_is_correctly_rounded():
     got = torch.compile(reciprocal_rn, fullgraph=True)(torch.from_numpy(s)).numpy()
     bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
+
+
+@pytest.mark.parametrize("error", ["exact", "one_low", "one_high", "random_off_by_one"])
+def test_digit_correction_repairs_any_estimate_off_by_one(error):
+    """reciprocal_rn_bits takes a float guess of each quotient digit that may be one off
+    either way (GPU division is approximate, XLA rewrites it); the integer correction
+    must make every digit exact whatever the guess."""
+    from kvquant import _spec
+
+    s, ref = samples()
+    rng = np.random.default_rng(1)
+
+    def estimate(n, m):
+        q = n // m
+        if error == "one_low":
+            return q - 1
+        if error == "one_high":
+            return q + 1
+        if error == "random_off_by_one":
+            return q + rng.integers(-1, 2, size=q.shape).astype(q.dtype)
+        return q
+
+    got = _spec.reciprocal_rn_bits(s.view(np.int32), np.where, estimate).astype(np.uint32)
+    bad = np.flatnonzero(got != ref.view(np.uint32))
+    assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got bits {got[bad[0]]:#010x}"
