@@ -16,8 +16,12 @@ read side by side:
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Tuple
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -55,7 +59,7 @@ _NP_DTYPES = {
 }
 
 # Rows per chunk: 256 KiB of float32 keeps every pass of a chunk inside L2.
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 21
 
 # x + 1.5*2^23 rounds x (|x| < 2^22) to an integer, ties to even, because the sum's
 # ulp is 1; the integer then sits in the sum's low mantissa bits in two's complement,
@@ -74,6 +78,30 @@ def _row_chunks(rows: int, width: int):
     step = max(1, _CHUNK_BYTES // (4 * max(width, 1)))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+_threads = min(os.cpu_count() or 1, 8)
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def _each_chunk(rows: int, width: int, body: Callable[[int, int], object]) -> List[object]:
+    """body(start, stop) for every row chunk, spread over a small thread pool.
+
+    NumPy releases the GIL inside each ufunc, so chunks run in parallel; each body
+    writes only its own rows of preallocated outputs, and every element's arithmetic is
+    the same whichever thread does it, so the bits do not depend on the thread count
+    (the conformance suite's ``threads`` check runs 1 and 2). np.errstate is per thread:
+    bodies set their own.
+    """
+    chunks = list(_row_chunks(rows, width))
+    if _threads <= 1 or len(chunks) <= 1:
+        return [body(start, stop) for start, stop in chunks]
+    with _pools_lock:
+        pool = _pools.get(_threads)
+        if pool is None:
+            pool = _pools[_threads] = ThreadPoolExecutor(_threads, thread_name_prefix="kvquant-numpy")
+    return list(pool.map(lambda chunk: body(*chunk), chunks))
 
 
 def _widen(x: np.ndarray) -> np.ndarray:
@@ -232,7 +260,8 @@ def fp8_quantize_per_token(x: np.ndarray):
     rows, width = x.shape
     codes = np.empty((rows, width), np.uint8)
     scales = np.empty(rows, F32)
-    for start, stop in _row_chunks(rows, width):
+
+    def chunk(start, stop):
         xc = _widen(x[start:stop])
         work = np.empty(xc.shape, F32)
         amax = _absmax_rows(xc, work.view(U32))
@@ -242,17 +271,19 @@ def fp8_quantize_per_token(x: np.ndarray):
         block[poisoned] = 0
         codes[start:stop] = block
         scales[start:stop] = scale
+
+    _each_chunk(rows, width, chunk)
     return codes.view(ml_dtypes.float8_e4m3fn), scales
 
 
 def fp8_quantize_per_tensor(x: np.ndarray, static_scale: Optional[float]):
     rows, width = x.shape
     if static_scale is None:
-        amax = F32(0)
-        for start, stop in _row_chunks(rows, width):
+        def chunk_amax(start, stop):
             xc = _widen(x[start:stop])
-            work = np.empty(xc.shape, np.uint32)
-            amax = max(amax, _absmax_rows(xc, work).max(initial=F32(0)), key=_nan_wins)
+            return _absmax_rows(xc, np.empty(xc.shape, np.uint32)).max(initial=F32(0))
+
+        amax = max(_each_chunk(rows, width, chunk_amax), key=_nan_wins, default=F32(0))
         scale, inv, poisoned = (a[0] for a in _symmetric_scale(np.array([amax], F32), R448))
         flush_input = False
     else:
@@ -263,16 +294,17 @@ def fp8_quantize_per_tensor(x: np.ndarray, static_scale: Optional[float]):
         flush_input = scale < STATIC_SCALE_DAZ
         poisoned = False
     codes = np.empty((rows, width), np.uint8)
-    any_nonfinite = False
-    for start, stop in _row_chunks(rows, width):
+
+    def chunk(start, stop):
         xc = _widen(x[start:stop])
         if flush_input:
             xc = flush(xc)
         work = np.empty(xc.shape, F32)
         with np.errstate(invalid="ignore", over="ignore"):
             codes[start:stop] = _fp8_encode_block(xc, inv, work, clamp=static_scale is not None)
-        if static_scale is not None and not any_nonfinite:
-            any_nonfinite = not np.isfinite(xc).all()
+        return static_scale is not None and not np.isfinite(xc).all()
+
+    any_nonfinite = any(_each_chunk(rows, width, chunk))
     if static_scale is not None and any_nonfinite:
         poisoned, scale = True, NAN
     if poisoned:
@@ -296,7 +328,9 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     out = np.empty((rows, width), _NP_DTYPES[out_dtype])
     # A scale >= 2^-116 times a nonzero e4m3 magnitude (>= 2^-9) is normal: no flush.
     needs_flush = bool((scales < STATIC_SCALE_DAZ * F32(2)).any())
-    for start, stop in _row_chunks(rows, width):
+
+    @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
+    def chunk(start, stop):
         block = np.empty((stop - start, width), F32)
         _decode_e4m3_into(codes[start:stop].view(np.uint8), block)
         block *= scales if scales.shape[0] == 1 else scales[start:stop]
@@ -307,6 +341,8 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
         if nan_codes.any():
             block[nan_codes] = NAN
         out[start:stop] = block
+
+    _each_chunk(rows, width, chunk)
     _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
     return out
 
@@ -338,7 +374,8 @@ def int8_quantize(x: np.ndarray):
     rows, width = x.shape
     codes = np.empty((rows, width), np.int8)
     scales = np.empty(rows, F32)
-    for start, stop in _row_chunks(rows, width):
+
+    def chunk(start, stop):
         xc = _widen(x[start:stop])
         work = np.empty(xc.shape, F32)
         amax = _absmax_rows(xc, work.view(U32))
@@ -355,19 +392,24 @@ def int8_quantize(x: np.ndarray):
         codes[start:stop] = as_int
         codes[start:stop][poisoned] = 0
         scales[start:stop] = scale
+
+    _each_chunk(rows, width, chunk)
     return codes, scales
 
 
-@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
 def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     """value = float32(q) * scale; never subnormal, since |q| >= 1 and a read scale is normal."""
     scales = flush(scales)
     out = np.empty(codes.shape, _NP_DTYPES[out_dtype])
-    if out_dtype == "float32":
-        np.multiply(codes, scales, out=out, dtype=F32)
-    else:
-        for start, stop in _row_chunks(*codes.shape):
+
+    @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
+    def chunk(start, stop):
+        if out_dtype == "float32":
+            np.multiply(codes[start:stop], scales[start:stop], out=out[start:stop], dtype=F32)
+        else:
             out[start:stop] = np.multiply(codes[start:stop], scales[start:stop], dtype=F32)
+
+    _each_chunk(*codes.shape, chunk)
     _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
     return out
 
@@ -398,7 +440,8 @@ def int4_quantize(x: np.ndarray, group_size: int):
     packed = np.empty((rows, width // 2), np.uint8)
     scales = np.empty((rows, groups), F32)
     zeros = np.empty((rows, groups), F32)
-    for start, stop in _row_chunks(rows, width):
+
+    def chunk(start, stop):
         xc = _widen(x[start:stop])
         work = np.empty(xc.shape, F32)
         mn, mx = _group_min_max(_order_keys(xc, work.view(np.int32)), group_size)
@@ -416,17 +459,35 @@ def int4_quantize(x: np.ndarray, group_size: int):
         work += _ROUND_MAGIC_UNSIGNED
         as_int = work.view(np.int32)
         as_int -= _ROUND_MAGIC_UNSIGNED_BITS
-        q = as_int.astype(np.uint8)
-        block = q[:, 0::2] | (q[:, 1::2] << np.uint8(4))
+        block = pack_nibbles(as_int.astype(np.uint8))
         if poisoned.any():
             block[_broadcast_groups(poisoned, width, group_size)[:, 0::2]] = 0
         packed[start:stop] = block
         scales[start:stop] = scale
         zeros[start:stop] = zero
+
+    _each_chunk(rows, width, chunk)
     return packed, scales, zeros
 
 
-@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 codes [rows, 2n] (each below 16) to bytes [rows, n], element 2j in the low
+    nibble: each pair read as one little-endian uint16 w = lo + 256 hi gives the byte
+    as the low 8 bits of w | w >> 4, in two passes instead of two strided ones."""
+    pairs = np.ascontiguousarray(q).view("<u2")
+    return (pairs | (pairs >> np.uint16(4))).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """The inverse of pack_nibbles: bytes [rows, n] to uint8 codes [rows, 2n]."""
+    w = packed.astype("<u2")
+    hi = w >> np.uint16(4)
+    w &= np.uint16(0x0F)
+    hi <<= np.uint16(8)
+    w |= hi
+    return w.view(np.uint8)
+
+
 def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
     """value = flush((float32(q) - zero) * scale), rounded once to out_dtype."""
     rows, half = packed.shape
@@ -439,11 +500,10 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         at_risk = (scales < F32(2.0**-99)) | (np.abs(zeros) * scales < F32(2.0**-124))
     at_risk &= zeros != 0
     risky_rows = np.flatnonzero(at_risk.any(axis=1))
-    for start, stop in _row_chunks(rows, width):
-        pc = packed[start:stop]
-        block = np.empty((stop - start, width), F32)
-        block[:, 0::2] = pc & np.uint8(0x0F)
-        block[:, 1::2] = pc >> np.uint8(4)
+
+    @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
+    def chunk(start, stop):
+        block = unpack_nibbles(packed[start:stop]).astype(F32)
         with np.errstate(over="ignore", invalid="ignore"):
             if width % group_size == 0:
                 shaped = block.reshape(stop - start, -1, group_size)
@@ -455,6 +515,8 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
         _flush_rows_inplace(block, local)
         out[start:stop] = block
+
+    _each_chunk(rows, width, chunk)
     _canonical_nans(out, ~(np.isfinite(scales) & np.isfinite(zeros)).all(axis=1), out_dtype)
     return out
 
@@ -500,6 +562,17 @@ class NumpyRuntime:
 
     def synchronize(self, device=None) -> None:
         return None
+
+    @contextlib.contextmanager
+    def num_threads(self, n: int):
+        """Run the kernels on n threads (the conformance suite's thread-count invariance).
+        Process-wide, like torch.set_num_threads."""
+        global _threads
+        before, _threads = _threads, max(1, int(n))
+        try:
+            yield
+        finally:
+            _threads = before
 
     def is_concrete(self, arr) -> bool:
         return True
