@@ -69,7 +69,7 @@ def int4_dequant_fma(packed, scales, zeros, g, out_dtype):
     offset = (-(z * k.flush(scales))).astype(np.float64)  # -zero*scale, rounded to float32
     with np.errstate(all="ignore"):
         v = k.flush((q * s[:, idx] + offset[:, idx]).astype(F32))  # q*scale + offset, rounded once
-    return k._out(v, np.isnan(s[:, idx]) | np.isnan(z[:, idx]), out_dtype)
+    return k._out(v, out_dtype)
 
 
 def int4_swapped_nibbles(x, g):

@@ -40,7 +40,7 @@ ROWS = {
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_format_table_error_matches_library(row):
     fmt, kw = ROWS[row]
-    line = next(l for l in README.splitlines() if l.startswith(f"| {row} |"))
+    line = next(text for text in README.splitlines() if text.startswith(f"| {row} |"))
     printed = line.strip("| ").split("|")[-1].strip()
     x = np.random.default_rng(0).standard_normal((4096, 128)).astype(np.float32)
     y = kvquant.dequantize(kvquant.quantize(x, fmt, **kw), "float32")
