@@ -206,16 +206,44 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
     return _fp8_codes(xf, inv, poisoned), scale
 
 
+def decode_e4m3_eager_cpu(codes: torch.Tensor):
+    """(float32 values of e4m3fn codes, whether any code is NaN), exactly, for eager mode
+    on the CPU, where torch's own float8 -> float32 conversion is scalar code: 10 to 16 ms
+    for a [32768, 128] cache, against 1.7 ms here.
+
+    A code's 7 magnitude bits shifted left by 7 are the float16 with the same exponent
+    field and mantissa, which is the e4m3 value times 2^-8: for normal codes (float16's
+    exponent bias is 8 above e4m3's) and for subnormal ones (m * 2^-9 becomes the float16
+    subnormal m * 2^-17). float16 -> float32 is exact and so is the product by 2^8. The
+    NaN codes 0x7F/0xFF would read as 480: they are found by the largest magnitude.
+    """
+    w = codes.view(torch.uint8).to(torch.int16)
+    sign = (w & 0x80) << 8
+    w &= 0x7F
+    has_nan = w.numel() > 0 and bool(w.amax() == 0x7F)
+    nan_codes = w == 0x7F if has_nan else None
+    w <<= 7
+    w |= sign
+    value = w.view(torch.float16).to(torch.float32).mul_(256.0)
+    if nan_codes is not None:
+        value[nan_codes] = float("nan")
+    return value, has_nan
+
+
 def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
     """value = flush(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
     scales = _canonical_params(scales)
-    v = codes.to(torch.float32).mul_(scales)
+    if _host_checks_allowed(codes):
+        value, has_nan_code = decode_e4m3_eager_cpu(codes)
+        suspects = ~torch.isfinite(scales) | has_nan_code
+    else:
+        value, suspects = codes.to(torch.float32), None  # a NaN code can hide in any row
+    v = value.mul_(scales)
     # A nonzero e4m3 magnitude (>= 2^-9) times a scale >= 2^-115 is normal.
     if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
         v = flush(v)
-    # No suspects: a NaN code can hide in any row.
-    return _to_output(v, out_dtype)
+    return _to_output(v, out_dtype, suspects)
 
 
 # -------------------------------------------------------------------- INT8

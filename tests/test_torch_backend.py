@@ -1,4 +1,5 @@
 """PyTorch specifics: torch.compile without graph breaks, threads, views, autograd."""
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -105,3 +106,21 @@ def test_output_dtype_choices(out):
     want = torch.float32 if out == torch.float32 else (torch.bfloat16 if out in (torch.bfloat16, "bfloat16") else torch.float16)
     assert kvquant.dequantize(q, out).dtype == want
     assert kvquant.dequantize(q).dtype == torch.bfloat16  # the source dtype by default
+
+
+def test_eager_cpu_e4m3_decoder_is_exact_on_every_code():
+    """The float16-bits decoder that replaces torch's slow CPU float8 cast in eager mode,
+    against ml_dtypes on all 256 codes; the two NaN codes are flagged and read as NaN."""
+    import ml_dtypes
+
+    from kvquant.backends.torch_backend import decode_e4m3_eager_cpu
+
+    codes = np.arange(256, dtype=np.uint8)
+    expected = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    got, has_nan = decode_e4m3_eager_cpu(torch.from_numpy(codes).view(torch.float8_e4m3fn))
+    got = got.numpy()
+    finite = ~np.isnan(expected)
+    assert_same_bits(expected[finite], got[finite], "decoded finite codes")
+    assert has_nan and np.isnan(got[~finite]).all()
+    _, has_nan = decode_e4m3_eager_cpu(torch.from_numpy(codes[finite]).view(torch.float8_e4m3fn))
+    assert not has_nan
