@@ -318,7 +318,6 @@ def _nan_wins(v):
     return (math.isnan(v), v)
 
 
-@np.errstate(over="ignore", invalid="ignore")  # casting to float16 may overflow to inf, as specified
 def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     """value = flush(float32(code) * scale), rounded once to out_dtype; a NaN code or
     scale gives the canonical NaN.
@@ -506,14 +505,13 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
         block = unpack_nibbles(packed[start:stop]).astype(F32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            if width % group_size == 0:
-                shaped = block.reshape(stop - start, -1, group_size)
-                shaped -= zeros[start:stop, :, None]
-                shaped *= scales[start:stop, :, None]
-            else:
-                block -= _broadcast_groups(zeros[start:stop], width, group_size)
-                block *= _broadcast_groups(scales[start:stop], width, group_size)
+        if width % group_size == 0:
+            shaped = block.reshape(stop - start, -1, group_size)
+            shaped -= zeros[start:stop, :, None]
+            shaped *= scales[start:stop, :, None]
+        else:
+            block -= _broadcast_groups(zeros[start:stop], width, group_size)
+            block *= _broadcast_groups(scales[start:stop], width, group_size)
         local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
         _flush_rows_inplace(block, local)
         out[start:stop] = block

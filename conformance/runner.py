@@ -157,27 +157,34 @@ def _input_context(case: Case, output: str, index: Tuple[int, ...]) -> str:
     return f"token {lead} amax element x{lead + (k,)}={_hex(x[lead + (k,)])}"
 
 
-def compare(case: Case, operation: str, output: str, expected: np.ndarray, actual: np.ndarray, backend: str, variant: str) -> Optional[Mismatch]:
-    make = lambda msg, **kw: Mismatch(backend, variant, case.id, operation, output, msg, **kw)  # noqa: E731
+def _first_difference(expected: np.ndarray, actual: np.ndarray) -> Optional[Dict[str, Any]]:
+    """None if the arrays are bit-identical (shape and dtype included), else the Mismatch
+    fields: a vectorised check first, details only for the first differing element."""
     if tuple(actual.shape) != tuple(expected.shape):
-        return make(f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        return {"message": f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"}
     if actual.dtype != expected.dtype:
-        return make(f"dtype {actual.dtype}, expected {expected.dtype}")
-    e, a = bits_of(expected).reshape(-1), bits_of(actual).reshape(-1)
-    differ = e != a  # vectorised first; details only for the first bad element
+        return {"message": f"dtype {actual.dtype}, expected {expected.dtype}"}
+    differ = bits_of(expected).reshape(-1) != bits_of(actual).reshape(-1)
     if not differ.any():
         return None
     first = int(np.argmax(differ))
-    index = tuple(int(i) for i in np.unravel_index(first, expected.shape)) if expected.ndim else ()
-    return make(
-        "bits differ",
-        index=index,
-        expected_hex=_hex(expected.reshape(-1)[first]),
-        actual_hex=_hex(actual.reshape(-1)[first]),
-        input_hex=_input_context(case, output, index),
-        differing=int(differ.sum()),
-        total=int(differ.size),
-    )
+    return {
+        "message": "bits differ",
+        "index": tuple(int(i) for i in np.unravel_index(first, expected.shape)) if expected.ndim else (),
+        "expected_hex": _hex(expected.reshape(-1)[first]),
+        "actual_hex": _hex(actual.reshape(-1)[first]),
+        "differing": int(differ.sum()),
+        "total": int(differ.size),
+    }
+
+
+def compare(case: Case, operation: str, output: str, expected: np.ndarray, actual: np.ndarray, backend: str, variant: str) -> Optional[Mismatch]:
+    fields = _first_difference(expected, actual)
+    if fields is None:
+        return None
+    if "index" in fields:
+        fields["input_hex"] = _input_context(case, output, fields["index"])
+    return Mismatch(backend, variant, case.id, operation, output, **fields)
 
 
 # ---------------------------------------------------------------------- run
@@ -352,19 +359,14 @@ def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
         except Exception as exc:
             found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"raised {type(exc).__name__}: {exc}"))
             continue
-        e, a = bits_of(expected).reshape(-1), bits_of(actual).reshape(-1)
-        if actual.shape != expected.shape or actual.dtype != expected.dtype:
-            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]",
-                                  f"shape/dtype {actual.shape} {actual.dtype}, expected {expected.shape} {expected.dtype}"))
+        fields = _first_difference(expected, actual)
+        if fields is None:
             continue
-        differ = e != a
-        if differ.any():
-            first = int(np.argmax(differ))
-            index = tuple(int(i) for i in np.unravel_index(first, expected.shape))
+        if "index" in fields:
+            first = int(np.ravel_multi_index(fields["index"], expected.shape))
             code_bits = bits_of(inputs[0]).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
-            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", "bits differ", index=index,
-                                  expected_hex=_hex(expected.reshape(-1)[first]), actual_hex=_hex(actual.reshape(-1)[first]),
-                                  input_hex=f"code byte 0x{int(code_bits):02x}", differing=int(differ.sum()), total=int(differ.size)))
+            fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
+        found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
     return found
 
 
