@@ -211,40 +211,49 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
     return _fp8_codes(xf, inv, poisoned), scale
 
 
-def decode_e4m3_eager_cpu(codes: torch.Tensor):
-    """(float32 values of e4m3fn codes, whether any code is NaN), exactly, for eager mode
-    on the CPU, where torch's own float8 -> float32 conversion is scalar code: 10 to 16 ms
-    for a [32768, 128] cache, against 1.7 ms here.
+_E4M3_SIGN_AND_MAGNITUDE = -0x78100000  # 0x87F00000 as an int32: the sign bit and bits 20-26
+_TWO_TO_120 = 2.0**120
 
-    A code's 7 magnitude bits shifted left by 7 are the float16 with the same exponent
-    field and mantissa, which is the e4m3 value times 2^-8: for normal codes (float16's
-    exponent bias is 8 above e4m3's) and for subnormal ones (m * 2^-9 becomes the float16
-    subnormal m * 2^-17). float16 -> float32 is exact and so is the product by 2^8. The
-    NaN codes 0x7F/0xFF would read as 480: they are found by the largest magnitude.
+
+def decode_e4m3_scaled(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of e4m3fn codes times 2^-120, exactly, from integer operations.
+
+    A code sign-extended from int8 to int32 has its sign bit in bit 31; shifted left by
+    20 and masked, its 7 magnitude bits sit at float32 bits 20-26, which reads as
+    2^(e-127)(1 + m/8) for e > 0 and the subnormal m * 2^-129 for e = 0: the e4m3 value
+    times 2^-120 either way (torch keeps float32 subnormals on the CPU and CUDA).
+    torch's own float8 -> float32 conversion is scalar code on the CPU (10 to 16 ms for
+    a [32768, 128] cache, eager) and was not vectorised by Inductor either. The NaN
+    codes 0x7F/0xFF read as 480 * 2^-120 here: callers mask them.
     """
-    w = codes.view(torch.uint8).to(torch.int16)
-    sign = (w & 0x80) << 8
-    w &= 0x7F
-    has_nan = w.numel() > 0 and bool(w.amax() == 0x7F)
-    nan_codes = w == 0x7F if has_nan else None
-    w <<= 7
-    w |= sign
-    value = w.view(torch.float16).to(torch.float32).mul_(256.0)
-    if nan_codes is not None:
-        value[nan_codes] = float("nan")
-    return value, has_nan
+    w = codes.view(torch.int8).to(torch.int32)
+    if torch.compiler.is_compiling():
+        w = (w << 20) & _E4M3_SIGN_AND_MAGNITUDE
+    else:
+        w.bitwise_left_shift_(20).bitwise_and_(_E4M3_SIGN_AND_MAGNITUDE)
+    return w.view(torch.float32)
 
 
 def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
     """value = flush(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
     scales = _canonical_params(scales)
+    scaled = decode_e4m3_scaled(codes)
+    magnitudes = codes.view(torch.uint8) & 0x7F
     if _host_checks_allowed(codes):
-        value, has_nan_code = decode_e4m3_eager_cpu(codes)
-        suspects = ~torch.isfinite(scales) | has_nan_code
+        # scale * 2^120 is exact below 2^8 (NaN and inf stay so): one product then.
+        finite = torch.isfinite(scales)
+        if not bool((finite & (scales.abs() >= 256.0)).any()):
+            v = scaled.mul_(scales * _TWO_TO_120)
+        else:
+            v = scaled.mul_(_TWO_TO_120).mul_(scales)
+        has_nan_code = magnitudes.numel() > 0 and bool(magnitudes.amax() == 0x7F)
+        if has_nan_code:
+            v[magnitudes == 0x7F] = float("nan")
+        suspects = ~finite | has_nan_code
     else:
-        value, suspects = codes.to(torch.float32), None  # a NaN code can hide in any row
-    v = value.mul_(scales)
+        v = torch.where(magnitudes == 0x7F, float("nan"), scaled * _TWO_TO_120 * scales)
+        suspects = None
     # A nonzero e4m3 magnitude (>= 2^-9) times a scale >= 2^-115 is normal.
     if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
         v = flush(v)
@@ -252,11 +261,19 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
 
 
 # -------------------------------------------------------------------- INT8
+def _clamp_proven(q: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The spec's clamp of rounded INT8/INT4 values, which can never act (docs/spec.md,
+    section 10: |x * inv| <= 127.00003, 0 <= (x - mn) * inv <= 15.000004). Compiled, it is
+    free (fused) and stays as a guard; eager mode on the CPU skips the full pass, as the
+    NumPy reference does."""
+    return q if _host_checks_allowed(q) else q.clamp_(lo, hi)
+
+
 def int8_quantize(x: torch.Tensor):
     xf = _widen(x)
     scale, inv, poisoned = _symmetric_scale(_absmax(xf, -1), R127)
     y = _zero_poisoned(xf * inv[:, None], poisoned[:, None])
-    return y.round_().clamp_(-127.0, 127.0).to(torch.int8), scale
+    return _clamp_proven(y.round_(), -127.0, 127.0).to(torch.int8), scale
 
 
 def int8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
@@ -323,7 +340,7 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
     v = _apply_groups(xf, (mn, inv, poisoned), group_size,
                       lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
-    return pack_nibbles(v.round_().clamp_(0.0, 15.0).to(torch.uint8)), scale, zero
+    return pack_nibbles(_clamp_proven(v.round_(), 0.0, 15.0).to(torch.uint8)), scale, zero
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -345,7 +362,9 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """value = flush((float32(q) - zero) * scale)."""
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
     q = unpack_nibbles(packed).to(torch.float32)
-    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z).mul_(sc))
+    # In place on the fresh float32 codes: a second full-size buffer cost eager mode more
+    # than the arithmetic (torch 2.13 CPU).
+    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: b.sub_(z).mul_(sc))
     # Only groups with a scale below 2^-99, or a q = 0 element with |zero * scale| near
     # 2^-126, can produce a subnormal (docs/spec.md, "Where flushing matters").
     at_risk = ((scales < 2.0**-99) | (zeros.abs() * scales < 2.0**-124)) & (zeros != 0)
