@@ -110,12 +110,15 @@ def test_output_dtype_choices(out):
 
 def test_e4m3_bit_decoder_is_exact_on_every_code():
     """The integer decoder that replaces torch's slow float8 cast, against ml_dtypes on
-    all 254 finite codes (fp8_dequantize masks the two NaN codes itself)."""
+    all 256 codes: 254 values, and the two NaN codes flagged."""
     import ml_dtypes
 
     from kvquant.backends.torch_backend import decode_e4m3_scaled
 
-    codes = np.array([c for c in range(256) if c not in (0x7F, 0xFF)], np.uint8)
+    codes = np.arange(256, dtype=np.uint8)
     expected = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    got = decode_e4m3_scaled(torch.from_numpy(codes).view(torch.float8_e4m3fn)) * 2.0**120
-    assert_same_bits(expected, got.numpy(), "decoded codes")
+    scaled, nan_codes = decode_e4m3_scaled(torch.from_numpy(codes).view(torch.float8_e4m3fn))
+    finite = ~np.isnan(expected)
+    assert_same_bits(expected[finite], (scaled * 2.0**120).numpy()[finite], "decoded codes")
+    assert_same_bits(~finite, nan_codes.numpy(), "NaN codes flagged")
+    assert decode_e4m3_scaled(torch.from_numpy(codes[finite]).view(torch.float8_e4m3fn))[1] is None
