@@ -129,6 +129,23 @@ def _flush_rows_inplace(out: np.ndarray, rows: np.ndarray) -> None:
         out[rows] = np.where(np.abs(block) < MIN_NORMAL, np.copysign(F32(0), block), block)
 
 
+def _abs_into(x: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """work = |x| (float32 or its uint32 bits), by clearing the sign bits."""
+    np.bitwise_and(x.view(U32), _ABS_MASK, out=work.view(U32))
+    return work
+
+
+def _float32_rows(out: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Where a dequantization computes rows start:stop: out's own rows when out is
+    float32, else a float32 block that _store_rows then rounds into out."""
+    return out[start:stop] if out.dtype == F32 else np.empty((stop - start,) + out.shape[1:], F32)
+
+
+def _store_rows(out: np.ndarray, start: int, stop: int, block: np.ndarray) -> None:
+    if out.dtype != F32:
+        out[start:stop] = block
+
+
 def _absmax_rows(x: np.ndarray, work_u32: np.ndarray) -> np.ndarray:
     """max |x| of each row, NaN if the row holds a NaN.
 
@@ -136,8 +153,7 @@ def _absmax_rows(x: np.ndarray, work_u32: np.ndarray) -> np.ndarray:
     with every NaN above +inf; an integer max reduction is exact and many times faster
     than NumPy's NaN-propagating float max along a short axis.
     """
-    np.bitwise_and(x.view(U32), _ABS_MASK, out=work_u32)
-    top = np.maximum.reduce(work_u32, axis=1)
+    top = np.maximum.reduce(_abs_into(x, work_u32), axis=1)
     return np.where(top > _INF_BITS, U32(_spec.NAN_BITS), top).view(F32)
 
 
@@ -301,11 +317,6 @@ def _fp8_encode_block(xc: np.ndarray, inv, work: np.ndarray, out: np.ndarray, cl
     _or_sign_bits(out, xc)
 
 
-def _abs_into(xc: np.ndarray, work: np.ndarray) -> np.ndarray:
-    np.bitwise_and(xc.view(U32), _ABS_MASK, out=work.view(U32))
-    return work
-
-
 def fp8_quantize_per_token(x: np.ndarray):
     rows, width = x.shape
     codes = np.empty((rows, width), np.uint8)
@@ -385,8 +396,7 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
-        in_place = out_dtype == "float32"
-        block = out[start:stop] if in_place else np.empty((stop - start, width), F32)
+        block = _float32_rows(out, start, stop)
         code_bytes = codes[start:stop].view(np.uint8)
         factor = factors if factors.shape[0] == 1 else factors[start:stop]
         if fold:
@@ -400,8 +410,7 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
         nan_codes = code_bytes | np.uint8(0x80)
         if nan_codes.max() == 0xFF:
             block[nan_codes == 0xFF] = NAN
-        if not in_place:
-            out[start:stop] = block
+        _store_rows(out, start, stop, block)
 
     _each_chunk(rows, width, chunk)
     _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
@@ -461,10 +470,9 @@ def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
-        if out_dtype == "float32":
-            np.multiply(codes[start:stop], scales[start:stop], out=out[start:stop], dtype=F32)
-        else:
-            out[start:stop] = np.multiply(codes[start:stop], scales[start:stop], dtype=F32)
+        block = _float32_rows(out, start, stop)
+        np.multiply(codes[start:stop], scales[start:stop], out=block, dtype=F32)
+        _store_rows(out, start, stop, block)
 
     _each_chunk(*codes.shape, chunk)
     _canonical_nans(out, ~np.isfinite(scales[:, 0]), out_dtype)
@@ -558,8 +566,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
-        in_place = out_dtype == "float32"
-        block = out[start:stop] if in_place else np.empty((stop - start, width), F32)
+        block = _float32_rows(out, start, stop)
         np.copyto(block, unpack_nibbles(packed[start:stop]))
         if width % group_size == 0:
             shaped = block.reshape(stop - start, -1, group_size)
@@ -570,8 +577,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
             block *= _broadcast_groups(scales[start:stop], width, group_size)
         local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
         _flush_rows_inplace(block, local)
-        if not in_place:
-            out[start:stop] = block
+        _store_rows(out, start, stop, block)
 
     _each_chunk(rows, width, chunk)
     _canonical_nans(out, ~(np.isfinite(scales) & np.isfinite(zeros)).all(axis=1), out_dtype)
