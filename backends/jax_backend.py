@@ -128,19 +128,25 @@ def _zero_where(codes, poisoned):
 
 # --------------------------------------------------------------------- FP8
 U32 = jnp.uint32
+I32 = jnp.int32
+_SHIFTER_BITS = 0x46800000  # 2^14, whose ulp is 2^-9: the e4m3 subnormal step
+SUBNORMAL_E4M3_SHIFTER = _f32(_SHIFTER_BITS)
 
 
 def encode_e4m3(y):
     """e4m3fn codes of float32 values already clamped to [-448, 448], by the bit method
-    of numpy_backend.encode_e4m3: integer steps only, so no float rewrite or flush can
-    touch them, and 2.6 times faster than XLA's own float8 convert on the CPU. The
-    subnormal e4m3 range (|y| < 2^-6) is rint(|y| * 512), a product by a power of two.
+    of numpy_backend.encode_e4m3: integer steps for the normal range, so no float
+    rewrite or flush can touch them, and 2.6 times faster than XLA's own float8 convert
+    on the CPU. The subnormal e4m3 range (|y| < 2^-6) is rint(|y| * 2^9), read off the
+    low bits of |y| + 2^14, whose ulp is 2^-9: one float add, nothing for XLA to fuse
+    or rewrite, where jnp.round took a quarter of the whole encoder's time.
     """
-    bits = jax.lax.bitcast_convert_type(y, U32)
-    mag = bits & U32(0x7FFFFFFF)
-    normal = ((mag + U32(0x7FFFF) + ((mag >> U32(20)) & U32(1))) >> U32(20)) - U32(120 << 3)
-    small = jnp.round(jax.lax.bitcast_convert_type(mag, F32) * np.float32(512)).astype(U32)
-    code = jnp.where(mag < U32(0x3C800000), small, normal) | ((bits >> U32(24)) & U32(0x80))
+    bits = jax.lax.bitcast_convert_type(y, I32)
+    mag = bits & I32(0x7FFFFFFF)
+    normal = ((mag + I32(0x7FFFF) + ((mag >> 20) & I32(1))) >> 20) - I32(120 << 3)
+    small = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(mag, F32) + SUBNORMAL_E4M3_SHIFTER, I32)
+    small = small - I32(_SHIFTER_BITS)
+    code = jnp.where(mag < I32(0x3C800000), small, normal) | ((bits >> 24) & I32(0x80))
     return jax.lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
 
 

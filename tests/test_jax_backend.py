@@ -108,6 +108,39 @@ def test_same_bits_with_x64_enabled():
     assert result and all(v == ["float32", True] for v in result.values()), result
 
 
+# ------------------------------------------------------------- e4m3 encoder
+def _jax_encode(values):
+    from kvquant.backends.jax_backend import encode_e4m3
+
+    encode = jax.jit(lambda f: jax.lax.bitcast_convert_type(encode_e4m3(f), jnp.uint8))
+    return np.asarray(encode(jnp.asarray(values)))
+
+
+def test_encoder_under_jit_on_every_rounding_boundary():
+    # Midpoints between neighbouring e4m3 values (ties to even), one ulp either side,
+    # the subnormal e4m3 range that the encoder rounds with a float add, and float32
+    # subnormals, which XLA flushes on the way in (ml_dtypes rounds them to 0 as well).
+    import ml_dtypes
+
+    from kvquant.conformance.cases import e4m3_values, fp8_boundary_values
+
+    tiny = np.float32([2.0**-10, 2.0**-11, 3 * 2.0**-11, 2.0**-130, -(2.0**-149), 2.0**-7 - 2.0**-30])
+    v = np.concatenate([fp8_boundary_values(), e4m3_values(), -e4m3_values(), tiny])
+    assert_same_bits(v.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), _jax_encode(v), "encode_e4m3 under jit")
+
+
+@pytest.mark.exhaustive
+def test_encoder_under_jit_on_every_float32_up_to_448():
+    import ml_dtypes
+
+    top = 0x43E00000
+    for start in range(0, top + 1, 1 << 24):
+        b = np.arange(start, min(top + 1, start + (1 << 24)), dtype=np.uint32)
+        for sign in (0, 0x80000000):
+            f = (b | np.uint32(sign)).view(np.float32)
+            assert_same_bits(f.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), _jax_encode(f), f"block {start:#x}")
+
+
 # ---------------------------------------------------------- XLA's rewrites
 def xla_cpu():
     return jax.default_backend() == "cpu"
