@@ -169,10 +169,39 @@ def _canonical_params(p: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------- FP8
 def _fp8_codes(x: torch.Tensor, inv: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     # torch's cast saturates where ml_dtypes and JAX give NaN: the clamp keeps every
-    # backend's cast away from out-of-range values. In-place steps spare eager mode a
-    # fresh full-size buffer (and its page faults) per operation.
+    # backend's cast away from out-of-range values.
+    if torch.compiler.is_compiling():
+        words = encode_e4m3_words((x * inv).clamp(-FP8_MAX, FP8_MAX))
+        return _narrow_zeroing_poisoned(words, poisoned, torch.uint8).view(torch.float8_e4m3fn)
+    # Eagerly, torch's own cast is one pass where the bit method takes eight. In-place
+    # steps spare eager mode a fresh full-size buffer (and its page faults) per operation.
     y = _zero_poisoned(x * inv, poisoned)
     return y.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+_SUBNORMAL_E4M3_SHIFTER_BITS = 0x46800000  # 2^14, whose ulp is 2^-9: the e4m3 subnormal step
+SUBNORMAL_E4M3_SHIFTER = _f32(_SUBNORMAL_E4M3_SHIFTER_BITS)
+
+
+def encode_e4m3_words(y: torch.Tensor) -> torch.Tensor:
+    """int32 words whose low byte is the e4m3fn code of float32 values already clamped
+    to [-448, 448]: jax_backend.encode_e4m3's integer method, used when compiling.
+    Inductor's float8 conversion ran at 3.4 copies against 1.1 for this (torch 2.13 CPU).
+    Normal range: round to nearest even at bit 20, then rebias the exponent; subnormal
+    e4m3 range (|y| < 2^-6): the low bits of |y| + 2^14, one float add."""
+    bits = y.view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    normal = ((magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) - (120 << 3)
+    small = (magnitude.view(torch.float32) + SUBNORMAL_E4M3_SHIFTER).view(torch.int32)
+    small = small - _SUBNORMAL_E4M3_SHIFTER_BITS
+    return torch.where(magnitude < 0x3C800000, small, normal) | ((bits >> 24) & 0x80)
+
+
+def _narrow_zeroing_poisoned(words: torch.Tensor, poisoned: torch.Tensor, dtype) -> torch.Tensor:
+    """int32 codes narrowed to dtype, 0 where ``poisoned`` (broadcast) holds: compiled, a
+    select on int32 words kept Inductor's loop vectorised and cost less than the float
+    select of _zero_poisoned (FP8 quantize 0.85 -> 0.66 ms, INT8 0.62 -> 0.53 ms)."""
+    return torch.where(poisoned, torch.zeros((), dtype=words.dtype, device=words.device), words).to(dtype)
 
 
 def fp8_quantize_per_token(x: torch.Tensor):
@@ -276,6 +305,9 @@ def _clamp_proven(q: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def int8_quantize(x: torch.Tensor):
     xf = _widen(x)
     scale, inv, poisoned = _symmetric_scale(_absmax(xf, -1), R127)
+    if torch.compiler.is_compiling():
+        q = (xf * inv[:, None]).round().clamp(-127.0, 127.0).to(torch.int32)
+        return _narrow_zeroing_poisoned(q, poisoned[:, None], torch.int8), scale
     y = _zero_poisoned(xf * inv[:, None], poisoned[:, None])
     return _clamp_proven(y.round_(), -127.0, 127.0).to(torch.int8), scale
 

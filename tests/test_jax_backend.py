@@ -11,7 +11,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import kvquant  # noqa: E402
-from conftest import assert_same_bits  # noqa: E402
+from conftest import assert_same_bits, check_e4m3_encoder  # noqa: E402
 
 FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("fp8_per_tensor", {"scale": 0.02}), ("int8", {}), ("int4", {"group_size": 32})]
 FIDS = ["fp8", "fp8_tensor", "fp8_static", "int8", "int4"]
@@ -109,36 +109,19 @@ def test_same_bits_with_x64_enabled():
 
 
 # ------------------------------------------------------------- e4m3 encoder
-def _jax_encode(values):
+def _encode_under_jit(values):
     from kvquant.backends.jax_backend import encode_e4m3
 
-    encode = jax.jit(lambda f: jax.lax.bitcast_convert_type(encode_e4m3(f), jnp.uint8))
-    return np.asarray(encode(jnp.asarray(values)))
+    return np.asarray(jax.jit(lambda f: jax.lax.bitcast_convert_type(encode_e4m3(f), jnp.uint8))(jnp.asarray(values)))
 
 
 def test_encoder_under_jit_on_every_rounding_boundary():
-    # Midpoints between neighbouring e4m3 values (ties to even), one ulp either side,
-    # the subnormal e4m3 range that the encoder rounds with a float add, and float32
-    # subnormals, which XLA flushes on the way in (ml_dtypes rounds them to 0 as well).
-    import ml_dtypes
-
-    from kvquant.conformance.cases import e4m3_values, fp8_boundary_values
-
-    tiny = np.float32([2.0**-10, 2.0**-11, 3 * 2.0**-11, 2.0**-130, -(2.0**-149), 2.0**-7 - 2.0**-30])
-    v = np.concatenate([fp8_boundary_values(), e4m3_values(), -e4m3_values(), tiny])
-    assert_same_bits(v.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), _jax_encode(v), "encode_e4m3 under jit")
+    check_e4m3_encoder(_encode_under_jit)
 
 
 @pytest.mark.exhaustive
 def test_encoder_under_jit_on_every_float32_up_to_448():
-    import ml_dtypes
-
-    top = 0x43E00000
-    for start in range(0, top + 1, 1 << 24):
-        b = np.arange(start, min(top + 1, start + (1 << 24)), dtype=np.uint32)
-        for sign in (0, 0x80000000):
-            f = (b | np.uint32(sign)).view(np.float32)
-            assert_same_bits(f.astype(ml_dtypes.float8_e4m3fn).view(np.uint8), _jax_encode(f), f"block {start:#x}")
+    check_e4m3_encoder(_encode_under_jit, every_float32=True)
 
 
 # ---------------------------------------------------------- XLA's rewrites

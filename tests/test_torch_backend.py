@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import kvquant  # noqa: E402
-from conftest import assert_same_bits  # noqa: E402
+from conftest import assert_same_bits, check_e4m3_encoder  # noqa: E402
 
 # pytest imported kvquant (through the conformance plugin) before torch, so the torch
 # backend was not preloaded; torch.compile cannot trace its import (see README).
@@ -106,6 +106,22 @@ def test_output_dtype_choices(out):
     want = torch.float32 if out == torch.float32 else (torch.bfloat16 if out in (torch.bfloat16, "bfloat16") else torch.float16)
     assert kvquant.dequantize(q, out).dtype == want
     assert kvquant.dequantize(q).dtype == torch.bfloat16  # the source dtype by default
+
+
+def _encode_compiled(values):
+    from kvquant.backends.torch_backend import encode_e4m3_words
+
+    encode = torch.compile(lambda y: encode_e4m3_words(y).to(torch.uint8), fullgraph=True, dynamic=True)
+    return encode(torch.from_numpy(values)).numpy()
+
+
+def test_compiled_bit_encoder_on_every_rounding_boundary():
+    check_e4m3_encoder(_encode_compiled)
+
+
+@pytest.mark.exhaustive
+def test_compiled_bit_encoder_on_every_float32_up_to_448():
+    check_e4m3_encoder(_encode_compiled, every_float32=True)
 
 
 def test_e4m3_bit_decoder_is_exact_on_every_code():
