@@ -230,10 +230,26 @@ def fp8_dequantize(codes, scales, out_dtype: str):
 
 
 # -------------------------------------------------------------------- INT8
+# Rounding to integers, ties to even, by one float add: y + 1.5*2^23 (|y| <= 127) or
+# y + 2^23 (0 <= y <= 15) has ulp 1, so the sum is the rounded integer plus the magic
+# number, read back from its bits. jnp.round is not vectorised by XLA on the CPU (INT8
+# quantize 0.96 -> 0.69 ms). The operand is a clamp's output, never a product, so there
+# is no multiply-add for XLA to contract; rounding first or clamping first to integer
+# bounds gives the same integer.
+ROUND_MAGIC_SIGNED = _f32(0x4B400000)  # 1.5 * 2^23
+ROUND_MAGIC_UNSIGNED = _f32(0x4B000000)  # 2^23
+
+
+def round_clamped(y, magic):
+    """int32 round-half-even of float32 values already clamped to [-127, 127] (magic
+    ROUND_MAGIC_SIGNED) or [0, 15] (ROUND_MAGIC_UNSIGNED)."""
+    return jax.lax.bitcast_convert_type(y + magic, I32) - jax.lax.bitcast_convert_type(magic, I32)
+
+
 def int8_quantize(x):
     xf = _widen(x)
     scale, inv, poisoned = _per_token_params(xf, R127)
-    q = jnp.clip(jnp.round(xf * inv[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    q = round_clamped(jnp.clip(xf * inv[..., None], -INT8_MAX, INT8_MAX), ROUND_MAGIC_SIGNED).astype(jnp.int8)
     return _zero_where(q, poisoned[..., None]), scale
 
 
@@ -300,7 +316,7 @@ def int4_quantize(x, group_size: int):
     # A poisoned group's NaN or inf elements give garbage codes, replaced by 0 once packed:
     # a select on the bytes keeps XLA's loop vectorised, one on the floats ran 5x slower.
     q = _apply_groups(xf, (mn, inv), group_size,
-                      lambda b, mn_b, inv_b: jnp.clip(jnp.round((b - mn_b) * inv_b), ZERO, INT4_MAX))
+                      lambda b, mn_b, inv_b: round_clamped(jnp.clip((b - mn_b) * inv_b, ZERO, INT4_MAX), ROUND_MAGIC_UNSIGNED))
     packed = pack_nibbles(q.astype(jnp.uint8))
     packed = _apply_groups(packed, (poisoned_f,), group_size // 2,
                            lambda b, bad_b: jnp.where(bad_b > ZERO, jnp.uint8(0), b))
@@ -316,10 +332,24 @@ def pack_nibbles(q):
 
 
 def unpack_nibbles(packed):
-    """The inverse of pack_nibbles: bytes [..., n] to uint8 codes [..., 2n]."""
+    """The inverse of pack_nibbles: bytes [..., n] to uint8 codes [..., 2n].
+
+    Four bytes at a time when n allows: as one little-endian uint32 word, code k of the
+    word's eight is (word >> 4k) & 15, a broadcast over k that XLA fuses into the
+    dequantization loop. Unpacking uint8 or uint16 lanes on their own took 0.5 ms for
+    2 MiB on the CPU, as long as the float arithmetic after it; INT4 dequantize went
+    from 1.1 to 0.5 ms."""
+    lead, n = packed.shape[:-1], packed.shape[-1]
+    if n % 4 == 0:
+        words = jax.lax.bitcast_convert_type(packed.reshape(lead + (n // 4, 4)), U32)
+        codes = (words[..., None] >> _NIBBLE_SHIFTS) & U32(0x0F)
+        return codes.astype(jnp.uint8).reshape(lead + (2 * n,))
     w = packed.astype(jnp.uint16)
     pairs = jax.lax.bitcast_convert_type((w & 0x0F) | ((w >> 4) << 8), jnp.uint8)
-    return pairs.reshape(packed.shape[:-1] + (packed.shape[-1] * 2,))
+    return pairs.reshape(lead + (2 * n,))
+
+
+_NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 
 
 def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):

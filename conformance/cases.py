@@ -20,6 +20,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (64, 80, 96, 128, 256)
+NARROW_HEAD_DIMS = (6, 34)
 
 FAMILIES = (
     "golden",
@@ -277,6 +278,13 @@ def shape_cases() -> Iterator[Case]:
         x2 = rng.standard_normal((5, head_dim)) * 4
         for spec in all_specs():
             yield _make("shapes", spec, "float32", f"2d-d{head_dim}", x2, ("Layout2D",))
+    # Narrow heads: 3 and 17 packed INT4 bytes per token, not a whole number of 32-bit
+    # words, which backends that unpack a word at a time must handle separately.
+    narrow_rng = np.random.default_rng(12)  # its own stream: the other cases keep their data
+    for head_dim in NARROW_HEAD_DIMS:
+        x2 = narrow_rng.standard_normal((4, head_dim)) * 4
+        for spec in all_specs():
+            yield _make("shapes", spec, "float32", f"2d-d{head_dim}", x2, ("Layout2D", "NarrowHead"))
     for head_dim in (64, 128):
         x4 = rng.standard_normal((2, 3, 4, head_dim))
         for spec in all_specs():
