@@ -383,15 +383,44 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [rows, 2n] (each below 16) to bytes [rows, n], element 2j in the low
     nibble. Each pair read as one little-endian int16 w = lo + 256 hi gives the byte as
     the low 8 bits of w | w >> 4: a reinterpretation Inductor vectorises, where slicing
-    the pairs apart (or packing in float32) ran 3 to 7 times slower."""
-    pairs = q.contiguous().view(torch.int16)
+    the pairs apart (or packing in float32) ran 3 to 7 times slower. Compiled, eight
+    codes at a time as two int32 words (_squeeze_nibbles)."""
+    q = q.contiguous()
+    rows, width = q.shape
+    if torch.compiler.is_compiling() and width % 8 == 0:
+        words = q.view(torch.int32).reshape(rows, width // 8, 2)
+        return (_squeeze_nibbles(words[..., 0]) | (_squeeze_nibbles(words[..., 1]) << 16)).view(torch.uint8)
+    pairs = q.view(torch.int16)
     return ((pairs | (pairs >> 4)) & 0xFF).to(torch.uint8)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_nibbles: bytes [rows, n] to uint8 codes [rows, 2n]."""
+    """The inverse of pack_nibbles: bytes [rows, n] to uint8 codes [rows, 2n].
+
+    Compiled, four bytes at a time: Inductor left the int16 loop below scalar (0.5 ms
+    for 2 MiB, as long as the float arithmetic after it), and spreading each int32
+    word's two halves into two words of four codes (_spread_nibbles) ran in 0.18 ms;
+    INT4 dequantize 0.98 -> 0.65 ms. Eagerly its seven small passes cost more."""
+    rows, width = packed.shape
+    if torch.compiler.is_compiling() and width % 4 == 0:
+        words = packed.contiguous().view(torch.int32)
+        halves = torch.stack([_spread_nibbles(words & 0xFFFF), _spread_nibbles((words >> 16) & 0xFFFF)], dim=-1)
+        return halves.reshape(rows, width // 2).view(torch.uint8)
     w = packed.to(torch.int16)
     return ((w & 0x0F) | ((w >> 4) << 8)).view(torch.uint8)
+
+
+def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
+    """int32 holding two packed bytes (four nibbles) in bits 0-15 -> one code per byte,
+    little-endian: nibble k to bits 8k..8k+3."""
+    half = (half | (half << 8)) & 0x00FF00FF
+    return (half | (half << 4)) & 0x0F0F0F0F
+
+
+def _squeeze_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of _spread_nibbles: four codes, one per byte, to bits 0-15."""
+    codes = (codes | (codes >> 4)) & 0x00FF00FF
+    return (codes | (codes >> 8)) & 0x0000FFFF
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):
