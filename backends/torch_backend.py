@@ -10,7 +10,8 @@ compiling and on accelerators, where the masked form is used instead.
 Why the arithmetic is safe here (docs/spec.md, "Why compilers cannot change the
 bits"): every float32 step is a single multiply, subtract, max or min; the
 reciprocal is computed once per token and multiplied, never divided per element;
-no product is ever added to anything, so there is nothing to contract into an FMA.
+no product is ever added to anything, so there is nothing to contract into an FMA
+(the compiled e4m3 encoder's one float add takes a bitcast magnitude).
 PyTorch keeps subnormals on the CPU and CUDA (no FTZ), so the spec's flushes are
 written out explicitly exactly where the spec lists them.
 """
@@ -99,24 +100,45 @@ def _absmax(t: torch.Tensor, dim) -> torch.Tensor:
 
 def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
     """float32(1 / s), correctly rounded and flushed, for positive normal float32 s
-    (docs/spec.md, "Reciprocals"), by integer long division on the significand.
+    (docs/spec.md, "Reciprocals").
 
-    Triton (torch.compile on CUDA) and XLA on GPUs divide float32 approximately
-    (measured on an H100: 1 ulp off, which moved INT4 zeros and FP8 codes), so the
-    one division of the spec is done in exact integer arithmetic instead. It costs
-    O(tokens or groups), and eager mode on the CPU, whose division is IEEE, skips it.
+    On the CPU a plain division: IEEE in eager mode and in Inductor's C++, which is
+    built without -freciprocal-math (tests/test_reciprocal.py checks it compiled).
+    Elsewhere by integer long division on the significand: Triton (torch.compile on
+    CUDA) divides float32 approximately (measured on an H100: 1 ulp off, which moved
+    INT4 zeros and FP8 codes). Its digits are exact integer quotients, not the float
+    guesses JAX corrects: Inductor inlines each digit's remainder into the next, and
+    with a guess (five uses per digit) one quantize kernel grew to 176,000 generated
+    operations and took 40 s to compile; integer division costs O(tokens or groups).
     """
-    if _host_checks_allowed(s):
+    if s.device.type == "cpu":
         return flush(1.0 / s)
-    # A single scale (static FP8) keeps plain integer division: it costs nothing there, and
-    # when the scale is a constant of a user's compiled graph, Inductor folds it, which
-    # with the float guess ran for minutes and grew to 9 GB (torch 2.13).
-    estimate = _floor_div_estimate if s.dim() > 0 else None
-    return _spec.reciprocal_rn_bits(s.view(torch.int32), torch.where, estimate).view(torch.float32)
+    return reciprocal_by_long_division(s)
 
 
-def _floor_div_estimate(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.floor(n.float() / m.float()).int()
+def _materialized(t: torch.Tensor) -> torch.Tensor:
+    """t, computed once into its own buffer before the element loops that read it.
+
+    Speed only, no bits change; the counterpart of jax_backend._materialize. Compiled,
+    Inductor otherwise inlines a cheap per-token value (1 / scale) into the element loop
+    and redoes it for every 16 elements: FP8 quantize took 0.93 ms against 0.65. An
+    opaque custom op is a buffer Inductor cannot see through."""
+    return torch.ops.kvquant.materialize(t) if torch.compiler.is_compiling() else t
+
+
+if not hasattr(torch.ops.kvquant, "materialize"):  # a re-imported module keeps the first
+    @torch.library.custom_op("kvquant::materialize", mutates_args=())
+    def _materialize_op(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @_materialize_op.register_fake
+    def _(t):
+        return torch.empty_like(t)
+
+
+def reciprocal_by_long_division(s: torch.Tensor) -> torch.Tensor:
+    """reciprocal_rn off the CPU, on any device (tests run it compiled on the CPU)."""
+    return _spec.reciprocal_rn_bits(s.view(torch.int32), torch.where).view(torch.float32)
 
 
 def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
@@ -231,7 +253,7 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
     xf = _widen(x)
     if flush_input:
         xf = flush(xf)
-    inv = reciprocal_rn(scale)
+    inv = _materialized(reciprocal_rn(scale))
     if xf.numel():
         poisoned = ~torch.isfinite(_absmax(xf, None))
     else:
@@ -349,7 +371,7 @@ def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
 
 def _inverse(scale: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
-    return torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
+    return _materialized(torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale))))
 
 
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):

@@ -1,5 +1,6 @@
-"""The integer long-division reciprocal that torch.compile and JAX use (GPUs divide
-float32 approximately) equals IEEE division plus the spec's flush."""
+"""The integer long-division reciprocal that JAX and torch off the CPU use (GPUs divide
+float32 approximately), and torch's compiled CPU division, equal IEEE division plus
+the spec's flush."""
 import numpy as np
 import pytest
 
@@ -27,12 +28,15 @@ def test_jax_reciprocal_is_correctly_rounded():
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
 
 
-def test_torch_compiled_reciprocal_is_correctly_rounded():
+@pytest.mark.parametrize("method", ["reciprocal_rn", "reciprocal_by_long_division"])
+def test_torch_compiled_reciprocal_is_correctly_rounded(method):
+    # reciprocal_rn divides on the CPU: this proves Inductor's C++ division is IEEE.
+    # The long division is what other devices run; here it runs compiled on the CPU.
     torch = pytest.importorskip("torch")
-    from kvquant.backends.torch_backend import reciprocal_rn
+    from kvquant.backends import torch_backend
 
     s, ref = samples()
-    got = torch.compile(reciprocal_rn, fullgraph=True)(torch.from_numpy(s)).numpy()
+    got = torch.compile(getattr(torch_backend, method), fullgraph=True)(torch.from_numpy(s)).numpy()
     bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
 
