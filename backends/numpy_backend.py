@@ -69,8 +69,8 @@ _CHUNK_BYTES = 1 << 21
 # and the magic number's low byte is zero, so the low byte of the float32 is the int8
 # value: a narrowing cast of the bits is the whole conversion. 2^23 does the same for
 # 0 <= x < 2^23.
-_ROUND_MAGIC_SIGNED = F32(12582912.0)
-_ROUND_MAGIC_UNSIGNED = F32(8388608.0)
+_ROUND_MAGIC_SIGNED = _f32(_spec.ROUND_MAGIC_SIGNED_BITS)
+_ROUND_MAGIC_UNSIGNED = _f32(_spec.ROUND_MAGIC_UNSIGNED_BITS)
 
 _ABS_MASK = U32(0x7FFFFFFF)
 _INF_BITS = U32(0x7F800000)

@@ -24,6 +24,13 @@ INPUT_DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_DTYPES = INPUT_DTYPES
 CODE_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8", "int4": "uint8"}
 
+# Magic numbers of the integer methods the backends share. Adding them rounds to an
+# integer step, ties to even, because the sum's ulp is that step: 1.5*2^23 and 2^23 for
+# integers (|y| < 2^22, and 0 <= y < 2^23), 2^14 for the e4m3 subnormal step 2^-9.
+ROUND_MAGIC_SIGNED_BITS = 0x4B400000  # 1.5 * 2^23
+ROUND_MAGIC_UNSIGNED_BITS = 0x4B000000  # 2^23
+E4M3_SUBNORMAL_SHIFTER_BITS = 0x46800000  # 2^14
+
 # Above this static scale 1/scale is subnormal, so spec v1 flushes the reciprocal to zero;
 # below STATIC_SCALE_DAZ_BITS a subnormal input times 1/scale can reach an FP8 code, so
 # inputs are flushed first (docs/spec.md, "Static-scale FP8").
@@ -84,3 +91,21 @@ def reciprocal_rn_bits(bits, where, floor_div_estimate=None):
     mantissa = where(power_of_two | (carry == 1), 0, sig - (1 << 23))
     # A result below 2^-126 is subnormal in IEEE arithmetic and flushed by the spec.
     return where(out_exp >= 1, (out_exp << 23) | mantissa, 0)
+
+
+def e4m3_code_words(bits, add_shifter_bits, where):
+    """int32 words whose low byte is the e4m3fn code of float32 values already clamped to
+    [-448, 448], from their int32 bits, in integer operations (docs/spec.md, "Rounding
+    to e4m3"). Operators only, like reciprocal_rn_bits, so torch and JAX share it.
+
+    Normal e4m3 range: round to nearest even at bit 20 (add 2^19 - 1 plus the bit that
+    will become the last mantissa bit), shift, and rebias the exponent from 127 to 7.
+    Subnormal e4m3 range (|y| < 2^-6): rint(|y| * 2^9), read off the low bits of the
+    float sum |y| + 2^14, which ``add_shifter_bits(magnitude_bits)`` returns as int32
+    bits; its operand is a bitcast, never a product, so no FMA can form, and a flushed
+    subnormal input gives code 0 as IEEE rounding would.
+    """
+    magnitude = bits & 0x7FFFFFFF
+    normal = ((magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) - (120 << 3)
+    small = add_shifter_bits(magnitude) - E4M3_SUBNORMAL_SHIFTER_BITS
+    return where(magnitude < 0x3C800000, small, normal) | ((bits >> 24) & 0x80)
