@@ -77,12 +77,26 @@ def _widen(x):
 
 def reciprocal_rn(s):
     """float32(1 / s), correctly rounded and flushed, for positive normal float32 s
-    (docs/spec.md, "Reciprocals"), by integer long division on the significand.
+    (docs/spec.md, "Reciprocals").
 
-    XLA on GPUs divides float32 approximately (measured on an H100: 1 ulp off, which
-    moved INT4 zeros and FP8 codes), so the spec's one division is done in exact
-    integer arithmetic. It costs O(tokens or groups).
+    On the CPU a plain division: XLA's CPU division is IEEE (tests/test_reciprocal.py
+    checks it under jit on 300,000 scales); its rewrite into a multiplication by a
+    reciprocal applies to a broadcast divisor, and here the divisor is the scale array
+    itself. Elsewhere by integer long division: XLA on GPUs divides float32
+    approximately (measured on an H100: 1 ulp off, which moved INT4 zeros and FP8
+    codes). The choice is made when lowering, per platform; the long division took
+    0.2 ms for 65,536 INT4 groups on the CPU, a fifth of a quantization, the division
+    0.05 ms.
     """
+    return jax.lax.platform_dependent(s, cpu=_reciprocal_by_division, default=reciprocal_by_long_division)
+
+
+def _reciprocal_by_division(s):
+    return flush(ONE / s)
+
+
+def reciprocal_by_long_division(s):
+    """reciprocal_rn off the CPU, exact on any device (tests run it on the CPU too)."""
     bits = _spec.reciprocal_rn_bits(jax.lax.bitcast_convert_type(s, jnp.int32), jnp.where, _floor_div_estimate)
     return jax.lax.bitcast_convert_type(bits.astype(jnp.int32), F32)
 
@@ -161,10 +175,14 @@ def decode_e4m3(codes):
     return jax.lax.bitcast_convert_type(value, F32), mag == U32(0x7F)
 
 
-def _fp8_codes(xf, inv):
-    # XLA's cast gives NaN past the largest finite e4m3 value: clamp first (free in the
-    # fused loop, and the encoder relies on it).
-    return encode_e4m3(jnp.clip(xf * inv, -FP8_MAX, FP8_MAX))
+def _fp8_codes(xf, inv, clamp: bool):
+    """e4m3(clamp(x * inv, -448, 448)). With a dynamic scale |x * inv| < 448.0002, which
+    the encoder rounds to 448 as the clamp would (docs/spec.md, section 10), so only a
+    static scale clamps: on the CPU the loop is compute-bound, and the clamp's two
+    operations were a tenth of it. XLA's own cast would give NaN past 448; the encoder
+    never sees a value it cannot round."""
+    y = xf * inv
+    return encode_e4m3(jnp.clip(y, -FP8_MAX, FP8_MAX) if clamp else y)
 
 
 def _materialize(*params):
@@ -188,7 +206,7 @@ def _per_token_params(xf, reciprocal):
 def fp8_quantize_per_token(x):
     xf = _widen(x)
     scale, inv, poisoned = _per_token_params(xf, R448)
-    codes = _fp8_codes(xf, inv[..., None])
+    codes = _fp8_codes(xf, inv[..., None], clamp=False)
     return _zero_where(codes, poisoned[..., None]), scale
 
 
@@ -203,7 +221,7 @@ def _fp8_per_tensor_dynamic(x):
     xf = _widen(x)
     amax = jnp.max(jnp.abs(xf)) if xf.size else jnp.zeros((), F32)
     scale, inv, poisoned = _symmetric_scale(amax, R448)
-    return _zero_where(_fp8_codes(xf, inv), poisoned), scale
+    return _zero_where(_fp8_codes(xf, inv, clamp=False), poisoned), scale
 
 
 def _fp8_per_tensor_static(x, scale, flush_input: bool):
@@ -215,7 +233,7 @@ def _fp8_per_tensor_static(x, scale, flush_input: bool):
     inv = reciprocal_rn(scale)
     poisoned = ~jnp.all(jnp.isfinite(xf)) if xf.size else jnp.zeros((), bool)
     scale = jnp.where(poisoned, NAN, scale)
-    return _zero_where(_fp8_codes(xf, inv), poisoned), scale
+    return _zero_where(_fp8_codes(xf, inv, clamp=True), poisoned), scale
 
 
 def fp8_dequantize(codes, scales, out_dtype: str):
@@ -231,23 +249,26 @@ def fp8_dequantize(codes, scales, out_dtype: str):
 # Rounding to integers, ties to even, by one float add: y + 1.5*2^23 (|y| <= 127) or
 # y + 2^23 (0 <= y <= 15) has ulp 1, so the sum is the rounded integer plus the magic
 # number, read back from its bits. jnp.round is not vectorised by XLA on the CPU (INT8
-# quantize 0.96 -> 0.69 ms). The operand is a clamp's output, never a product, so there
-# is no multiply-add for XLA to contract; rounding first or clamping first to integer
-# bounds gives the same integer.
+# quantize 0.96 -> 0.69 ms). The operand is a minimum's output, never a product, so
+# there is no multiply-add for XLA to contract. The spec's clamps cannot act (docs/spec.md,
+# section 10: y >= -127.00004, or >= -tiny for INT4, rounds to the bound or to 0), so
+# only the upper one is kept, as that barrier: without it XLA fuses product and add into
+# an FMA, which rounds once where the spec rounds twice (conformance case
+# rounding-ties/*/products-on-ties fails then).
 ROUND_MAGIC_SIGNED = _f32(_spec.ROUND_MAGIC_SIGNED_BITS)
 ROUND_MAGIC_UNSIGNED = _f32(_spec.ROUND_MAGIC_UNSIGNED_BITS)
 
 
 def round_clamped(y, magic):
-    """int32 round-half-even of float32 values already clamped to [-127, 127] (magic
-    ROUND_MAGIC_SIGNED) or [0, 15] (ROUND_MAGIC_UNSIGNED)."""
+    """int32 round-half-even of float32 values in [-127.00004, 127] (magic
+    ROUND_MAGIC_SIGNED) or [-tiny, 15] (ROUND_MAGIC_UNSIGNED)."""
     return jax.lax.bitcast_convert_type(y + magic, I32) - jax.lax.bitcast_convert_type(magic, I32)
 
 
 def int8_quantize(x):
     xf = _widen(x)
     scale, inv, poisoned = _per_token_params(xf, R127)
-    q = round_clamped(jnp.clip(xf * inv[..., None], -INT8_MAX, INT8_MAX), ROUND_MAGIC_SIGNED).astype(jnp.int8)
+    q = round_clamped(jnp.minimum(xf * inv[..., None], INT8_MAX), ROUND_MAGIC_SIGNED).astype(jnp.int8)
     return _zero_where(q, poisoned[..., None]), scale
 
 
@@ -314,7 +335,7 @@ def int4_quantize(x, group_size: int):
     # A poisoned group's NaN or inf elements give garbage codes, replaced by 0 once packed:
     # a select on the bytes keeps XLA's loop vectorised, one on the floats ran 5x slower.
     q = _apply_groups(xf, (mn, inv), group_size,
-                      lambda b, mn_b, inv_b: round_clamped(jnp.clip((b - mn_b) * inv_b, ZERO, INT4_MAX), ROUND_MAGIC_UNSIGNED))
+                      lambda b, mn_b, inv_b: round_clamped(jnp.minimum((b - mn_b) * inv_b, INT4_MAX), ROUND_MAGIC_UNSIGNED))
     packed = pack_nibbles(q.astype(jnp.uint8))
     packed = _apply_groups(packed, (poisoned_f,), group_size // 2,
                            lambda b, bad_b: jnp.where(bad_b > ZERO, jnp.uint8(0), b))

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import ml_dtypes
 import numpy as np
 
+from kvquant import _spec
 from kvquant._types import Format
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -186,6 +187,78 @@ def rounding_tie_cases() -> Iterator[Case]:
         group = np.concatenate([[0.0], body, [15.0]]).astype(np.float32)  # mn 0, mx 15: scale 1
         x = np.tile(group, (4, 128 // g if g <= 128 else 1))
         yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "half-integers", x, ("RoundingTie",))
+    yield from product_tie_cases()
+
+
+def inexact_products_on(targets: np.ndarray, inv: np.float32, limit: np.float32) -> np.ndarray:
+    """For each target t, a float32 x with |x| <= limit and float32(x * inv) == t while the
+    exact product x * inv is not t, where one lies within 3 ulp of t / inv.
+
+    The spec rounds the product, then rounds again (to an integer or an e4m3 value). A
+    product rounded onto a tie breaks it to even; the exact product, as a fused
+    multiply-add would see it, lies off the tie and rounds the other way half the time.
+    A float64 product of two float32 values is exact, so the test is exact.
+    """
+    targets = np.asarray(targets, np.float32)
+    start = (targets.astype(np.float64) / np.float64(inv)).astype(np.float32)
+    candidates = [start]
+    for direction in (np.inf, -np.inf):
+        step = start
+        for _ in range(3):
+            step = np.nextafter(step, np.float32(direction))
+            candidates.append(step)
+    found = np.full(targets.shape, np.nan, np.float32)
+    for x in candidates:
+        exact = x.astype(np.float64) * np.float64(inv)
+        hit = (exact.astype(np.float32) == targets) & (exact != targets) & (np.abs(x) <= limit) & np.isnan(found)
+        found[hit] = x[hit]
+    return found[~np.isnan(found)]
+
+
+def _tokens_with_amax(amax: np.float32, values: np.ndarray, width: int) -> np.ndarray:
+    """Tokens of `width` holding amax first, then `values` (zero padding): each token's
+    scale comes from amax alone."""
+    per_token = width - 1
+    pad = (-len(values)) % per_token
+    body = np.concatenate([values, np.zeros(pad, np.float32)]).reshape(-1, per_token)
+    return np.concatenate([np.full((body.shape[0], 1), amax, np.float32), body], axis=1)
+
+
+def product_tie_cases() -> Iterator[Case]:
+    """Inputs whose scaled value x * inv, rounded to float32, lands exactly on a rounding
+    tie (an e4m3 midpoint, subnormal ones included, or a half-integer) while the exact
+    product does not: a backend that fuses the multiply into the rounding's add (XLA on
+    the CPU contracts x * inv + magic into an FMA) breaks these ties the wrong way. Scales
+    are not powers of two, so the products are inexact."""
+    amaxes = [np.float32(v) for v in (3.7, 0.0123, 1234.5, 1.1, 77.7)]
+    v = e4m3_values()
+    fp8_ties = np.concatenate([(v[:-1] + v[1:]) / np.float32(2)]).astype(np.float32)
+    fp8_ties = np.concatenate([fp8_ties, -fp8_ties])
+    int8_ties = np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)
+    fp8_tokens, int8_tokens = [], []
+    for amax in amaxes:
+        fp8_inv = np.float32(1) / np.maximum(amax * np.float32(_R(448)), np.float32(2.0**-100))
+        fp8_tokens.append(_tokens_with_amax(amax, inexact_products_on(fp8_ties, fp8_inv, amax), 128))
+        int8_inv = np.float32(1) / np.maximum(amax * np.float32(_R(127)), np.float32(2.0**-100))
+        int8_tokens.append(_tokens_with_amax(amax, inexact_products_on(int8_ties, int8_inv, amax), 128))
+    yield _make("rounding-ties", Spec(Format.FP8_PER_TOKEN), "float32", "products-on-ties", np.concatenate(fp8_tokens), ("RoundingTie", "ProductTie"))
+    yield _make("rounding-ties", Spec(Format.INT8), "float32", "products-on-ties", np.concatenate(int8_tokens), ("RoundingTie", "ProductTie"))
+    int4_ties = np.arange(0, 15, dtype=np.float32) + np.float32(0.5)
+    for g in GROUP_SIZES:
+        groups = []
+        for mx in amaxes:
+            # mn = 0, so x - mn is exact and (x - mn) * inv is the product under test.
+            inv = np.float32(1) / np.maximum(mx * np.float32(_R(15)), np.float32(2.0**-100))
+            body = inexact_products_on(int4_ties, inv, mx)
+            groups.append(np.concatenate([[0, mx], body, np.zeros(g - 2 - len(body))]).astype(np.float32))
+        x = np.stack(groups).reshape(len(groups), g)
+        yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "products-on-ties", np.tile(x, (1, 128 // g)), ("RoundingTie", "ProductTie"))
+
+
+def _R(n: int) -> float:
+    """R(n) = float32(1 / n), from the spec's bit patterns."""
+    bits = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS}[n]
+    return _spec.f32_from_bits(bits)
 
 
 # ---------------------------------------------------------------- realistic

@@ -106,6 +106,8 @@ def e4m3_code_words(bits, add_shifter_bits, where):
     subnormal input gives code 0 as IEEE rounding would.
     """
     magnitude = bits & 0x7FFFFFFF
-    normal = ((magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) - (120 << 3)
+    # The rebias is folded into the rounding add: magnitude >= 2^-6 has bits >= 121 << 23,
+    # so the sum stays positive and (a - (960 << 20)) >> 20 == (a >> 20) - 960.
+    normal = (magnitude + (0x7FFFF - ((120 << 3) << 20)) + ((magnitude >> 20) & 1)) >> 20
     small = add_shifter_bits(magnitude) - E4M3_SUBNORMAL_SHIFTER_BITS
     return where(magnitude < 0x3C800000, small, normal) | ((bits >> 24) & 0x80)

@@ -1,6 +1,6 @@
-"""The integer long-division reciprocal that JAX and torch off the CPU use (GPUs divide
-float32 approximately), and torch's compiled CPU division, equal IEEE division plus
-the spec's flush."""
+"""The integer long-division reciprocal that JAX and torch use off the CPU (GPUs divide
+float32 approximately), and the CPU divisions of XLA and of torch's compiled code,
+equal IEEE division plus the spec's flush."""
 import numpy as np
 import pytest
 
@@ -18,12 +18,15 @@ def samples():
     return s, ref
 
 
-def test_jax_reciprocal_is_correctly_rounded():
-    jnp = pytest.importorskip("jax.numpy")
-    from kvquant.backends.jax_backend import reciprocal_rn
+@pytest.mark.parametrize("method", ["reciprocal_rn", "reciprocal_by_long_division"])
+def test_jax_reciprocal_is_correctly_rounded_under_jit(method):
+    # reciprocal_rn divides on the CPU: this proves XLA's CPU division is IEEE. The
+    # long division is what other platforms run; here it runs on the CPU.
+    jax = pytest.importorskip("jax")
+    from kvquant.backends import jax_backend
 
     s, ref = samples()
-    got = np.asarray(reciprocal_rn(jnp.asarray(s)))
+    got = np.asarray(jax.jit(getattr(jax_backend, method))(jax.numpy.asarray(s)))
     bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
 
