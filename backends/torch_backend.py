@@ -116,14 +116,20 @@ def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
     return reciprocal_by_long_division(s)
 
 
-def _materialized(t: torch.Tensor) -> torch.Tensor:
-    """t, computed once into its own buffer before the element loops that read it.
+def _materialized(*params: torch.Tensor):
+    """The same per-token or per-group tensors (one shape), computed once into a buffer
+    before the element loops that read them; a bool tensor comes back as float32 0/1.
 
     Speed only, no bits change; the counterpart of jax_backend._materialize. Compiled,
-    Inductor otherwise inlines a cheap per-token value (1 / scale) into the element loop
-    and redoes it for every 16 elements: FP8 quantize took 0.93 ms against 0.65. An
-    opaque custom op is a buffer Inductor cannot see through."""
-    return torch.ops.kvquant.materialize(t) if torch.compiler.is_compiling() else t
+    Inductor otherwise inlines the cheap per-token values (1 / scale, the poisoned flag,
+    INT4's flushed minimum) into the element loop and redoes them for every 16 elements
+    or every group: FP8 quantize took 0.93 ms against 0.65, and INT4's loop carried 30
+    scalar operations per group of 64. An opaque custom op is a buffer Inductor cannot
+    see through; one call for all of them."""
+    if not torch.compiler.is_compiling():
+        return params if len(params) > 1 else params[0]
+    stacked = torch.ops.kvquant.materialize(torch.stack([p.to(torch.float32) for p in params]))
+    return tuple(stacked.unbind(0)) if len(params) > 1 else stacked[0]
 
 
 if not hasattr(torch.ops.kvquant, "materialize"):  # a re-imported module keeps the first
@@ -149,8 +155,8 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     scale = torch.clamp_min(amax * reciprocal, S_MIN)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = _inverse(scale, poisoned)
-    return scale, inv, poisoned
+    inv, poisoned = _materialized(_inverse(scale, poisoned), poisoned)
+    return scale, inv, poisoned != 0
 
 
 def _zero_poisoned(y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
@@ -189,11 +195,14 @@ def _canonical_params(p: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- FP8
-def _fp8_codes(x: torch.Tensor, inv: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
+def _fp8_codes(x: torch.Tensor, inv: torch.Tensor, poisoned: torch.Tensor, static: bool = False) -> torch.Tensor:
     # torch's cast saturates where ml_dtypes and JAX give NaN: the clamp keeps every
-    # backend's cast away from out-of-range values.
+    # backend's cast away from out-of-range values. The compiled integer encoder is not
+    # a cast: with a dynamic scale |x * inv| < 448.0002 (docs/spec.md, section 10), which
+    # it rounds to 448 as the clamp would, so only a static scale clamps there.
     if torch.compiler.is_compiling():
-        words = encode_e4m3_words((x * inv).clamp(-FP8_MAX, FP8_MAX))
+        y = x * inv
+        words = encode_e4m3_words(y.clamp(-FP8_MAX, FP8_MAX) if static else y)
         return _narrow_zeroing_poisoned(words, poisoned, torch.uint8).view(torch.float8_e4m3fn)
     # Eagerly, torch's own cast is one pass where the bit method takes eight. In-place
     # steps spare eager mode a fresh full-size buffer (and its page faults) per operation.
@@ -205,8 +214,8 @@ SUBNORMAL_E4M3_SHIFTER = _f32(_spec.E4M3_SUBNORMAL_SHIFTER_BITS)
 
 
 def encode_e4m3_words(y: torch.Tensor) -> torch.Tensor:
-    """int32 words whose low byte is the e4m3fn code of float32 values already clamped
-    to [-448, 448]: _spec.e4m3_code_words, the integer method JAX uses, here when
+    """int32 words whose low byte is the e4m3fn code of float32 values of magnitude below
+    464 (clamped to 448, or bounded by section 10): _spec.e4m3_code_words, the integer method JAX uses, here when
     compiling. Inductor's float8 conversion ran at 3.4 copies against 1.1 for this
     (torch 2.13 CPU)."""
     return _spec.e4m3_code_words(y.view(torch.int32), _add_subnormal_shifter, torch.where)
@@ -256,7 +265,7 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bo
     else:
         poisoned = torch.zeros((), dtype=torch.bool, device=xf.device)
     scale = torch.where(poisoned, _nan_like(scale), scale)
-    return _fp8_codes(xf, inv, poisoned), scale
+    return _fp8_codes(xf, inv, poisoned, static=True), scale
 
 
 _E4M3_SIGN_AND_MAGNITUDE = -0x78100000  # 0x87F00000 as an int32: the sign bit and bits 20-26
@@ -354,21 +363,22 @@ def _grouped(t: torch.Tensor, group_size: int):
 
 def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
     """fn(block, per-group params broadcast over the block) over the blocks of _grouped,
-    for [rows, head_dim] data and [rows, groups] params: reshapes only (the same shape
-    as JAX's); repeat_interleave here was miscompiled by Inductor."""
+    for [rows, head_dim] data and [rows, groups] params, the [rows, groups, n] results
+    joined into [rows, groups * n]: reshapes only (the same shape as JAX's);
+    repeat_interleave here was miscompiled by Inductor."""
     rows = t.shape[0]
     pieces, start = [], 0
     for block in _grouped(t, group_size):
         groups, size = block.shape[1:]
         out = fn(block, *[p[:, start:start + groups, None] for p in params])
-        pieces.append(out.reshape(rows, groups * size))
+        pieces.append(out.reshape(rows, out.shape[1] * out.shape[2]))
         start += groups
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _inverse(scale: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
-    return _materialized(torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale))))
+    return torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
 
 
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
@@ -384,7 +394,8 @@ def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
     zero = flush(-(mn * inv))
     zero = torch.where(poisoned, _nan_like(zero), zero)
     mn = torch.where(poisoned, torch.zeros_like(mn), mn)
-    return scale, inv, zero, mn, poisoned
+    mn, inv, poisoned = _materialized(mn, inv, poisoned)
+    return scale, inv, zero, mn, poisoned != 0
 
 
 def int4_quantize(x: torch.Tensor, group_size: int):
@@ -393,6 +404,11 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     mn = torch.cat([p.amin(-1) for p in parts], dim=1)
     mx = torch.cat([p.amax(-1) for p in parts], dim=1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
+    if torch.compiler.is_compiling():
+        # Compiled, in place on views made Inductor's kernel 2x slower.
+        packed = _apply_groups(xf, (mn, inv, poisoned), group_size,
+                               lambda b, mn_b, inv_b, bad_b: pack_rounded_pairs(_zero_poisoned((b - mn_b) * inv_b, bad_b).round().clamp(0.0, 15.0)))
+        return packed.to(torch.uint8), scale, zero
     v = _apply_groups(xf, (mn, inv, poisoned), group_size,
                       lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
     return pack_nibbles(_clamp_proven(v.round_(), 0.0, 15.0).to(torch.uint8)), scale, zero
@@ -401,16 +417,22 @@ def int4_quantize(x: torch.Tensor, group_size: int):
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [rows, 2n] (each below 16) to bytes [rows, n], element 2j in the low
     nibble. Each pair read as one little-endian int16 w = lo + 256 hi gives the byte as
-    the low 8 bits of w | w >> 4: a reinterpretation Inductor vectorises, where slicing
-    the pairs apart (or packing in float32) ran 3 to 7 times slower. Compiled, eight
-    codes at a time as two int32 words (_squeeze_nibbles)."""
-    q = q.contiguous()
-    rows, width = q.shape
-    if torch.compiler.is_compiling() and width % 8 == 0:
-        words = q.view(torch.int32).reshape(rows, width // 8, 2)
-        return (_squeeze_nibbles(words[..., 0]) | (_squeeze_nibbles(words[..., 1]) << 16)).view(torch.uint8)
-    pairs = q.view(torch.int16)
+    the low 8 bits of w | w >> 4: two eager passes, where slicing the pairs apart ran 3
+    to 7 times slower."""
+    pairs = q.contiguous().view(torch.int16)
     return ((pairs | (pairs >> 4)) & 0xFF).to(torch.uint8)
+
+
+def pack_rounded_pairs(q: torch.Tensor) -> torch.Tensor:
+    """pack_nibbles, compiled, on float32 codes (integers 0 to 15) of one block
+    [rows, groups, size]: byte j is the pair's weighted sum q[2j] + 16 q[2j+1], exact in
+    float32 (at most 255), returned as float32 [rows, groups, size / 2]. Inductor
+    vectorises this sum over pairs inside the loop that computes the codes; packing
+    uint8 codes took a kernel of its own (0.27 ms for 2 MiB of output, scalar), and the
+    same sum over the whole row, or slicing the pairs apart, 10 ms (scalar again)."""
+    rows, groups, size = q.shape
+    weights = torch.tensor([1.0, 16.0], dtype=torch.float32, device=q.device)
+    return (q.reshape(rows, groups, size // 2, 2) * weights).sum(-1)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -436,10 +458,6 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
     return (half | (half << 4)) & 0x0F0F0F0F
 
 
-def _squeeze_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """The inverse of _spread_nibbles: four codes, one per byte, to bits 0-15."""
-    codes = (codes | (codes >> 4)) & 0x00FF00FF
-    return (codes | (codes >> 8)) & 0x0000FFFF
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):
