@@ -188,10 +188,10 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
     return torch.where(mask, nan_bits, out.view(carrier)).view(out.dtype)
 
 
-def _canonical_params(p: torch.Tensor) -> torch.Tensor:
-    """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical."""
-    p = flush(p)
-    return torch.where(torch.isnan(p), _nan_like(p), p)
+def _canonical_params(*params: torch.Tensor):
+    """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical;
+    materialised when compiling (Inductor redid this for every 16 elements)."""
+    return _materialized(*[torch.where(torch.isnan(p), _nan_like(p), flush(p)) for p in params])
 
 
 # --------------------------------------------------------------------- FP8
@@ -462,7 +462,7 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):
     """value = flush((float32(q) - zero) * scale)."""
-    scales, zeros = _canonical_params(scales), _canonical_params(zeros)
+    scales, zeros = _canonical_params(scales, zeros)
     q = unpack_nibbles(packed).to(torch.float32)
     # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
     # than the arithmetic. Compiled, in place on views made Inductor's kernel 2x slower.
