@@ -213,8 +213,18 @@ def fp8_quantize_per_token(x):
 def fp8_quantize_per_tensor(x, static_scale: Optional[float]):
     if static_scale is None:
         return _fp8_per_tensor_dynamic(x)
-    # The scale travels as an array so that jit does not compile once per scale value.
-    return _fp8_per_tensor_static(x, np.float32(static_scale), bool(static_scale < STATIC_SCALE_DAZ))
+    return _fp8_per_tensor_static(x, *_static_scale_args(static_scale))
+
+
+def _static_scale_args(static_scale: float):
+    """(scale, 1 / scale, flush_input) for a caller's static scale. The reciprocal is
+    made on the host (_spec.host_reciprocal_rn), so no device divides: traced, the
+    division was redone per element (static-scale quantize 1.35 ms against 0.67 for a
+    dynamic scale). Both travel as arrays so that jit does not compile once per scale.
+    1/scale > 2^116 lifts a subnormal input past half the smallest e4m3 step, so only
+    then must inputs be flushed: a static flag."""
+    scale = np.float32(static_scale)
+    return scale, np.float32(_spec.host_reciprocal_rn(float(scale))), bool(static_scale < STATIC_SCALE_DAZ)
 
 
 def _fp8_per_tensor_dynamic(x):
@@ -224,14 +234,13 @@ def _fp8_per_tensor_dynamic(x):
     return _zero_where(_fp8_codes(xf, inv, clamp=False), poisoned), scale
 
 
-def _fp8_per_tensor_static(x, scale, flush_input: bool):
+def _fp8_per_tensor_static(x, scale, inv, flush_input: bool):
     xf = _widen(x)
     if flush_input:
-        # 1/scale > 2^116 lifts a subnormal input past half the smallest e4m3 step.
         xf = flush(xf)
-    scale = jnp.asarray(scale, F32)
-    inv = reciprocal_rn(scale)
-    poisoned = ~jnp.all(jnp.isfinite(xf)) if xf.size else jnp.zeros((), bool)
+    scale, inv = jnp.asarray(scale, F32), jnp.asarray(inv, F32)
+    # max |x| carries NaN and inf; a reduction over isfinite ran twice as long on the CPU.
+    poisoned = ~jnp.isfinite(jnp.max(jnp.abs(xf))) if xf.size else jnp.zeros((), bool)
     scale = jnp.where(poisoned, NAN, scale)
     return _zero_where(_fp8_codes(xf, inv, clamp=True), poisoned), scale
 
@@ -473,7 +482,7 @@ class _Kernels:
         self._jit = jit
         self.fp8_quantize_per_token = wrap(fp8_quantize_per_token, ())
         self._dynamic = wrap(_fp8_per_tensor_dynamic, ())
-        self._static = wrap(_fp8_per_tensor_static, (2,))
+        self._static = wrap(_fp8_per_tensor_static, (3,))
         self.fp8_dequantize = wrap(fp8_dequantize, (2,))
         self.int8_quantize = wrap(int8_quantize, ())
         self.int8_dequantize = wrap(int8_dequantize, (2,))
@@ -483,7 +492,7 @@ class _Kernels:
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:
             return self._dynamic(x)
-        return self._static(x, np.float32(static_scale), bool(static_scale < STATIC_SCALE_DAZ))
+        return self._static(x, *_static_scale_args(static_scale))
 
     def variants(self):
         return {} if self._jit else {"jit": _jit_kernels()}

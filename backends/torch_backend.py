@@ -190,8 +190,13 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
 
 def _canonical_params(*params: torch.Tensor):
     """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical;
-    materialised when compiling (Inductor redid this for every 16 elements)."""
-    return _materialized(*[torch.where(torch.isnan(p), _nan_like(p), flush(p)) for p in params])
+    per-token and per-group ones materialised when compiling (Inductor redid this for
+    every 16 elements). A single per-tensor scale is not: from a buffer, FP8 per-tensor
+    dequantization took 0.9 ms against 0.5 inline (torch 2.13 CPU)."""
+    canonical = [torch.where(torch.isnan(p), _nan_like(p), flush(p)) for p in params]
+    if canonical[0].numel() == 1:
+        return tuple(canonical) if len(canonical) > 1 else canonical[0]
+    return _materialized(*canonical)
 
 
 # --------------------------------------------------------------------- FP8
@@ -241,11 +246,20 @@ def fp8_quantize_per_token(x: torch.Tensor):
 def fp8_quantize_per_tensor(x: torch.Tensor, static_scale: Optional[float]):
     if static_scale is None:
         return _fp8_per_tensor_dynamic(x)
-    scale = torch.tensor(static_scale, dtype=torch.float32, device=x.device)
-    # 1/scale > 2^116 lifts a subnormal input past half the smallest e4m3 step, so only
-    # then must inputs be flushed; the flag is static, the scale a tensor, so a compiled
-    # kernel is not specialised on every scale a checkpoint holds.
-    return _fp8_per_tensor_static(x, scale, static_scale < STATIC_SCALE_DAZ)
+    return _fp8_per_tensor_static(x, *_static_scale_args(static_scale, x.device))
+
+
+def _static_scale_args(static_scale: float, device):
+    """(scale, 1 / scale, flush_input) for a caller's static scale, made on the host
+    (_spec.host_reciprocal_rn), so no device divides: divided in the compiled kernel,
+    Inductor redid the division and flush for every 16 elements (1.27 ms against 0.52
+    for a dynamic scale). Scale and reciprocal travel as tensors so that a compiled
+    kernel is not specialised on every scale a checkpoint holds. 1/scale > 2^116 lifts
+    a subnormal input past half the smallest e4m3 step, so only then must inputs be
+    flushed: a static flag."""
+    scale32 = _f32(_spec.f32_bits(static_scale))
+    tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
+    return tensor(scale32), tensor(_spec.host_reciprocal_rn(scale32)), static_scale < STATIC_SCALE_DAZ
 
 
 def _fp8_per_tensor_dynamic(x: torch.Tensor):
@@ -255,11 +269,10 @@ def _fp8_per_tensor_dynamic(x: torch.Tensor):
     return _fp8_codes(xf, inv, poisoned), scale
 
 
-def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, flush_input: bool):
+def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor, flush_input: bool):
     xf = _widen(x)
     if flush_input:
         xf = flush(xf)
-    inv = _materialized(reciprocal_rn(scale))
     if xf.numel():
         poisoned = ~torch.isfinite(_absmax(xf, None))
     else:
@@ -593,8 +606,7 @@ class _Kernels:
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:
             return self._fns["_fp8_per_tensor_dynamic"](x)
-        scale = torch.tensor(static_scale, dtype=torch.float32, device=x.device)
-        return self._fns["_fp8_per_tensor_static"](x, scale, static_scale < STATIC_SCALE_DAZ)
+        return self._fns["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale, x.device))
 
     def variants(self):
         return {} if self._compiled else {"compile": _compiled_kernels()}

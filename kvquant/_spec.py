@@ -51,6 +51,16 @@ def f32_bits(value: float) -> int:
     return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
+def host_reciprocal_rn(value: float) -> float:
+    """float32(1 / s) for s = float32(value), correctly rounded and flushed, as a Python
+    float: for a static scale known on the host. The float64 quotient rounded once to
+    float32 is the correctly rounded float32 quotient (53 >= 2 * 24 + 2 bits, so the
+    double rounding is innocuous); a subnormal result is flushed to +0."""
+    scale = f32_from_bits(f32_bits(value))
+    inv = f32_from_bits(f32_bits(1.0 / scale))
+    return inv if inv >= f32_from_bits(MIN_NORMAL_BITS) else 0.0
+
+
 def reciprocal_rn_bits(bits, where, floor_div_estimate=None):
     """Bits of float32(1 / s), correctly rounded and flushed, from the int32 bits of a
     positive normal float32 s (docs/spec.md, "Reciprocals").

@@ -67,3 +67,15 @@ def test_digit_correction_repairs_any_estimate_off_by_one(error):
     got = _spec.reciprocal_rn_bits(s.view(np.int32), np.where, estimate).astype(np.uint32)
     bad = np.flatnonzero(got != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got bits {got[bad[0]]:#010x}"
+
+
+def test_host_reciprocal_of_static_scales_is_correctly_rounded():
+    # Static scales are known on the host: their reciprocal is a float64 division
+    # rounded once to float32, which must equal float32 IEEE division, flushed.
+    from kvquant import _spec
+
+    s, ref = samples()
+    picked = np.concatenate([np.arange(len(s) - len(EDGES), len(s)), np.arange(0, len(s) - len(EDGES), 15)])
+    got = np.array([_spec.host_reciprocal_rn(float(v)) for v in s[picked]], np.float32)
+    bad = np.flatnonzero(got.view(np.uint32) != ref[picked].view(np.uint32))
+    assert bad.size == 0, f"1/{s[picked][bad[0]]!r}: expected {ref[picked][bad[0]]!r}, got {got[bad[0]]!r}"
