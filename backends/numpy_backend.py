@@ -158,22 +158,30 @@ def _absmax_rows(x: np.ndarray, work_u32: np.ndarray) -> np.ndarray:
     return np.where(top > _INF_BITS, U32(_spec.NAN_BITS), top).view(F32)
 
 
-def _order_keys(x: np.ndarray, out_i32: np.ndarray) -> np.ndarray:
-    """Signed integers that order like the float32 values of x (-NaN < -inf ... +inf < +NaN).
+def _group_min_max(x: np.ndarray, group_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """float32 min and max of each group of x (contiguous [rows, head_dim]); NaN when
+    the group holds a NaN, as a NaN-propagating reduction gives.
 
-    Negative floats have their magnitude bits flipped, so a larger magnitude gives a
-    smaller key. The map is its own inverse.
+    From three exact integer reductions of the bits, where float reductions ran three
+    times slower and mapping to order-preserving keys first took three passes. As int32,
+    non-negative floats order by value and sit above every negative one (sign bit set);
+    negative floats order by magnitude, so the int32 maximum of an all-negative group
+    is its minimum float and the int32 minimum its maximum. As uint32 every negative
+    float lies above every non-negative one and orders by magnitude, so the uint32
+    maximum of a group holding a negative (-0.0 and -NaN included) is its minimum float.
+    NaN bits lie beyond inf's in both orders, so a NaN wins wherever it competes.
     """
     bits = x.view(np.int32)
-    np.right_shift(bits, 31, out=out_i32)
-    np.bitwise_and(out_i32, 0x7FFFFFFF, out=out_i32)
-    np.bitwise_xor(out_i32, bits, out=out_i32)
-    return out_i32
-
-
-def _keys_to_f32(keys: np.ndarray) -> np.ndarray:
-    keys = keys.astype(np.int32)
-    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(F32)
+    width = x.shape[1]
+    starts = [g for start, stop, size in _group_slices(width, group_size) for g in range(start, stop, size)]
+    max_signed = _reduce_segments(np.maximum, bits, starts)
+    min_signed = _reduce_segments(np.minimum, bits, starts)
+    max_unsigned = _reduce_segments(np.maximum, bits.view(U32), starts)
+    has_negative = max_unsigned >= U32(0x80000000)
+    has_non_negative = max_signed >= 0
+    mn = np.where(has_negative, max_unsigned.view(np.int32), min_signed)
+    mx = np.where(has_non_negative, max_signed, min_signed)
+    return mn.view(F32), mx.view(F32)
 
 
 def _group_slices(head_dim: int, group_size: int):
@@ -185,15 +193,6 @@ def _group_slices(head_dim: int, group_size: int):
     if full < head_dim:
         runs.append((full, head_dim, head_dim - full))
     return runs
-
-
-def _group_min_max(keys: np.ndarray, group_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    width = keys.shape[1]
-    starts = [g for start, stop, size in _group_slices(width, group_size) for g in range(start, stop, size)]
-    return (
-        _keys_to_f32(_reduce_segments(np.minimum, keys, starts)),
-        _keys_to_f32(_reduce_segments(np.maximum, keys, starts)),
-    )
 
 
 def _reduce_segments(op: np.ufunc, a: np.ndarray, starts) -> np.ndarray:
@@ -242,14 +241,15 @@ def _symmetric_scale(amax: np.ndarray, reciprocal: np.float32):
     """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
 
     Returns (scale, inv, poisoned); a poisoned row gets the NaN scale and inv = 0.
+    amax >= 0 (or NaN), so flush(amax) == 0 is amax < 2^-126.
     """
     poisoned = ~np.isfinite(amax)
-    amax = flush(amax)
-    scale = np.maximum(amax * reciprocal, S_MIN)
-    scale = np.where(amax == 0, ONE, scale)
-    scale = np.where(poisoned, NAN, scale).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(poisoned, F32(0), ONE / scale).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.where(amax < MIN_NORMAL, ONE, np.maximum(amax * reciprocal, S_MIN))
+    inv = ONE / scale  # a normal float32: scale lies in [2^-100, 2^121]
+    if poisoned.any():
+        scale = np.where(poisoned, NAN, scale)
+        inv = np.where(poisoned, F32(0), inv)
     return scale, inv, poisoned
 
 
@@ -513,21 +513,26 @@ def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
 
 # -------------------------------------------------------------------- INT4
 def _int4_params(mn: np.ndarray, mx: np.ndarray):
-    """Spec INT4 scale, inverse and zero from a group's min and max (float32 [rows, groups])."""
-    mn = flush(mn)
-    mn = np.where(mn == 0, F32(0), mn)  # the sign of a zero minimum is not the reduction's to choose
-    mx = flush(mx)
+    """Spec INT4 scale, inverse and zero from a group's min and max (float32 [rows, groups]).
+
+    A zero minimum is +0.0 whatever sign the reduction chose, so flushing mn gives +0
+    outright. The signs of a flushed mx and rng cannot matter: mx only enters
+    rng = mx - mn, which is >= 0 (or NaN) and is only compared with zero or scaled
+    when it is not zero."""
     with np.errstate(invalid="ignore", over="ignore"):
-        rng = flush(mx - mn)
-    poisoned = ~np.isfinite(rng)
-    scale = np.maximum(rng * R15, S_MIN)
-    scale = np.where(rng == 0, ONE, scale)
-    scale = np.where(poisoned, NAN, scale).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(poisoned, F32(0), ONE / scale).astype(F32)
+        mn = np.where(np.abs(mn) < MIN_NORMAL, F32(0), mn)
+        mx = np.where(np.abs(mx) < MIN_NORMAL, F32(0), mx)
+        rng = mx - mn
+        poisoned = ~np.isfinite(rng)
+        scale = np.where(rng < MIN_NORMAL, ONE, np.maximum(rng * R15, S_MIN))  # flush(rng) == 0
+        with np.errstate(divide="ignore"):
+            inv = ONE / scale
         zero = flush(-(mn * inv))
-    zero = np.where(poisoned, NAN, zero).astype(F32)
-    mn = np.where(poisoned, F32(0), mn).astype(F32)
+    if poisoned.any():
+        scale = np.where(poisoned, NAN, scale)
+        inv = np.where(poisoned, F32(0), inv)
+        zero = np.where(poisoned, NAN, zero)
+        mn = np.where(poisoned, F32(0), mn)
     return scale, inv, zero, mn, poisoned
 
 
@@ -539,9 +544,9 @@ def int4_quantize(x: np.ndarray, group_size: int):
     zeros = np.empty((rows, groups), F32)
 
     def chunk(start, stop):
-        xc = _widen(x[start:stop])
+        xc = np.ascontiguousarray(_widen(x[start:stop]))
         work = np.empty(xc.shape, F32)
-        mn, mx = _group_min_max(_order_keys(xc, work.view(np.int32)), group_size)
+        mn, mx = _group_min_max(xc, group_size)
         scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
         with np.errstate(invalid="ignore", over="ignore"):
             if width % group_size == 0:
