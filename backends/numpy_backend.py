@@ -159,8 +159,9 @@ def _absmax_rows(x: np.ndarray, work_u32: np.ndarray) -> np.ndarray:
 
 
 def _group_min_max(x: np.ndarray, group_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """float32 min and max of each group of x (contiguous [rows, head_dim]); NaN when
-    the group holds a NaN, as a NaN-propagating reduction gives.
+    """float32 min and max of each group of x (contiguous [rows, head_dim]). A group
+    holding a NaN gets a NaN minimum (a NaN with the sign bit set) or maximum (one
+    without), so its range mx - mn is NaN and the group is poisoned, as the spec asks.
 
     From three exact integer reductions of the bits, where float reductions ran three
     times slower and mapping to order-preserving keys first took three passes. As int32,
@@ -169,7 +170,7 @@ def _group_min_max(x: np.ndarray, group_size: int) -> Tuple[np.ndarray, np.ndarr
     is its minimum float and the int32 minimum its maximum. As uint32 every negative
     float lies above every non-negative one and orders by magnitude, so the uint32
     maximum of a group holding a negative (-0.0 and -NaN included) is its minimum float.
-    NaN bits lie beyond inf's in both orders, so a NaN wins wherever it competes.
+    NaN bits lie beyond inf's of the same sign in both orders.
     """
     bits = x.view(np.int32)
     width = x.shape[1]

@@ -84,3 +84,26 @@ def test_encoder_decoder_roundtrip_every_code():
 @pytest.mark.exhaustive
 def test_encoder_on_every_float32_up_to_448():
     check_e4m3_encoder(ref.encode_e4m3, every_float32=True)
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 64])
+def test_group_min_max_from_integer_reductions_equals_float_min_max(group_size):
+    # The reference reads group minima and maxima off integer reductions of the raw
+    # bits; every sign mix (all negative, all non-negative, both), signed zeros,
+    # infinities and NaNs of either sign must give what float min/max give, or a NaN.
+    specials = np.array([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, np.inf, -np.inf, 1e-40, -1e-40, 3e38, -3e38], np.float32)
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001], np.uint32).view(np.float32)
+    rng = np.random.default_rng(7)
+    pool = np.concatenate([specials, nans, rng.standard_normal(16).astype(np.float32)])
+    x = rng.choice(pool, size=(4096, 2 * group_size)).astype(np.float32)
+    x[:64] = -np.abs(x[:64])  # all-negative groups, -0.0 and -NaN included
+    x[64:128] = np.abs(x[64:128])
+    mn, mx = ref._group_min_max(x, group_size)
+    groups = x.reshape(len(x), -1, group_size)
+    with np.errstate(invalid="ignore"):
+        want_mn, want_mx = groups.min(axis=2), groups.max(axis=2)
+    # A NaN shows in the minimum or the maximum (by its sign), which poisons the range.
+    assert np.array_equal(np.isnan(mn) | np.isnan(mx), np.isnan(want_mn))
+    clean = ~np.isnan(want_mn)
+    for got, want in ((mn, want_mn), (mx, want_mx)):
+        assert np.array_equal(got[clean], want[clean])  # +0 == -0: a zero's sign is the spec's to set
