@@ -10,7 +10,7 @@ followed by an add into an FMA inside fusions, and flushes subnormals (FTZ and
 DAZ). None can change these results (docs/spec.md, "Why compilers cannot change
 the bits"): the reciprocal is computed once per token and multiplied; no product
 is ever added to anything (the float adds that round by a magic number take a
-clamp's output or a bitcast); and the spec flushes every subnormal itself, explicitly
+minimum's output or a bitcast); and the spec flushes every subnormal itself, explicitly
 here too, because XLA on GPUs keeps subnormals. Constants are NumPy float32 built
 from bit patterns, so jax_enable_x64 cannot turn them into float64.
 """

@@ -97,8 +97,8 @@ def test_table_counts_failures():
     outcomes = run_checks(iter_checks([make_broken("swapped-nibbles")], families=("rounding-ties",)))
     table = format_table(outcomes)
     assert "broken-swapped-nibbles / eager" in table
-    assert "0/1!" in table  # the int4 tie cases fail ...
-    assert "1/1" in table   # ... and the int8 one passes
+    assert "0/2!" in table  # the int4 tie cases (half-integers, products-on-ties) fail ...
+    assert "2/2" in table   # ... and the int8 ones pass
 
 
 # ------------------------------------------------------------ known failures
