@@ -151,8 +151,9 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
     A poisoned token gets the NaN scale and inv = 0."""
     poisoned = ~torch.isfinite(amax)
-    # amax >= 0 (or NaN), so flush(amax) == 0 is amax < 2^-126.
-    scale = torch.where(amax < MIN_NORMAL, 1.0, torch.clamp_min(amax * reciprocal, S_MIN))
+    amax = flush(amax)
+    scale = torch.clamp_min(amax * reciprocal, S_MIN)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
     inv, poisoned = _materialized(_inverse(scale, poisoned), poisoned)
     return scale, inv, poisoned != 0
