@@ -259,8 +259,10 @@ def _symmetric_scale(amax: np.ndarray, reciprocal: np.float32):
 # rounded to 24 - 20 = 4 significant bits, ties to even, which is the e4m3 grid for
 # 2^-6 <= y <= 448 (tests/test_numpy_reference.py checks every float32 there). Three
 # float passes replace eight integer ones.
-_VELTKAMP_SPLITTER = F32(2.0**20 + 1)
-_E4M3_MIN_NORMAL = F32(2.0**-6)
+_VELTKAMP_SPLITTER = _f32(0x49800008)  # 2^20 + 1
+_E4M3_MIN_NORMAL = _f32(0x3C800000)  # 2^-6
+_E4M3_SUBNORMAL_STEPS = _f32(0x44000000)  # 512 = 1 / 2^-9, the subnormal e4m3 step
+_TWO_TO_120 = _f32(0x7B800000)  # the decoder's exponent bias gap, 127 - 7
 # A rounded magnitude's float32 bits >> 20 are (exponent + 127) << 3 | mantissa; the
 # e4m3 code is (exponent + 7) << 3 | mantissa, 960 less, and 960 = 64 (mod 256).
 _E4M3_REBIAS_MOD_256 = np.uint8(64)
@@ -288,7 +290,7 @@ def _encode_e4m3_magnitudes(mag: np.ndarray, scratch: np.ndarray, out: np.ndarra
     such magnitudes are rare in real data and are patched afterwards."""
     with np.errstate(invalid="ignore"):
         small = _sparse_flatnonzero(np.less(mag, _E4M3_MIN_NORMAL))
-    small_codes = np.rint(mag.reshape(-1)[small] * F32(512)).astype(np.uint8)
+    small_codes = np.rint(mag.reshape(-1)[small] * _E4M3_SUBNORMAL_STEPS).astype(np.uint8)
     np.multiply(mag, _VELTKAMP_SPLITTER, out=scratch)
     np.subtract(mag, scratch, out=mag)
     mag += scratch
@@ -320,7 +322,7 @@ def encode_e4m3(y: np.ndarray) -> np.ndarray:
     return out
 
 
-def _decode_e4m3_into(codes_u8: np.ndarray, out: np.ndarray, factor=F32(2.0**120)) -> None:
+def _decode_e4m3_into(codes_u8: np.ndarray, out: np.ndarray, factor=_TWO_TO_120) -> None:
     """out = float32 value of each e4m3fn code times factor / 2^120 (out contiguous).
 
     Placing the 7 magnitude bits at float32 bits 20-26 gives 2^(e-127)(1+m/8) for
@@ -425,7 +427,7 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     # 2^120 into the one product.
     with np.errstate(over="ignore", invalid="ignore"):
         fold = not (np.abs(scales) >= F32(2.0**8))[np.isfinite(scales)].any()
-        factors = scales * F32(2.0**120) if fold else scales
+        factors = scales * _TWO_TO_120 if fold else scales
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
