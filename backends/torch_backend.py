@@ -216,9 +216,9 @@ SUBNORMAL_E4M3_SHIFTER = _f32(_spec.E4M3_SUBNORMAL_SHIFTER_BITS)
 
 def encode_e4m3_words(y: torch.Tensor) -> torch.Tensor:
     """int32 words whose low byte is the e4m3fn code of float32 values of magnitude below
-    464 (clamped to 448, or bounded by section 10): _spec.e4m3_code_words, the integer method JAX uses, here when
-    compiling. Inductor's float8 conversion ran at 3.4 copies against 1.1 for this
-    (torch 2.13 CPU)."""
+    464 (clamped to 448, or bounded by section 10): _spec.e4m3_code_words, the integer
+    method JAX uses, here when compiling. Inductor's float8 conversion ran at 3.4 copies
+    against 1.1 for this (torch 2.13 CPU)."""
     return _spec.e4m3_code_words(y.view(torch.int32), _add_subnormal_shifter, torch.where)
 
 
@@ -378,7 +378,7 @@ def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
     rows = t.shape[0]
     pieces, start = [], 0
     for block in _grouped(t, group_size):
-        groups, size = block.shape[1:]
+        groups = block.shape[1]
         out = fn(block, *[p[:, start:start + groups, None] for p in params])
         pieces.append(out.reshape(rows, out.shape[1] * out.shape[2]))
         start += groups
