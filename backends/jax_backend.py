@@ -56,7 +56,6 @@ INT8_MAX = _f32(_spec.INT8_MAX_BITS)
 INT4_MAX = _f32(_spec.INT4_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
 NAN = _f32(_spec.NAN_BITS)
-STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
 _NAN_BITS = {
     "float32": np.array(_spec.NAN_BITS_BY_DTYPE["float32"], np.uint32).view(np.int32)[()],
     "float16": np.array(_spec.NAN_BITS_BY_DTYPE["float16"], np.uint16).view(np.int16)[()],
@@ -148,10 +147,10 @@ SUBNORMAL_E4M3_SHIFTER = _f32(_spec.E4M3_SUBNORMAL_SHIFTER_BITS)
 
 
 def encode_e4m3(y):
-    """e4m3fn codes of float32 values already clamped to [-448, 448] by the integer
-    method of _spec.e4m3_code_words, shared with the compiled torch backend: no float
-    rewrite or flush can touch it, and it ran 2.6 times faster than XLA's own float8
-    convert on the CPU (its float add replaced jnp.round, a quarter of the time)."""
+    """e4m3fn codes of float32 values of magnitude below 464 by the integer method of
+    _spec.e4m3_code_words, shared with the compiled torch backend: no float rewrite or
+    flush can touch it, and it ran 2.6 times faster than XLA's own float8 convert on
+    the CPU (its float add replaced jnp.round, a quarter of the time)."""
     bits = jax.lax.bitcast_convert_type(y, I32)
     words = _spec.e4m3_code_words(bits, _add_subnormal_shifter, jnp.where)
     return jax.lax.bitcast_convert_type(words.astype(jnp.uint8), jnp.float8_e4m3fn)
@@ -217,14 +216,11 @@ def fp8_quantize_per_tensor(x, static_scale: Optional[float]):
 
 
 def _static_scale_args(static_scale: float):
-    """(scale, 1 / scale, flush_input) for a caller's static scale. The reciprocal is
-    made on the host (_spec.host_reciprocal_rn), so no device divides: traced, the
-    division was redone per element (static-scale quantize 1.35 ms against 0.67 for a
-    dynamic scale). Both travel as arrays so that jit does not compile once per scale.
-    1/scale > 2^116 lifts a subnormal input past half the smallest e4m3 step, so only
-    then must inputs be flushed: a static flag."""
-    scale = np.float32(static_scale)
-    return scale, np.float32(_spec.host_reciprocal_rn(float(scale))), bool(static_scale < STATIC_SCALE_DAZ)
+    """_spec.static_scale_parts, scale and reciprocal as float32 NumPy scalars (jit
+    takes them as arrays). Traced, the division was redone per element (static-scale
+    quantize 1.35 ms against 0.67 for a dynamic scale)."""
+    scale, inv, flush_input = _spec.static_scale_parts(static_scale)
+    return np.float32(scale), np.float32(inv), flush_input
 
 
 def _fp8_per_tensor_dynamic(x):

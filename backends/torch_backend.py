@@ -18,6 +18,7 @@ written out explicitly exactly where the spec lists them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from typing import Optional
 
@@ -246,16 +247,12 @@ def fp8_quantize_per_tensor(x: torch.Tensor, static_scale: Optional[float]):
 
 
 def _static_scale_args(static_scale: float, device):
-    """(scale, 1 / scale, flush_input) for a caller's static scale, made on the host
-    (_spec.host_reciprocal_rn), so no device divides: divided in the compiled kernel,
-    Inductor redid the division and flush for every 16 elements (1.27 ms against 0.52
-    for a dynamic scale). Scale and reciprocal travel as tensors so that a compiled
-    kernel is not specialised on every scale a checkpoint holds. 1/scale > 2^116 lifts
-    a subnormal input past half the smallest e4m3 step, so only then must inputs be
-    flushed: a static flag."""
-    scale32 = _f32(_spec.f32_bits(static_scale))
-    tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device)  # noqa: E731
-    return tensor(scale32), tensor(_spec.host_reciprocal_rn(scale32)), static_scale < STATIC_SCALE_DAZ
+    """_spec.static_scale_parts as tensors on the input's device. Divided in the
+    compiled kernel, Inductor redid the division and flush for every 16 elements
+    (1.27 ms against 0.52 for a dynamic scale)."""
+    scale, inv, flush_input = _spec.static_scale_parts(static_scale)
+    tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+    return tensor(scale), tensor(inv), flush_input
 
 
 def _fp8_per_tensor_dynamic(x: torch.Tensor):
@@ -465,8 +462,6 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
     little-endian: nibble k to bits 8k..8k+3."""
     half = (half | (half << 8)) & 0x00FF00FF
     return (half | (half << 4)) & 0x0F0F0F0F
-
-
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):

@@ -61,6 +61,17 @@ def host_reciprocal_rn(value: float) -> float:
     return inv if inv >= f32_from_bits(MIN_NORMAL_BITS) else 0.0
 
 
+def static_scale_parts(static_scale: float):
+    """(scale, 1 / scale, flush_input) of a caller's static FP8 scale, as Python floats
+    holding float32 values and a flag, all made on the host, so that no device divides
+    (compiled, a traced division was redone per element). Backends pass scale and
+    reciprocal as arrays, so a compiled kernel is not specialised on every scale a
+    checkpoint holds. 1/scale > 2^116 lifts a subnormal input past half the smallest
+    e4m3 step, so only below STATIC_SCALE_DAZ must inputs be flushed."""
+    scale = f32_from_bits(f32_bits(static_scale))
+    return scale, host_reciprocal_rn(scale), scale < f32_from_bits(STATIC_SCALE_DAZ_BITS)
+
+
 def reciprocal_rn_bits(bits, where, floor_div_estimate=None):
     """Bits of float32(1 / s), correctly rounded and flushed, from the int32 bits of a
     positive normal float32 s (docs/spec.md, "Reciprocals").
@@ -104,8 +115,9 @@ def reciprocal_rn_bits(bits, where, floor_div_estimate=None):
 
 
 def e4m3_code_words(bits, add_shifter_bits, where):
-    """int32 words whose low byte is the e4m3fn code of float32 values already clamped to
-    [-448, 448], from their int32 bits, in integer operations (docs/spec.md, "Rounding
+    """int32 words whose low byte is the e4m3fn code of float32 values of magnitude below
+    464 (clamped to 448, or a dynamic-scale product, below 448.0002 by docs/spec.md
+    section 10), from their int32 bits, in integer operations (docs/spec.md, "Rounding
     to e4m3"). Operators only, like reciprocal_rn_bits, so torch and JAX share it.
 
     Normal e4m3 range: round to nearest even at bit 20 (add 2^19 - 1 plus the bit that
