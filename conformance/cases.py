@@ -138,11 +138,16 @@ def e4m3_values() -> np.ndarray:
     return np.arange(127, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
+def e4m3_midpoints() -> np.ndarray:
+    """The 126 midpoints between adjacent non-negative finite e4m3 values, as float32."""
+    v = e4m3_values()
+    return (v[:-1] + v[1:]) / np.float32(2)  # exact: adjacent e4m3 values share an exponent or differ by one
+
+
 def fp8_boundary_values() -> np.ndarray:
     """Each midpoint between adjacent e4m3 values and its neighbours at +-1 and +-2
     float32 ulp, both signs."""
-    v = e4m3_values()
-    mids = (v[:-1] + v[1:]) / np.float32(2)  # exact: adjacent e4m3 values share an exponent or differ by one
+    mids = e4m3_midpoints()
     out = [mids]
     for steps in (1, 2):
         up, down = mids.copy(), mids.copy()
@@ -231,16 +236,12 @@ def product_tie_cases() -> Iterator[Case]:
     the CPU contracts x * inv + magic into an FMA) breaks these ties the wrong way. Scales
     are not powers of two, so the products are inexact."""
     amaxes = [np.float32(v) for v in (3.7, 0.0123, 1234.5, 1.1, 77.7)]
-    v = e4m3_values()
-    fp8_ties = np.concatenate([(v[:-1] + v[1:]) / np.float32(2)]).astype(np.float32)
-    fp8_ties = np.concatenate([fp8_ties, -fp8_ties])
+    fp8_ties = np.concatenate([e4m3_midpoints(), -e4m3_midpoints()])
     int8_ties = np.arange(-127, 127, dtype=np.float32) + np.float32(0.5)
     fp8_tokens, int8_tokens = [], []
     for amax in amaxes:
-        fp8_inv = np.float32(1) / np.maximum(amax * np.float32(_R(448)), np.float32(2.0**-100))
-        fp8_tokens.append(_tokens_with_amax(amax, inexact_products_on(fp8_ties, fp8_inv, amax), 128))
-        int8_inv = np.float32(1) / np.maximum(amax * np.float32(_R(127)), np.float32(2.0**-100))
-        int8_tokens.append(_tokens_with_amax(amax, inexact_products_on(int8_ties, int8_inv, amax), 128))
+        fp8_tokens.append(_tokens_with_amax(amax, inexact_products_on(fp8_ties, _dynamic_inverse(amax, 448), amax), 128))
+        int8_tokens.append(_tokens_with_amax(amax, inexact_products_on(int8_ties, _dynamic_inverse(amax, 127), amax), 128))
     yield _make("rounding-ties", Spec(Format.FP8_PER_TOKEN), "float32", "products-on-ties", np.concatenate(fp8_tokens), ("RoundingTie", "ProductTie"))
     yield _make("rounding-ties", Spec(Format.INT8), "float32", "products-on-ties", np.concatenate(int8_tokens), ("RoundingTie", "ProductTie"))
     int4_ties = np.arange(0, 15, dtype=np.float32) + np.float32(0.5)
@@ -248,17 +249,18 @@ def product_tie_cases() -> Iterator[Case]:
         groups = []
         for mx in amaxes:
             # mn = 0, so x - mn is exact and (x - mn) * inv is the product under test.
-            inv = np.float32(1) / np.maximum(mx * np.float32(_R(15)), np.float32(2.0**-100))
-            body = inexact_products_on(int4_ties, inv, mx)
+            body = inexact_products_on(int4_ties, _dynamic_inverse(mx, 15), mx)
             groups.append(np.concatenate([[0, mx], body, np.zeros(g - 2 - len(body))]).astype(np.float32))
-        x = np.stack(groups).reshape(len(groups), g)
+        x = np.stack(groups)
         yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "products-on-ties", np.tile(x, (1, 128 // g)), ("RoundingTie", "ProductTie"))
 
 
-def _R(n: int) -> float:
-    """R(n) = float32(1 / n), from the spec's bit patterns."""
-    bits = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS}[n]
-    return _spec.f32_from_bits(bits)
+def _dynamic_inverse(amax: np.float32, n: int) -> np.float32:
+    """The spec's inv = 1 / max(amax * R(n), S_MIN) for a token's amax (or an INT4 group's
+    range, with n = 15), from the spec's bit patterns; amax here is normal and positive."""
+    r = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS}[n]
+    f32 = lambda bits: np.float32(_spec.f32_from_bits(bits))  # noqa: E731
+    return np.float32(1) / np.maximum(amax * f32(r), f32(_spec.S_MIN_BITS))
 
 
 # ---------------------------------------------------------------- realistic
