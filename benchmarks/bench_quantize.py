@@ -11,9 +11,10 @@ what was measured here.
 The allocator is pinned: glibc returns a freed 16 MiB block to the kernel or keeps it
 depending on what else is free, so a fresh buffer is page-faulted in one repeat and not
 in the next, and the copy baseline alone swung between 0.45 and 4.4 ms here (ratios
-with it by 10x). The script re-runs itself with glibc's mmap and trim thresholds raised,
-so every candidate and the baseline reuse warm memory: the steady state of a serving
-loop, and the strictest baseline. --no-pin-allocator measures without it.
+with it by 10x). The script re-runs itself with glibc's mmap and trim thresholds and
+its top pad raised, so every candidate and the baseline reuse warm memory: the steady
+state of a serving loop, and the strictest baseline. --no-pin-allocator measures
+without it.
 """
 from __future__ import annotations
 
@@ -104,7 +105,16 @@ def run(names, tokens, head_dim, repeats):
     return rows
 
 
-_PINNED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# MALLOC_TOP_PAD_: XLA allocates its outputs on its own worker threads, whose glibc
+# arenas are separate 64 MiB heaps, and glibc unmaps such a heap as soon as it is wholly
+# free whatever the trim threshold says, unless the top pad forbids it. Without the pad,
+# some jax.jit processes page-faulted every 16 MiB output afresh (2,000 to 4,000 minor
+# faults per call, 3 to 5 ms where others took 0.5): the "swings" of earlier runs.
+_PINNED_ALLOCATOR = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+    "MALLOC_TOP_PAD_": str(1 << 26),
+}
 
 
 def main():
