@@ -55,6 +55,7 @@ FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 INT8_MAX = _f32(_spec.INT8_MAX_BITS)
 INT4_MAX = _f32(_spec.INT4_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
+PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 NAN = _f32(_spec.NAN_BITS)
 _NAN_BITS = {
     "float32": np.array(_spec.NAN_BITS_BY_DTYPE["float32"], np.uint32).view(np.int32)[()],
@@ -63,11 +64,18 @@ _NAN_BITS = {
 }
 
 
-def flush(v):
+def flush(v, below=MIN_NORMAL):
     """Spec flush(): a subnormal float32 becomes a zero of the same sign."""
     # copysign rather than v * 0: a compiler may fold the product into +0.0 (torch.compile
     # on CUDA did), losing the sign the spec keeps.
-    return jnp.where(jnp.abs(v) < MIN_NORMAL, jnp.copysign(jnp.zeros_like(v), v), v)
+    return jnp.where(jnp.abs(v) < below, jnp.copysign(jnp.zeros_like(v), v), v)
+
+
+def flush_product(v):
+    """Spec flush_product(): below 2^-125. XLA on the CPU flushes a product whose exact
+    value rounds (with unbounded exponent) below 2^-126, which IEEE rounding can lift to
+    2^-126; flushing the whole lowest normal binade makes both agree."""
+    return flush(v, PRODUCT_FLUSH)
 
 
 def _widen(x):
@@ -254,11 +262,11 @@ def _fp8_per_tensor_static(x, scale, inv, flush_input: bool):
 
 
 def fp8_dequantize(codes, scales, out_dtype: str):
-    """value = flush(float32(code) * scale); scales broadcast against codes. A NaN code
+    """value = flush_product(float32(code) * scale); scales broadcast against codes. A NaN code
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
     scales = _canonical_params(scales)
     value, nan_code = decode_e4m3(codes)
-    v = flush(value * scales)
+    v = flush_product(value * scales)
     return _to_output(jnp.where(nan_code, NAN, v), out_dtype)
 
 
@@ -318,7 +326,7 @@ def _int4_params(mn, mx):
     scale = jnp.where(rng == ZERO, ONE, scale)
     scale = jnp.where(poisoned, NAN, scale)
     inv = _inverse(scale, poisoned)
-    zero = flush(-(mn * inv))
+    zero = flush_product(-(mn * inv))
     zero = jnp.where(poisoned, NAN, zero)
     mn = jnp.where(poisoned, ZERO, mn)
     return scale, inv, zero, mn, poisoned
@@ -389,10 +397,10 @@ _NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 
 
 def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
-    """value = flush((float32(q) - zero) * scale)."""
+    """value = flush_product((float32(q) - zero) * scale)."""
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
     q = unpack_nibbles(packed).astype(F32)
-    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush((b - z) * s))
+    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush_product((b - z) * s))
     return _to_output(v, out_dtype)
 
 

@@ -47,6 +47,7 @@ S_MIN = _f32(_spec.S_MIN_BITS)
 ONE = _f32(_spec.ONE_BITS)
 FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
+PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 NAN = _f32(_spec.NAN_BITS)
 STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
 
@@ -124,10 +125,16 @@ def flush(v: np.ndarray) -> np.ndarray:
     return np.where(np.abs(v) < MIN_NORMAL, np.copysign(F32(0), v), v)
 
 
-def _flush_rows_inplace(out: np.ndarray, rows: np.ndarray) -> None:
+def flush_product(v: np.ndarray) -> np.ndarray:
+    """Spec flush_product(): a product below 2^-125 in magnitude becomes a zero of the same
+    sign (the lowest normal binade too, where flush-to-zero hardware rounds differently)."""
+    v = np.asarray(v, dtype=F32)
+    return np.where(np.abs(v) < PRODUCT_FLUSH, np.copysign(F32(0), v), v)
+
+
+def _flush_product_rows_inplace(out: np.ndarray, rows: np.ndarray) -> None:
     if rows.size:
-        block = out[rows]
-        out[rows] = np.where(np.abs(block) < MIN_NORMAL, np.copysign(F32(0), block), block)
+        out[rows] = flush_product(out[rows])
 
 
 def _abs_into(x: np.ndarray, work: np.ndarray) -> np.ndarray:
@@ -413,7 +420,7 @@ def _nan_wins(v):
 
 
 def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
-    """value = flush(float32(code) * scale), rounded once to out_dtype; a NaN code or
+    """value = flush_product(float32(code) * scale), rounded once to out_dtype; a NaN code or
     scale gives the canonical NaN.
 
     scales is [rows, 1] (per token) or [1, 1] (per tensor).
@@ -440,7 +447,7 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
             _decode_e4m3_into(code_bytes, block)
             block *= factor
         if needs_flush:
-            block[...] = flush(block)
+            block[...] = flush_product(block)
         # 0x7F and 0xFF are e4m3fn's NaN: never produced, but a caller may hand them in.
         nan_codes = code_bytes | np.uint8(0x80)
         if nan_codes.max() == 0xFF:
@@ -530,7 +537,7 @@ def _int4_params(mn: np.ndarray, mx: np.ndarray):
         scale = np.where(rng < MIN_NORMAL, ONE, np.maximum(rng * R15, S_MIN))  # flush(rng) == 0
         with np.errstate(divide="ignore"):
             inv = ONE / scale
-        zero = flush(-(mn * inv))
+        zero = flush_product(-(mn * inv))
     if poisoned.any():
         scale = np.where(poisoned, NAN, scale)
         inv = np.where(poisoned, F32(0), inv)
@@ -592,7 +599,7 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
-    """value = flush((float32(q) - zero) * scale), rounded once to out_dtype."""
+    """value = flush_product((float32(q) - zero) * scale), rounded once to out_dtype."""
     rows, half = packed.shape
     width = half * 2
     scales, zeros = flush(scales), flush(zeros)
@@ -616,7 +623,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
             block -= _broadcast_groups(zeros[start:stop], width, group_size)
             block *= _broadcast_groups(scales[start:stop], width, group_size)
         local = risky_rows[(risky_rows >= start) & (risky_rows < stop)] - start
-        _flush_rows_inplace(block, local)
+        _flush_product_rows_inplace(block, local)
         _store_rows(out, start, stop, block)
 
     _each_chunk(rows, width, chunk)

@@ -52,6 +52,7 @@ R15 = _f32(_spec.R15_BITS)
 S_MIN = _f32(_spec.S_MIN_BITS)
 FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
+PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
 
 
@@ -70,13 +71,18 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def flush(v: torch.Tensor) -> torch.Tensor:
+def flush(v: torch.Tensor, below: float = MIN_NORMAL) -> torch.Tensor:
     """Spec flush(): a subnormal float32 becomes a zero of the same sign.
 
     copysign, not v * 0.0: torch.compile on CUDA folded the product into +0.0 and
     lost the sign (measured on an H100: INT4 zeros of groups whose minimum is zero
     came out +0.0 instead of -0.0)."""
-    return torch.where(v.abs() < MIN_NORMAL, torch.copysign(torch.zeros_like(v), v), v)
+    return torch.where(v.abs() < below, torch.copysign(torch.zeros_like(v), v), v)
+
+
+def flush_product(v: torch.Tensor) -> torch.Tensor:
+    """Spec flush_product(): below 2^-125, the lowest normal binade included."""
+    return flush(v, PRODUCT_FLUSH)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +310,7 @@ def decode_e4m3_scaled(codes: torch.Tensor):
 
 
 def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
-    """value = flush(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
+    """value = flush_product(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
     scales = _canonical_params(scales)
     scaled, nan_codes = decode_e4m3_scaled(codes)
@@ -323,7 +329,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
         suspects = None
     # A nonzero e4m3 magnitude (>= 2^-9) times a scale >= 2^-115 is normal.
     if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
-        v = flush(v)
+        v = flush_product(v)
     return _to_output(v, out_dtype, suspects)
 
 
@@ -397,7 +403,7 @@ def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
     scale = torch.where(rng == 0, torch.ones_like(scale), scale)
     scale = torch.where(poisoned, _nan_like(scale), scale)
     inv = _inverse(scale, poisoned)
-    zero = flush(-(mn * inv))
+    zero = flush_product(-(mn * inv))
     zero = torch.where(poisoned, _nan_like(zero), zero)
     mn = torch.where(poisoned, torch.zeros_like(mn), mn)
     mn, inv, poisoned = _materialized(mn, inv, poisoned)
@@ -465,7 +471,7 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):
-    """value = flush((float32(q) - zero) * scale)."""
+    """value = flush_product((float32(q) - zero) * scale)."""
     scales, zeros = _canonical_params(scales, zeros)
     q = unpack_nibbles(packed).to(torch.float32)
     # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
@@ -478,7 +484,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     # 2^-126, can produce a subnormal (docs/spec.md, "Where flushing matters").
     at_risk = ((scales < 2.0**-99) | (zeros.abs() * scales < 2.0**-124)) & (zeros != 0)
     if not _host_checks_allowed(v) or bool(at_risk.any()):
-        v = flush(v)
+        v = flush_product(v)
     return _to_output(v, out_dtype, ~(torch.isfinite(scales) & torch.isfinite(zeros)))
 
 

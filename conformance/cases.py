@@ -342,6 +342,52 @@ def degenerate_cases() -> Iterator[Case]:
         for name, x, flags in degenerate_inputs(dtype):
             for spec in all_specs(static_scales=(1.0, 2.0**-120, 3.0e38)):
                 yield _make("degenerate", spec, dtype, name, x, flags)
+    yield from underflow_boundary_cases()
+
+
+# Just below 2^-126 a float32 product rounds one way under IEEE gradual underflow and
+# another under flush-to-zero hardware: (1 - 2^-24) * 2^-126 is a tie between the largest
+# subnormal and 2^-126 (IEEE gives 2^-126, which a flush keeps) but exact with an
+# unbounded exponent, hence tiny, so x86 FTZ (XLA on the CPU) returns 0. docs/spec.md,
+# section 8, "the lowest normal binade".
+_BELOW_MIN_NORMAL = np.float32(_spec.f32_from_bits(0x04FFFFFF))  # (1 - 2^-24) * 2^-117
+
+
+def underflow_boundary_cases() -> Iterator[Case]:
+    """Dequantized products that land on (1 - 2^-24) * 2^-126 and elsewhere in [2^-126, 2^-125).
+
+    FP8: a static scale of (1 - 2^-24) * 2^-117; an input of 2^-126 gets the code 2^-9,
+    whose product with the scale is that tie; larger codes land just below 2^-125.
+    INT4: a group with minimum -2^-126 and a range whose scale s has s * (1 / s) rounding
+    to 1 - 2^-24, so that the q = 0 element dequantizes onto the tie."""
+    tiny = np.float32(2.0**-126)
+    steps = np.float32(2.0**-9) * np.arange(1, 8, dtype=np.float32)  # the e4m3 subnormal codes
+    row = np.concatenate([steps * _BELOW_MIN_NORMAL, -steps * _BELOW_MIN_NORMAL, [tiny, -tiny]]).astype(np.float32)
+    x = np.tile(np.resize(row, 128), (2, 1))
+    x[1] *= np.float32(3)  # codes 3 * 2^-9 ...: products near 3 * 2^-126, normal
+    yield _make("degenerate", Spec(Format.FP8_PER_TENSOR, static_scale=float(_BELOW_MIN_NORMAL)), "float32",
+                "underflow-boundary", x, ("Subnormal", "UnderflowBoundary"))
+    top = _int4_top_for_boundary_tie()
+    for g in GROUP_SIZES:
+        group = np.linspace(0, top, g, dtype=np.float32)
+        group[0], group[-1] = -tiny, top
+        yield _make("degenerate", Spec(Format.INT4, g), "float32", "underflow-boundary",
+                    np.tile(group, (2, 128 // g)), ("Subnormal", "UnderflowBoundary"))
+
+
+def _int4_top_for_boundary_tie() -> np.float32:
+    """The first float32 M >= 1 for which a group [-2^-126, ..., M] has scale s and
+    inverse inv (the spec's, from its bit patterns) with s * inv rounding to 1 - 2^-24, so
+    that -(zero) * s = -(2^-126 * inv) * s is the tie (1 - 2^-24) * 2^-126. The range
+    M + 2^-126 rounds to M."""
+    target = 1.0 - 2.0**-24
+    m = np.float32(1.0)
+    while True:
+        inv = _dynamic_inverse(m, 15)
+        scale = np.maximum(m * np.float32(_spec.f32_from_bits(_spec.R15_BITS)), np.float32(_spec.f32_from_bits(_spec.S_MIN_BITS)))
+        if float(np.float32(np.float64(scale) * np.float64(inv))) == target:  # the float64 product is exact
+            return m
+        m = np.nextafter(m, np.float32(np.inf))
 
 
 # ------------------------------------------------------------------- shapes

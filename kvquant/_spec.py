@@ -16,6 +16,10 @@ FP8_MAX_BITS = 0x43E00000  # 448.0, largest finite e4m3fn value
 INT8_MAX_BITS = 0x42FE0000  # 127.0
 INT4_MAX_BITS = 0x41700000  # 15.0
 MIN_NORMAL_BITS = 0x00800000  # 2^-126: anything smaller in magnitude is flushed to zero
+# A product is flushed below 2^-125, the whole lowest normal binade: just under 2^-126,
+# IEEE rounding, x86 flush-to-zero and ARM flush-to-zero each give their own answer, and
+# above 2^-125 all agree (docs/spec.md, section 8, "the lowest normal binade").
+PRODUCT_FLUSH_BITS = 0x01000000  # 2^-125
 NAN_BITS = 0x7FC00000  # the one quiet NaN stored as the scale (and zero) of a poisoned token
 # Canonical NaN of each dequantization output dtype: what a poisoned token dequantizes to.
 NAN_BITS_BY_DTYPE = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC0}

@@ -19,12 +19,17 @@ def c(bits):
 
 R448, R127, R15 = c(0x3B124925), c(0x3C010204), c(0x3D888889)
 S_MIN, TINY, NAN = c(0x0D800000), c(0x00800000), c(0x7FC00000)
+PRODUCT_TINY = c(0x01000000)  # 2^-125: stored and returned products flush below it
 NAN_OUT = {"float32": (np.uint32, 0x7FC00000), "float16": (np.uint16, 0x7E00), "bfloat16": (np.uint16, 0x7FC0)}
 
 
-def flush(v):
+def flush(v, below=TINY):
     v = np.asarray(v, F32)
-    return np.where(np.abs(v) < TINY, np.copysign(F32(0), v), v).astype(F32)
+    return np.where(np.abs(v) < below, np.copysign(F32(0), v), v).astype(F32)
+
+
+def flush_product(v):
+    return flush(v, PRODUCT_TINY)
 
 
 def _read(x):
@@ -82,7 +87,7 @@ def fp8_quantize_per_tensor(x, static_scale):
 def fp8_dequantize(codes, scales, out_dtype):
     s = flush(scales)
     with np.errstate(invalid="ignore", over="ignore"):
-        v = flush(codes.astype(F32) * s)
+        v = flush_product(codes.astype(F32) * s)
     return _out(v, out_dtype)
 
 
@@ -119,7 +124,7 @@ def int4_quantize(x, g):
             bad = ~np.isfinite(rng)
             scale = np.where(rng == 0, F32(1), np.maximum(flush(rng * R15), S_MIN)).astype(F32)
             inv = F32(1) / scale
-            zero = flush(-(flush(mn * inv)))
+            zero = -flush_product(mn * inv)
             qq = np.clip(np.rint(flush(flush(blk - mn[:, None]) * inv[:, None])), 0, 15)
         q[:, j * g:(j + 1) * g] = np.where(bad[:, None], 0, qq)
         scales[:, j] = np.where(bad, NAN, scale)
@@ -137,5 +142,5 @@ def int4_dequantize(packed, scales, zeros, g, out_dtype):
     s, z = flush(scales), flush(zeros)
     idx = np.arange(d) // g
     with np.errstate(invalid="ignore", over="ignore"):
-        v = flush(flush(q - z[:, idx]) * s[:, idx])
+        v = flush_product(flush(q - z[:, idx]) * s[:, idx])
     return _out(v, out_dtype)
