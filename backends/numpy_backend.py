@@ -119,17 +119,16 @@ def _widen(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == F32 else x.astype(F32)
 
 
-def flush(v: np.ndarray) -> np.ndarray:
+def flush(v: np.ndarray, below=MIN_NORMAL) -> np.ndarray:
     """Spec flush(): a subnormal float32 becomes a zero of the same sign (NaN passes)."""
     v = np.asarray(v, dtype=F32)
-    return np.where(np.abs(v) < MIN_NORMAL, np.copysign(F32(0), v), v)
+    return np.where(np.abs(v) < below, np.copysign(F32(0), v), v)
 
 
 def flush_product(v: np.ndarray) -> np.ndarray:
     """Spec flush_product(): a product below 2^-125 in magnitude becomes a zero of the same
     sign (the lowest normal binade too, where flush-to-zero hardware rounds differently)."""
-    v = np.asarray(v, dtype=F32)
-    return np.where(np.abs(v) < PRODUCT_FLUSH, np.copysign(F32(0), v), v)
+    return flush(v, PRODUCT_FLUSH)
 
 
 def _flush_product_rows_inplace(out: np.ndarray, rows: np.ndarray) -> None:

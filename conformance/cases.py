@@ -255,12 +255,17 @@ def product_tie_cases() -> Iterator[Case]:
         yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "products-on-ties", np.tile(x, (1, 128 // g)), ("RoundingTie", "ProductTie"))
 
 
-def _dynamic_inverse(amax: np.float32, n: int) -> np.float32:
-    """The spec's inv = 1 / max(amax * R(n), S_MIN) for a token's amax (or an INT4 group's
+def _dynamic_scale(amax: np.float32, n: int) -> np.float32:
+    """The spec's scale = max(amax * R(n), S_MIN) for a token's amax (or an INT4 group's
     range, with n = 15), from the spec's bit patterns; amax here is normal and positive."""
     r = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS}[n]
     f32 = lambda bits: np.float32(_spec.f32_from_bits(bits))  # noqa: E731
-    return np.float32(1) / np.maximum(amax * f32(r), f32(_spec.S_MIN_BITS))
+    return np.maximum(amax * f32(r), f32(_spec.S_MIN_BITS))
+
+
+def _dynamic_inverse(amax: np.float32, n: int) -> np.float32:
+    """The spec's inv = 1 / scale for that scale."""
+    return np.float32(1) / _dynamic_scale(amax, n)
 
 
 # ---------------------------------------------------------------- realistic
@@ -350,7 +355,7 @@ def degenerate_cases() -> Iterator[Case]:
 # subnormal and 2^-126 (IEEE gives 2^-126, which a flush keeps) but exact with an
 # unbounded exponent, hence tiny, so x86 FTZ (XLA on the CPU) returns 0. docs/spec.md,
 # section 8, "the lowest normal binade".
-_BELOW_MIN_NORMAL = np.float32(_spec.f32_from_bits(0x04FFFFFF))  # (1 - 2^-24) * 2^-117
+_SCALE_ONTO_TIE = np.float32(_spec.f32_from_bits(0x04FFFFFF))  # (1 - 2^-24) * 2^-117
 
 
 def underflow_boundary_cases() -> Iterator[Case]:
@@ -362,10 +367,10 @@ def underflow_boundary_cases() -> Iterator[Case]:
     to 1 - 2^-24, so that the q = 0 element dequantizes onto the tie."""
     tiny = np.float32(2.0**-126)
     steps = np.float32(2.0**-9) * np.arange(1, 8, dtype=np.float32)  # the e4m3 subnormal codes
-    row = np.concatenate([steps * _BELOW_MIN_NORMAL, -steps * _BELOW_MIN_NORMAL, [tiny, -tiny]]).astype(np.float32)
+    row = np.concatenate([steps * _SCALE_ONTO_TIE, -steps * _SCALE_ONTO_TIE, [tiny, -tiny]]).astype(np.float32)
     x = np.tile(np.resize(row, 128), (2, 1))
     x[1] *= np.float32(3)  # codes 3 * 2^-9 ...: products near 3 * 2^-126, normal
-    yield _make("degenerate", Spec(Format.FP8_PER_TENSOR, static_scale=float(_BELOW_MIN_NORMAL)), "float32",
+    yield _make("degenerate", Spec(Format.FP8_PER_TENSOR, static_scale=float(_SCALE_ONTO_TIE)), "float32",
                 "underflow-boundary", x, ("Subnormal", "UnderflowBoundary"))
     top = _int4_top_for_boundary_tie()
     for g in GROUP_SIZES:
@@ -383,8 +388,8 @@ def _int4_top_for_boundary_tie() -> np.float32:
     target = 1.0 - 2.0**-24
     m = np.float32(1.0)
     while True:
-        inv = _dynamic_inverse(m, 15)
-        scale = np.maximum(m * np.float32(_spec.f32_from_bits(_spec.R15_BITS)), np.float32(_spec.f32_from_bits(_spec.S_MIN_BITS)))
+        scale = _dynamic_scale(m, 15)
+        inv = np.float32(1) / scale
         if float(np.float32(np.float64(scale) * np.float64(inv))) == target:  # the float64 product is exact
             return m
         m = np.nextafter(m, np.float32(np.inf))
