@@ -1,5 +1,8 @@
 """The reference against a literal transcription of the spec, and its fast encoder
 against ml_dtypes."""
+import threading
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -58,14 +61,34 @@ def test_reference_equals_transcription_on_adversarial_inputs(dtype, tokens, hea
         check_all_formats(x.astype(DTYPES[dtype]))
 
 
-@pytest.mark.parametrize("rows", [1, 2047, 2048, 2049, 4100])
+@pytest.mark.parametrize("rows", [1, 4095, 4096, 4097, 8200])
 def test_chunk_boundaries_do_not_change_results(rows):
-    # The reference works in row chunks (2048 rows of 128 float32); results must not
-    # depend on where a chunk ends.
+    # The reference works in row chunks (2 MiB: 4096 rows of 128 float32); results must
+    # not depend on where a chunk ends.
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 128)).astype(np.float32)
     x[rows // 2] = np.nan
     check_all_formats(x)
+
+
+def test_chunk_runs_finish_before_an_error_surfaces(monkeypatch):
+    # The calling thread runs the first chunks itself; if one of them raises, the pool's
+    # runs must be over before the caller sees the error, or they would still write
+    # into outputs the caller has given up on.
+    monkeypatch.setattr(ref, "_threads", 2)
+    started, finished = threading.Event(), []
+
+    def body(start, stop):
+        if start == 0:
+            started.wait(5)
+            raise RuntimeError("first chunk")
+        started.set()
+        time.sleep(0.2)
+        finished.append(start)
+
+    with pytest.raises(RuntimeError, match="first chunk"):
+        ref._each_chunk(4 * 4096, 128, body)
+    assert finished == [2 * 4096, 3 * 4096]
 
 
 def test_encoder_on_every_rounding_boundary():
