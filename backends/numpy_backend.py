@@ -614,11 +614,11 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
     width = half * 2
     scales, zeros = flush(scales), flush(zeros)
     out = np.empty((rows, width), _NP_DTYPES[out_dtype])
-    # Only a q = 0 element of a group with |zero * scale| near 2^-126, or any element of a
-    # group whose scale is below 2^-99, can land in the subnormal range: see the spec.
+    # Only a q = 0 element of a group with 0 < |zero * scale| < 2^-124, or any element of
+    # a group whose scale is below 2^-99, can land below 2^-125: spec section 8, item 7.
+    # (A zero of 0 does not make a small scale safe: q = 1 gives the scale itself.)
     with np.errstate(over="ignore", invalid="ignore"):
-        at_risk = (scales < F32(2.0**-99)) | (np.abs(zeros) * scales < F32(2.0**-124))
-    at_risk &= zeros != 0
+        at_risk = (scales < F32(2.0**-99)) | ((np.abs(zeros) * scales < F32(2.0**-124)) & (zeros != 0))
     risky_rows = np.flatnonzero(_any_per_row(at_risk))
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified

@@ -480,9 +480,9 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
     else:
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: b.sub_(z).mul_(sc))
-    # Only groups with a scale below 2^-99, or a q = 0 element with |zero * scale| near
-    # 2^-126, can produce a subnormal (docs/spec.md, "Where flushing matters").
-    at_risk = ((scales < 2.0**-99) | (zeros.abs() * scales < 2.0**-124)) & (zeros != 0)
+    # Only groups with a scale below 2^-99, or a q = 0 element with 0 < |zero * scale| <
+    # 2^-124, can produce a value below 2^-125 (docs/spec.md, "Where flushing matters").
+    at_risk = (scales < 2.0**-99) | ((zeros.abs() * scales < 2.0**-124) & (zeros != 0))
     if not _host_checks_allowed(v) or bool(at_risk.any()):
         v = flush_product(v)
     return _to_output(v, out_dtype, ~(torch.isfinite(scales) & torch.isfinite(zeros)))

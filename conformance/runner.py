@@ -334,11 +334,18 @@ def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
 
     scales = np.array([1.0, 2.0**-118, 1e36, np.nan, np.inf, 0.0], np.float32)
     if spec.format is Format.INT4:
-        packed = np.resize(np.arange(256, dtype=np.uint8), (9, 64))
+        packed = np.resize(np.arange(256, dtype=np.uint8), (11, 64))
         groups = -(-128 // spec.group_size)
         scale_g = np.resize(np.array([0.375, 2.0**-110, 1e30, 3.0, np.nan, 1.0, np.inf, 0.0], np.float32), (9, groups))
         zeros_g = np.resize(np.array([7.5, -3.0, 0.0, 15.0, 2.0**-126, np.nan, 1e-3, np.inf, 4.0], np.float32), (9, groups))
-        return [packed, scale_g, zeros_g], (9, 128)
+        # Two more rows: scales in the lowest normal binade with zeros that read as 0
+        # (0, -0, a subnormal), so that q = 1 dequantizes to the scale itself, below
+        # 2^-125, and must be flushed, while q >= 2 stays.
+        lowest = np.array([2.0**-126, 1.5 * 2.0**-126, np.nextafter(np.float32(2.0**-125), np.float32(0))], np.float32)
+        reads_as_zero = np.array([0.0, -0.0, 2.0**-127], np.float32)
+        scale_g = np.concatenate([scale_g, np.resize(lowest, (2, groups))])
+        zeros_g = np.concatenate([zeros_g, np.resize(reads_as_zero[::-1], (2, groups))])
+        return [packed, scale_g, zeros_g], (11, 128)
     if spec.format is Format.INT8:
         return [np.resize(np.arange(-128, 128).astype(np.int8), (6, 64)), scales], (6, 64)
     codes = np.resize(np.arange(256, dtype=np.uint8), (6, 64)).view(ml_dtypes.float8_e4m3fn)
