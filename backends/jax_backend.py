@@ -134,6 +134,14 @@ def _to_output(v, out_dtype: str):
     return jax.lax.bitcast_convert_type(bits, _DTYPES[out_dtype])
 
 
+def _to_output_nan_where(v, nan, out_dtype: str):
+    """_to_output for values known to be NaN exactly where ``nan`` holds."""
+    out = v.astype(_DTYPES[out_dtype])
+    carrier = jnp.int32 if out_dtype == "float32" else jnp.int16
+    bits = jnp.where(nan, _NAN_BITS[out_dtype], jax.lax.bitcast_convert_type(out, carrier))
+    return jax.lax.bitcast_convert_type(bits, _DTYPES[out_dtype])
+
+
 def _canonical_params(p):
     """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical."""
     p = flush(p.astype(F32))
@@ -261,13 +269,32 @@ def _fp8_per_tensor_static(x, scale, inv, flush_input: bool):
     return _zero_where(_fp8_codes(xf, inv, clamp=True), poisoned), scale
 
 
-def fp8_dequantize(codes, scales, out_dtype: str):
+def fp8_dequantize(codes, scales, out_dtype: str, scales_checked: bool = False):
     """value = flush_product(float32(code) * scale); scales broadcast against codes. A NaN code
-    (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
+    (0x7F, 0xFF) or a NaN scale gives the canonical NaN.
+
+    scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked).
+    Then a nonzero e4m3 magnitude (>= 2^-9) times the scale is >= 2^-125, so the flush
+    changes nothing, and only a NaN code can give a NaN: dequantization 0.45 -> 0.28 ms
+    for [32768, 128] on the CPU, the same bits."""
     scales = _canonical_params(scales)
     value, nan_code = decode_e4m3(codes)
+    if scales_checked:
+        return _to_output_nan_where(value * scales, nan_code, out_dtype)
     v = flush_product(value * scales)
     return _to_output(jnp.where(nan_code, NAN, v), out_dtype)
+
+
+# 2^-116: the smallest e4m3 magnitude, 2^-9, times it is 2^-125, the product flush's bound.
+FP8_PLAIN_SCALE = _f32(_spec.STATIC_SCALE_DAZ_BITS)
+
+
+@jax.jit
+def fp8_scales_checked(scales):
+    """Whether fp8_dequantize may take scales_checked=True for these scales."""
+    s = scales.astype(F32)
+    return jnp.all((s >= FP8_PLAIN_SCALE) & (s < np.float32(np.inf)))
+
 
 
 # -------------------------------------------------------------------- INT8
@@ -396,12 +423,32 @@ def unpack_nibbles(packed):
 _NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 
 
-def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
-    """value = flush_product((float32(q) - zero) * scale)."""
+def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, params_checked: bool = False):
+    """value = flush_product((float32(q) - zero) * scale).
+
+    params_checked: every scale and zero is known to be finite, and no group at risk of a
+    value below 2^-125 (int4_params_checked). Then the flush changes nothing and no value
+    is NaN: dequantization 0.5-0.87 -> 0.28-0.45 ms for [32768, 128] on the CPU."""
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
     q = unpack_nibbles(packed).astype(F32)
+    if params_checked:
+        return _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s).astype(_DTYPES[out_dtype])
     v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush_product((b - z) * s))
     return _to_output(v, out_dtype)
+
+
+@jax.jit
+def int4_params_checked(scales, zeros):
+    """Whether int4_dequantize may take params_checked=True: all finite, and no group with
+    a scale below 2^-99 or with 0 < |zero * scale| < 2^-124 (docs/spec.md, section 8,
+    item 7: only those can give a value below 2^-125)."""
+    s, z = _canonical_params(scales), _canonical_params(zeros)
+    at_risk = (s < INT4_PLAIN_SCALE) | ((jnp.abs(z) * s < INT4_PLAIN_ZERO_PRODUCT) & (z != ZERO))
+    return jnp.all(jnp.isfinite(s) & jnp.isfinite(z) & ~at_risk)
+
+
+INT4_PLAIN_SCALE = np.float32(2.0**-99)
+INT4_PLAIN_ZERO_PRODUCT = np.float32(2.0**-124)
 
 
 # ----------------------------------------------------------------- Runtime
@@ -499,19 +546,39 @@ class _Kernels:
         self.fp8_quantize_per_token = wrap(fp8_quantize_per_token, ())
         self._dynamic = wrap(_fp8_per_tensor_dynamic, ())
         self._static = wrap(_fp8_per_tensor_static, (3,))
-        self.fp8_dequantize = wrap(fp8_dequantize, (2,))
+        self._fp8_dequantize = wrap(fp8_dequantize, (2, 3))
         self.int8_quantize = wrap(int8_quantize, ())
         self.int8_dequantize = wrap(int8_dequantize, (2,))
         self.int4_quantize = wrap(int4_quantize, (1,))
-        self.int4_dequantize = wrap(int4_dequantize, (3, 4))
+        self._int4_dequantize = wrap(int4_dequantize, (3, 4, 5))
 
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:
             return self._dynamic(x)
         return self._static(x, *_static_scale_args(static_scale))
 
+    def fp8_dequantize(self, codes, scales, out_dtype):
+        checked = _host_check_allowed(scales) and bool(fp8_scales_checked(scales))
+        return self._fp8_dequantize(codes, scales, out_dtype, checked)
+
+    def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
+        checked = _host_check_allowed(scales, zeros) and bool(int4_params_checked(scales, zeros))
+        return self._int4_dequantize(packed, scales, zeros, group_size, out_dtype, checked)
+
     def variants(self):
         return {} if self._jit else {"jit": _jit_kernels()}
+
+
+def _host_check_allowed(*params) -> bool:
+    """A host-side look at the (small) per-token or per-group parameters may pick a
+    kernel only for concrete arrays on the CPU, where reading one flag costs no device
+    synchronisation; traced (under an outer jit or vmap) or elsewhere the kernel that
+    checks every element is used. The look is a computation of its own, so a sharded
+    dequantization still compiles to one with no collective."""
+    for p in params:
+        if isinstance(p, jax.core.Tracer) or any(d.platform != "cpu" for d in p.devices()):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
