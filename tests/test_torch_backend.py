@@ -63,6 +63,23 @@ def test_raise_becomes_propagate_while_compiling():
     assert e.value.index == (1,)
 
 
+def test_compiled_kernel_first_called_on_few_tokens_keeps_a_parallel_loop():
+    # Inductor picks serial or parallel CPU code from the first call's token count and
+    # reuses it for every later count (and from its disk cache in later processes): a
+    # first call with four tokens once left 32768-token dequantizations serial.
+    if torch.get_num_threads() < 2:
+        pytest.skip("one intra-op thread: nothing to run in parallel")
+    from torch._inductor.utils import run_and_get_code
+
+    from kvquant.backends import torch_backend
+
+    torch._dynamo.reset()
+    kernel = torch_backend._compile(torch_backend.int8_dequantize)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _, sources = run_and_get_code(kernel, torch.ones((4, 64), dtype=torch.int8), torch.ones((4, 1)), "float32")
+    assert sources and all("#pragma omp parallel" in src for src in sources)
+
+
 @pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
 @pytest.mark.parametrize("view", ["transpose", "slice"])
 def test_non_contiguous_views_match_contiguous_copies(fmt, kw, view):
