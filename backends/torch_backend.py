@@ -195,6 +195,13 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
     return torch.where(mask, nan_bits, out.view(carrier)).view(out.dtype)
 
 
+def _to_output_nan_where(v: torch.Tensor, nan: torch.Tensor, out_dtype: str) -> torch.Tensor:
+    """_to_output for values known to be NaN exactly where ``nan`` holds."""
+    out = v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+    carrier = torch.int32 if out_dtype == "float32" else torch.int16
+    return torch.where(nan, _nan_like(out, out_dtype).view(carrier), out.view(carrier)).view(out.dtype)
+
+
 def _canonical_params(*params: torch.Tensor):
     """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical.
     (Materialising them for the compiled element loop measured no faster.)"""
@@ -309,11 +316,21 @@ def decode_e4m3_scaled(codes: torch.Tensor):
     return w.view(torch.float32), (magnitudes == 0x7F) if has_nan_code else None
 
 
-def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
+def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, scales_checked: bool = False):
     """value = flush_product(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
-    (0x7F, 0xFF) or a NaN scale gives the canonical NaN."""
+    (0x7F, 0xFF) or a NaN scale gives the canonical NaN.
+
+    scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked),
+    as jax_backend.fp8_dequantize: then no product falls below 2^-125 or is NaN, so only
+    NaN codes need the canonical NaN. The compiled kernels take it on the CPU (0.50 ->
+    0.27 ms for [32768, 128]); eager mode makes the same checks inside."""
     scales = _canonical_params(scales)
     scaled, nan_codes = decode_e4m3_scaled(codes)
+    if scales_checked:
+        v = scaled * _TWO_TO_120 * scales
+        if nan_codes is None:  # eager, and no NaN code
+            return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+        return _to_output_nan_where(v, nan_codes, out_dtype)
     if _host_checks_allowed(codes):
         # scale * 2^120 is exact below 2^8 (NaN and inf stay so): one product then.
         finite = torch.isfinite(scales)
@@ -331,6 +348,12 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
     if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
         v = flush_product(v)
     return _to_output(v, out_dtype, suspects)
+
+
+def fp8_scales_checked(scales: torch.Tensor) -> torch.Tensor:
+    """Whether fp8_dequantize may take scales_checked=True for these scales (a bool tensor)."""
+    s = scales.to(torch.float32)
+    return ((s >= STATIC_SCALE_DAZ) & (s < float("inf"))).all()
 
 
 # -------------------------------------------------------------------- INT8
@@ -470,22 +493,39 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
     return (half | (half << 4)) & 0x0F0F0F0F
 
 
-def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str):
-    """value = flush_product((float32(q) - zero) * scale)."""
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str,
+                    params_checked: bool = False):
+    """value = flush_product((float32(q) - zero) * scale).
+
+    params_checked: every scale and zero is known to be finite and no group at risk of
+    a value below 2^-125 (int4_params_checked): no flush, no NaN. Compiled on the CPU,
+    0.65 -> 0.41 ms for [32768, 128]."""
     scales, zeros = _canonical_params(scales, zeros)
     q = unpack_nibbles(packed).to(torch.float32)
+    if params_checked:
+        v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
+        return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
     # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
     # than the arithmetic. Compiled, in place on views made Inductor's kernel 2x slower.
     if torch.compiler.is_compiling():
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
     else:
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: b.sub_(z).mul_(sc))
-    # Only groups with a scale below 2^-99, or a q = 0 element with 0 < |zero * scale| <
-    # 2^-124, can produce a value below 2^-125 (docs/spec.md, "Where flushing matters").
-    at_risk = (scales < 2.0**-99) | ((zeros.abs() * scales < 2.0**-124) & (zeros != 0))
-    if not _host_checks_allowed(v) or bool(at_risk.any()):
+    if not _host_checks_allowed(v) or bool(_int4_at_risk(scales, zeros).any()):
         v = flush_product(v)
     return _to_output(v, out_dtype, ~(torch.isfinite(scales) & torch.isfinite(zeros)))
+
+
+def _int4_at_risk(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Groups whose dequantized values can fall below 2^-125: a scale below 2^-99, or
+    0 < |zero * scale| < 2^-124 (docs/spec.md, section 8, item 7); canonical params."""
+    return (scales < 2.0**-99) | ((zeros.abs() * scales < 2.0**-124) & (zeros != 0))
+
+
+def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Whether int4_dequantize may take params_checked=True (a bool tensor)."""
+    scales, zeros = _canonical_params(scales, zeros)
+    return (torch.isfinite(scales) & torch.isfinite(zeros) & ~_int4_at_risk(scales, zeros)).all()
 
 
 # ----------------------------------------------------------------- Runtime
@@ -576,8 +616,9 @@ class TorchRuntime:
 
 runtime = TorchRuntime()
 
-# The traced units: fp8_quantize_per_tensor is a host-side wrapper that turns the
-# static scale into a tensor before calling one of them.
+# The traced units. fp8_quantize_per_tensor, fp8_dequantize and int4_dequantize are
+# host-side wrappers around them (a static scale made a tensor; a look at the
+# parameters before choosing the kernel's shortcut).
 _TRACED = (
     "fp8_quantize_per_token",
     "_fp8_per_tensor_dynamic",
@@ -587,6 +628,8 @@ _TRACED = (
     "int8_dequantize",
     "int4_quantize",
     "int4_dequantize",
+    "fp8_scales_checked",
+    "int4_params_checked",
 )
 
 
@@ -596,7 +639,7 @@ class _Kernels:
     def __init__(self, wrap=None):
         self._fns = {name: (wrap(globals()[name]) if wrap else globals()[name]) for name in _TRACED}
         for name in _TRACED:
-            if not name.startswith("_"):
+            if not name.startswith("_") and not hasattr(type(self), name):
                 setattr(self, name, self._fns[name])
         self._compiled = wrap is not None
 
@@ -604,6 +647,18 @@ class _Kernels:
         if static_scale is None:
             return self._fns["_fp8_per_tensor_dynamic"](x)
         return self._fns["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale, x.device))
+
+    # Compiled kernels on the CPU get the host-side look at the parameters that eager
+    # mode takes inside them (_host_checks_allowed); elsewhere a look would synchronise.
+    # The look is compiled too: eagerly, INT4's took 0.34 ms for 65,536 groups, compiled
+    # 0.07 (FP8's 0.04 and 0.02), against 0.3 ms saved by the shortcut.
+    def fp8_dequantize(self, codes, scales, out_dtype):
+        checked = self._compiled and scales.device.type == "cpu" and bool(self._fns["fp8_scales_checked"](scales))
+        return self._fns["fp8_dequantize"](codes, scales, out_dtype, checked)
+
+    def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
+        checked = self._compiled and scales.device.type == "cpu" and bool(self._fns["int4_params_checked"](scales, zeros))
+        return self._fns["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
 
     def variants(self):
         return {} if self._compiled else {"compile": _compiled_kernels()}
