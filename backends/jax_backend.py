@@ -56,6 +56,9 @@ INT8_MAX = _f32(_spec.INT8_MAX_BITS)
 INT4_MAX = _f32(_spec.INT4_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
 PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
+FP8_PLAIN_SCALE = _f32(_spec.FP8_PLAIN_SCALE_BITS)
+INT4_PLAIN_SCALE = _f32(_spec.INT4_PLAIN_SCALE_BITS)
+INT4_PLAIN_ZERO_PRODUCT = _f32(_spec.INT4_PLAIN_ZERO_PRODUCT_BITS)
 NAN = _f32(_spec.NAN_BITS)
 _NAN_BITS = {
     "float32": np.array(_spec.NAN_BITS_BY_DTYPE["float32"], np.uint32).view(np.int32)[()],
@@ -285,16 +288,11 @@ def fp8_dequantize(codes, scales, out_dtype: str, scales_checked: bool = False):
     return _to_output(jnp.where(nan_code, NAN, v), out_dtype)
 
 
-# 2^-116: the smallest e4m3 magnitude, 2^-9, times it is 2^-125, the product flush's bound.
-FP8_PLAIN_SCALE = _f32(_spec.STATIC_SCALE_DAZ_BITS)
-
-
 @jax.jit
 def fp8_scales_checked(scales):
     """Whether fp8_dequantize may take scales_checked=True for these scales."""
     s = scales.astype(F32)
     return jnp.all((s >= FP8_PLAIN_SCALE) & (s < np.float32(np.inf)))
-
 
 
 # -------------------------------------------------------------------- INT8
@@ -445,10 +443,6 @@ def int4_params_checked(scales, zeros):
     s, z = _canonical_params(scales), _canonical_params(zeros)
     at_risk = (s < INT4_PLAIN_SCALE) | ((jnp.abs(z) * s < INT4_PLAIN_ZERO_PRODUCT) & (z != ZERO))
     return jnp.all(jnp.isfinite(s) & jnp.isfinite(z) & ~at_risk)
-
-
-INT4_PLAIN_SCALE = np.float32(2.0**-99)
-INT4_PLAIN_ZERO_PRODUCT = np.float32(2.0**-124)
 
 
 # ----------------------------------------------------------------- Runtime

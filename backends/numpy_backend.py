@@ -50,6 +50,9 @@ MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
 PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 NAN = _f32(_spec.NAN_BITS)
 STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
+FP8_PLAIN_SCALE = _f32(_spec.FP8_PLAIN_SCALE_BITS)
+INT4_PLAIN_SCALE = _f32(_spec.INT4_PLAIN_SCALE_BITS)
+INT4_PLAIN_ZERO_PRODUCT = _f32(_spec.INT4_PLAIN_ZERO_PRODUCT_BITS)
 
 _NP_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -438,8 +441,8 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     rows, width = codes.shape
     scales = flush(scales)
     out = np.empty((rows, width), _NP_DTYPES[out_dtype])
-    # A scale >= 2^-116 times a nonzero e4m3 magnitude (>= 2^-9) is normal: no flush.
-    needs_flush = bool((scales < STATIC_SCALE_DAZ * F32(2)).any())
+    # A scale >= 2^-116 times a nonzero e4m3 magnitude (>= 2^-9) is >= 2^-125: no flush.
+    needs_flush = bool((scales < FP8_PLAIN_SCALE).any())
     # scale * 2^120 is exact below 2^8 (and NaN or inf stay so), which folds the decoder's
     # 2^120 into the one product.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -618,7 +621,7 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
     # a group whose scale is below 2^-99, can land below 2^-125: spec section 8, item 7.
     # (A zero of 0 does not make a small scale safe: q = 1 gives the scale itself.)
     with np.errstate(over="ignore", invalid="ignore"):
-        at_risk = (scales < F32(2.0**-99)) | ((np.abs(zeros) * scales < F32(2.0**-124)) & (zeros != 0))
+        at_risk = (scales < INT4_PLAIN_SCALE) | ((np.abs(zeros) * scales < INT4_PLAIN_ZERO_PRODUCT) & (zeros != 0))
     risky_rows = np.flatnonzero(_any_per_row(at_risk))
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified

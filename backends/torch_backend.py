@@ -54,6 +54,9 @@ FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
 PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 STATIC_SCALE_DAZ = _f32(_spec.STATIC_SCALE_DAZ_BITS)
+FP8_PLAIN_SCALE = _f32(_spec.FP8_PLAIN_SCALE_BITS)
+INT4_PLAIN_SCALE = _f32(_spec.INT4_PLAIN_SCALE_BITS)
+INT4_PLAIN_ZERO_PRODUCT = _f32(_spec.INT4_PLAIN_ZERO_PRODUCT_BITS)
 
 
 def _nan_like(ref: torch.Tensor, dtype_name: str = "float32") -> torch.Tensor:
@@ -344,8 +347,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     else:
         v = torch.where(nan_codes, float("nan"), scaled * _TWO_TO_120 * scales)
         suspects = None
-    # A nonzero e4m3 magnitude (>= 2^-9) times a scale >= 2^-115 is normal.
-    if not _host_checks_allowed(v) or bool((scales < 2 * STATIC_SCALE_DAZ).any()):
+    if not _host_checks_allowed(v) or bool((scales < FP8_PLAIN_SCALE).any()):
         v = flush_product(v)
     return _to_output(v, out_dtype, suspects)
 
@@ -353,7 +355,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
 def fp8_scales_checked(scales: torch.Tensor) -> torch.Tensor:
     """Whether fp8_dequantize may take scales_checked=True for these scales (a bool tensor)."""
     s = scales.to(torch.float32)
-    return ((s >= STATIC_SCALE_DAZ) & (s < float("inf"))).all()
+    return ((s >= FP8_PLAIN_SCALE) & (s < float("inf"))).all()
 
 
 # -------------------------------------------------------------------- INT8
@@ -519,7 +521,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def _int4_at_risk(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """Groups whose dequantized values can fall below 2^-125: a scale below 2^-99, or
     0 < |zero * scale| < 2^-124 (docs/spec.md, section 8, item 7); canonical params."""
-    return (scales < 2.0**-99) | ((zeros.abs() * scales < 2.0**-124) & (zeros != 0))
+    return (scales < INT4_PLAIN_SCALE) | ((zeros.abs() * scales < INT4_PLAIN_ZERO_PRODUCT) & (zeros != 0))
 
 
 def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

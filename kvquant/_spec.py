@@ -40,6 +40,15 @@ E4M3_SUBNORMAL_SHIFTER_BITS = 0x46800000  # 2^14
 # inputs are flushed first (docs/spec.md, "Static-scale FP8").
 STATIC_SCALE_DAZ_BITS = 0x05800000  # 2^-116
 
+# Dequantization needs no product flush where these bounds hold (docs/spec.md, section 8,
+# items 7 and 8): an FP8 scale of at least 2^-116 times any nonzero e4m3 magnitude (>= 2^-9)
+# is at least 2^-125; an INT4 group with a scale of at least 2^-99, and a zero of 0 or with
+# |zero * scale| >= 2^-124, has every nonzero value at least 2^-124. Backends use them to
+# skip the element-wise flush after a look at the parameters.
+FP8_PLAIN_SCALE_BITS = 0x05800000  # 2^-116
+INT4_PLAIN_SCALE_BITS = 0x0E000000  # 2^-99
+INT4_PLAIN_ZERO_PRODUCT_BITS = 0x01800000  # 2^-124
+
 
 def f32_from_bits(bits: int) -> float:
     """The float32 with these bits, as a Python float (exact: float64 holds every float32)."""

@@ -27,10 +27,26 @@ def test_reciprocal_constant_is_correctly_rounded(n, bits):
 @pytest.mark.parametrize("value, bits", [
     (2.0**-100, _spec.S_MIN_BITS), (1.0, _spec.ONE_BITS), (448.0, _spec.FP8_MAX_BITS),
     (127.0, _spec.INT8_MAX_BITS), (15.0, _spec.INT4_MAX_BITS), (2.0**-126, _spec.MIN_NORMAL_BITS),
-    (2.0**-116, _spec.STATIC_SCALE_DAZ_BITS),
+    (2.0**-116, _spec.STATIC_SCALE_DAZ_BITS), (2.0**-125, _spec.PRODUCT_FLUSH_BITS),
+    (2.0**-116, _spec.FP8_PLAIN_SCALE_BITS), (2.0**-99, _spec.INT4_PLAIN_SCALE_BITS),
+    (2.0**-124, _spec.INT4_PLAIN_ZERO_PRODUCT_BITS),
 ])
 def test_exact_constant_bits(value, bits):
     assert _spec.f32_bits(value) == bits
+
+
+def test_plain_bounds_keep_every_product_at_or_above_the_flush():
+    # docs/spec.md, section 8, items 7 and 8, in exact arithmetic.
+    f = lambda bits: Fraction(_spec.f32_from_bits(bits))  # noqa: E731
+    flush_bound = f(_spec.PRODUCT_FLUSH_BITS)
+    smallest_e4m3 = Fraction(1, 2**9)
+    assert smallest_e4m3 * f(_spec.FP8_PLAIN_SCALE_BITS) >= flush_bound
+    assert smallest_e4m3 * f(_spec.FP8_PLAIN_SCALE_BITS - 1) < flush_bound  # and no lower bound would do
+    # INT4, q >= 1: |q - zero| is 0 or at least 2^-24 (|zero| < 1) or 2^-23 (|zero| >= 1),
+    # so with the smallest plain scale every nonzero value is at least 2^-123.
+    assert Fraction(1, 2**24) * f(_spec.INT4_PLAIN_SCALE_BITS) >= flush_bound
+    # q = 0: |zero * scale| >= 2^-124 rounds to at least 2^-124 > 2^-125.
+    assert f(_spec.INT4_PLAIN_ZERO_PRODUCT_BITS) > flush_bound
 
 
 def test_fp8_max_is_the_largest_finite_e4m3():
