@@ -56,6 +56,9 @@ def test_fp8_look_refuses_scales_that_matter(name, bad):
 def test_int4_shortcut_gives_the_checking_kernels_bits(name, out_dtype):
     mod, rt = backend(name)
     packed, scales, zeros = ref.int4_quantize(tokens()[16:48], 32)  # 1e-20 to 1e20: scales >= 2^-99
+    # A subnormal zero reads as 0: with a large scale the look lets it through, and the
+    # shortcut must still read it as the spec does (q = 0 gives +0, not -1e-10).
+    scales[0, 0], zeros[0, 0] = 1e30, 1e-40
     packed, scales, zeros = rt.from_numpy(packed), rt.from_numpy(scales), rt.from_numpy(zeros)
     assert bool(mod.int4_params_checked(scales, zeros))
     checking = rt.to_numpy(mod.int4_dequantize(packed, scales, zeros, 32, out_dtype))
