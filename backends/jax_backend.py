@@ -520,8 +520,8 @@ class JaxRuntime:
     def is_concrete(self, arr) -> bool:
         return not isinstance(arr, jax.core.Tracer)
 
-    def first_nan_index(self, flat) -> Optional[int]:
-        bad = np.flatnonzero(np.isnan(np.asarray(flat)))
+    def first_nan_index(self, values) -> Optional[int]:
+        bad = np.flatnonzero(np.isnan(np.asarray(values)))
         return int(bad[0]) if bad.size else None
 
 

@@ -700,8 +700,8 @@ class NumpyRuntime:
     def is_concrete(self, arr) -> bool:
         return True
 
-    def first_nan_index(self, flat) -> Optional[int]:
-        bad = np.flatnonzero(np.isnan(flat))
+    def first_nan_index(self, values) -> Optional[int]:
+        bad = np.flatnonzero(np.isnan(values))
         return int(bad[0]) if bad.size else None
 
 

@@ -615,8 +615,8 @@ class TorchRuntime:
         finally:
             torch.set_num_threads(before)
 
-    def first_nan_index(self, flat) -> Optional[int]:
-        bad = torch.isnan(flat)
+    def first_nan_index(self, values) -> Optional[int]:
+        bad = torch.isnan(values).reshape(-1)
         if not bool(bad.any()):  # the one host synchronisation of on_nonfinite="raise"
             return None
         return int(torch.nonzero(bad)[0, 0])

@@ -224,11 +224,14 @@ class BackendOps:
             raise ValueError(f"{what} has shape {shape}; expected {allowed}")
         self._check_same_device(reference, (what, arr))
 
-    def _finish_nonfinite(self, scales_flat, on_nonfinite, lead_shape, groups: Optional[int]):
-        """Raise for the first poisoned token or group if the caller asked and values are concrete."""
-        if on_nonfinite != "raise" or not self.runtime.is_concrete(scales_flat):
+    def _finish_nonfinite(self, scales, on_nonfinite, lead_shape, groups: Optional[int]):
+        """Raise for the first poisoned token or group if the caller asked and values are concrete.
+
+        ``scales`` as the kernel returned them, not reshaped: a JAX reshape of an array
+        still being computed is one more dispatch to wait for (INT4 quantize 0.73 -> 0.92 ms)."""
+        if on_nonfinite != "raise" or not self.runtime.is_concrete(scales):
             return
-        first = self.runtime.first_nan_index(scales_flat)
+        first = self.runtime.first_nan_index(scales)
         if first is None:
             return
         if groups is None:
@@ -256,7 +259,7 @@ class BackendOps:
         shape = self._check_input(input, num_tokens, head_dim)
         rt = self.runtime
         codes, scales = self.kernels.fp8_quantize_per_token(self._view(input, shape[:-1], (head_dim,)))
-        self._finish_nonfinite(rt.reshape(scales, (num_tokens,)), on_nonfinite, shape[:-1], None)
+        self._finish_nonfinite(scales, on_nonfinite, shape[:-1], None)
         return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
 
     def dequantize_kv_fp8_per_token(self, quantized, scales, num_tokens, head_dim, output_dtype="float32"):
@@ -281,7 +284,7 @@ class BackendOps:
         codes, scale_out = self.kernels.fp8_quantize_per_tensor(
             self._view(input, shape[:-1], (head_dim,)), static
         )
-        self._finish_nonfinite(rt.reshape(scale_out, (1,)), on_nonfinite, (), None)
+        self._finish_nonfinite(scale_out, on_nonfinite, (), None)
         return rt.reshape(codes, shape), scale_out
 
     def dequantize_kv_fp8_per_tensor(self, quantized, scale, num_tokens, head_dim, output_dtype="float32"):
@@ -301,7 +304,7 @@ class BackendOps:
         shape = self._check_input(input, num_tokens, head_dim)
         rt = self.runtime
         codes, scales = self.kernels.int8_quantize(self._view(input, shape[:-1], (head_dim,)))
-        self._finish_nonfinite(rt.reshape(scales, (num_tokens,)), on_nonfinite, shape[:-1], None)
+        self._finish_nonfinite(scales, on_nonfinite, shape[:-1], None)
         return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
 
     def dequantize_kv_int8(self, quantized, scales, num_tokens, head_dim, output_dtype="float32"):
@@ -328,7 +331,7 @@ class BackendOps:
             self._view(input, shape[:-1], (head_dim,)), group
         )
         groups = num_groups(head_dim, group)
-        self._finish_nonfinite(rt.reshape(scales, (num_tokens * groups,)), on_nonfinite, shape[:-1], groups)
+        self._finish_nonfinite(scales, on_nonfinite, shape[:-1], groups)
         lead = shape[:-1]
         return (
             rt.reshape(packed, lead + (head_dim // 2,)),

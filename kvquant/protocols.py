@@ -34,7 +34,8 @@ class Runtime(Protocol):
     def synchronize(self, device: Optional[str] = None) -> None: ...
     def is_concrete(self, arr: Any) -> bool:
         """False while tracing or compiling, where values cannot be inspected."""
-    def first_nan_index(self, flat: Any) -> Optional[int]: ...
+    def first_nan_index(self, values: Any) -> Optional[int]:
+        """The flat (C-order) index of the first NaN in values, of any shape, or None."""
 
 
 @runtime_checkable
