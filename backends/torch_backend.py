@@ -5,7 +5,9 @@ tensor operations with no data-dependent Python branch in the traced path, so
 the same code runs eagerly and under ``torch.compile(fullgraph=True)``. The
 few host checks that save a full pass in eager mode on the CPU (is any token
 poisoned? is any scale tiny enough to need a flush?) are skipped while
-compiling and on accelerators, where the masked form is used instead.
+compiling and on accelerators, where the masked form is used instead; compiled
+dequantizations on the CPU get the same look from their host-side wrapper, which
+passes the kernel a flag (``scales_checked``, ``params_checked``), as JAX does.
 
 Why the arithmetic is safe here (docs/spec.md, "Why compilers cannot change the
 bits"): every float32 step is a single multiply, subtract, max or min; the
