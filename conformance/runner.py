@@ -233,7 +233,7 @@ def run_case(ops, case: Case, device=None) -> CaseResult:
 
 
 # --------------------------------------------------------------- invariance
-INVARIANCE_CHECKS = ("batch", "streaming", "threads", "determinism", "raise", "every-code")
+INVARIANCE_CHECKS = ("batch", "streaming", "threads", "determinism", "raise", "every-code", "caller-params")
 
 
 def _as_np(ops, outs) -> List[np.ndarray]:
@@ -323,6 +323,8 @@ def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
         return fail("on_nonfinite='raise' did not raise ValueError for a NaN input")
     if check == "every-code":
         return _check_every_code(ops, spec, label, device)
+    if check == "caller-params":
+        return _check_caller_params(ops, spec, label, device)
     raise ValueError(f"unknown invariance check {check!r}")
 
 
@@ -354,6 +356,77 @@ def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
     return [codes, scales], (6, 64)
 
 
+# Scales and zeros a cache written elsewhere may hold: each side of every bound a
+# backend may use to skip the product flush (2^-126, 2^-125, 2^-124, 2^-116, 2^-99, spec
+# section 8), subnormals, signed zeros, huge values, infinities and NaN.
+CALLER_PARAMS = np.array([
+    0.0, -0.0, 2.0**-149, -1e-40, 2.0**-126, 1.5 * 2.0**-126, np.nextafter(np.float32(2.0**-125), np.float32(0)),
+    2.0**-125, 2.0**-124, 1.5 * 2.0**-124, 2.0**-117, 2.0**-116, 2.0**-100, 2.0**-99, 1.5 * 2.0**-99, 1e-30,
+    0.01, 0.375, 1.0, 3.0, 7.5, 15.0, 448.0, 1e30, 3.4e38, np.inf, -np.inf, np.nan, -1.0, -7.5, -2.0**-126,
+], np.float32)
+# Shortcuts decide from the smallest scale of a call (or of a row), so each positive
+# value takes a turn as the smallest.
+CALLER_PARAM_FLOORS = tuple(sorted({float(v) for v in CALLER_PARAMS if 0 < v < np.inf}))
+
+
+def caller_param_inputs(spec: Spec, floor: Optional[float]) -> Tuple[List[np.ndarray], Tuple[int, int]]:
+    """Dequantization inputs with random codes and parameters from CALLER_PARAMS: any
+    of them (floor None), or those >= floor with floor itself present."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0 if floor is None else int(np.float32(floor).view(np.uint32)))
+    rows, head_dim = 32, 128
+    pool = CALLER_PARAMS if floor is None else CALLER_PARAMS[(CALLER_PARAMS >= floor) & (CALLER_PARAMS < np.inf)]
+
+    def scales(shape):
+        s = rng.choice(pool, size=shape).astype(np.float32)
+        if floor is not None:
+            s.reshape(-1)[rng.integers(s.size)] = floor
+        return s
+
+    if spec.format is Format.INT4:
+        groups = -(-head_dim // spec.group_size)
+        packed = rng.integers(0, 256, (rows, head_dim // 2), dtype=np.uint8)
+        zeros = rng.choice(CALLER_PARAMS, size=(rows, groups)).astype(np.float32)
+        return [packed, scales((rows, groups)), zeros], (rows, head_dim)
+    if spec.format is Format.INT8:
+        return [rng.integers(-128, 128, (rows, head_dim), dtype=np.int8), scales((rows,))], (rows, head_dim)
+    codes = rng.integers(0, 256, (rows, head_dim), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+    if spec.format is Format.FP8_PER_TENSOR:
+        return [codes, scales(())], (rows, head_dim)
+    return [codes, scales((rows,))], (rows, head_dim)
+
+
+def _check_caller_params(ops, spec: Spec, label: str, device) -> List[Mismatch]:
+    ref = reference_backend()
+    dop = _DEQUANTIZE_OP[spec.format]
+    found = []
+    for floor in (None,) + CALLER_PARAM_FLOORS:
+        inputs, shape = caller_param_inputs(spec, floor)
+        drawn = "any parameters" if floor is None else f"smallest scale 0x{int(np.float32(floor).view(np.uint32)):08x}"
+        for dt in OUTPUT_DTYPES:
+            expected = ref.runtime.to_numpy(_dequantize(ref, spec, inputs, shape, dt))
+            try:
+                actual = ops.runtime.to_numpy(_dequantize(ops, spec, [to_backend(ops, a, device) for a in inputs], shape, dt))
+            except Exception as exc:
+                found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"{drawn}: raised {type(exc).__name__}: {exc}"))
+                continue
+            fields = _first_difference(expected, actual)
+            if fields is not None:
+                fields["message"] = f"{drawn}: {fields['message']}"
+                _name_code_byte(fields, inputs[0], spec, expected.shape)
+                found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
+    return found
+
+
+def _name_code_byte(fields: Dict[str, Any], codes: np.ndarray, spec: Spec, shape) -> None:
+    """The code byte behind the first mismatching output element, as its input bits."""
+    if "index" in fields:
+        first = int(np.ravel_multi_index(fields["index"], shape))
+        code_bits = bits_of(codes).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
+        fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
+
+
 def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
     inputs, shape = every_code_inputs(spec)
     ref = reference_backend()
@@ -369,10 +442,7 @@ def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
         fields = _first_difference(expected, actual)
         if fields is None:
             continue
-        if "index" in fields:
-            first = int(np.ravel_multi_index(fields["index"], expected.shape))
-            code_bits = bits_of(inputs[0]).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
-            fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
+        _name_code_byte(fields, inputs[0], spec, expected.shape)
         found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
     return found
 

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 import kvquant_example_backend.kernels as transcription
 from conftest import assert_same_bits, check_e4m3_encoder
 from kvquant.backends import numpy_backend as ref
+from kvquant.conformance.cases import Format, all_specs
+from kvquant.conformance.runner import CALLER_PARAM_FLOORS, caller_param_inputs
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -132,46 +134,19 @@ def test_group_min_max_from_integer_reductions_equals_float_min_max(group_size):
         assert np.array_equal(got[clean], want[clean])  # +0 == -0: a zero's sign is the spec's to set
 
 
-# Scales and zeros a cache written elsewhere may hold: each side of every bound the
-# reference's shortcuts use (2^-126, 2^-125, 2^-124, 2^-116, 2^-99), subnormals, signed
-# zeros, huge values, infinities and NaN.
-_CALLER_PARAMS = np.array([
-    0.0, -0.0, 2.0**-149, -1e-40, 2.0**-126, 1.5 * 2.0**-126, np.nextafter(np.float32(2.0**-125), np.float32(0)),
-    2.0**-125, 2.0**-124, 1.5 * 2.0**-124, 2.0**-117, 2.0**-116, 2.0**-100, 2.0**-99, 1.5 * 2.0**-99, 1e-30,
-    0.01, 0.375, 1.0, 3.0, 7.5, 15.0, 448.0, 1e30, 3.4e38, np.inf, -np.inf, np.nan, -1.0, -7.5, -2.0**-126,
-], np.float32)
-
-
-_FLOORS = sorted({float(v) for v in _CALLER_PARAMS if 0 < v < np.inf})
-
-
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4-32", "int4-64", "int4-128"])
-@pytest.mark.parametrize("floor", [None] + _FLOORS, ids=lambda f: "any" if f is None else f"floor-0x{int(np.float32(f).view(np.uint32)):08x}")
-def test_dequantize_equals_transcription_on_caller_parameters(fmt, floor):
+@pytest.mark.parametrize("spec", [s for s in all_specs() if s.static_scale is None], ids=lambda s: s.label)
+@pytest.mark.parametrize("floor", [None, *CALLER_PARAM_FLOORS], ids=lambda f: "any" if f is None else f"floor-0x{int(np.float32(f).view(np.uint32)):08x}")
+def test_dequantize_equals_transcription_on_caller_parameters(spec, floor):
     # Quantize only ever stores scales >= 2^-100; a caller may hand in anything, and the
-    # reference's skip-the-flush shortcuts must still give the literal spec's bits. They
-    # decide from the smallest scale present, so besides draws from the whole pool every
-    # positive value takes a turn as the smallest scale of a call.
-    rng = np.random.default_rng(0 if floor is None else int(np.float32(floor).view(np.uint32)))
-    rows, head_dim = 32, 128
-    pool = _CALLER_PARAMS if floor is None else _CALLER_PARAMS[(_CALLER_PARAMS >= floor) & (_CALLER_PARAMS < np.inf)]
-
-    def scales(shape):
-        s = rng.choice(pool, size=shape)
-        if floor is not None:
-            s.reshape(-1)[rng.integers(s.size)] = floor
-        return s
-
+    # reference's skip-the-flush shortcuts, which decide from the smallest scale of a
+    # call or a row, must still give the literal spec's bits (the conformance check
+    # invariance/*/caller-params holds other backends to the reference on the same draws).
+    inputs, _ = caller_param_inputs(spec, floor)
     for out in ("float32", "float16", "bfloat16"):
-        if fmt == "fp8":
-            codes = rng.integers(0, 256, (rows, head_dim), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
-            got, want = both("fp8_dequantize", codes, scales((rows, 1)), out)
-        elif fmt == "int8":
-            got, want = both("int8_dequantize", rng.integers(-128, 128, (rows, head_dim), dtype=np.int8), scales((rows, 1)), out)
+        if spec.format is Format.INT4:
+            got, want = both("int4_dequantize", *inputs, spec.group_size, out)
         else:
-            g = int(fmt.split("-")[1])
-            packed = rng.integers(0, 256, (rows, head_dim // 2), dtype=np.uint8)
-            groups = head_dim // g
-            zeros = rng.choice(_CALLER_PARAMS, size=(rows, groups))
-            got, want = both("int4_dequantize", packed, scales((rows, groups)), zeros, g, out)
-        assert_same_bits(want, got, f"{fmt} dequant {out}")
+            codes, scales = inputs
+            fn = "int8_dequantize" if spec.format is Format.INT8 else "fp8_dequantize"
+            got, want = both(fn, codes, scales.reshape(-1, 1), out)
+        assert_same_bits(want, got, f"{spec.label} dequant {out}")
