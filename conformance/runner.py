@@ -398,37 +398,22 @@ def caller_param_inputs(spec: Spec, floor: Optional[float]) -> Tuple[List[np.nda
 
 
 def _check_caller_params(ops, spec: Spec, label: str, device) -> List[Mismatch]:
-    ref = reference_backend()
-    dop = _DEQUANTIZE_OP[spec.format]
     found = []
     for floor in (None,) + CALLER_PARAM_FLOORS:
         inputs, shape = caller_param_inputs(spec, floor)
         drawn = "any parameters" if floor is None else f"smallest scale 0x{int(np.float32(floor).view(np.uint32)):08x}"
-        for dt in OUTPUT_DTYPES:
-            expected = ref.runtime.to_numpy(_dequantize(ref, spec, inputs, shape, dt))
-            try:
-                actual = ops.runtime.to_numpy(_dequantize(ops, spec, [to_backend(ops, a, device) for a in inputs], shape, dt))
-            except Exception as exc:
-                found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"{drawn}: raised {type(exc).__name__}: {exc}"))
-                continue
-            fields = _first_difference(expected, actual)
-            if fields is not None:
-                fields["message"] = f"{drawn}: {fields['message']}"
-                _name_code_byte(fields, inputs[0], spec, expected.shape)
-                found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
+        found += _compare_dequantizations(ops, spec, label, inputs, shape, device, drawn + ": ")
     return found
-
-
-def _name_code_byte(fields: Dict[str, Any], codes: np.ndarray, spec: Spec, shape) -> None:
-    """The code byte behind the first mismatching output element, as its input bits."""
-    if "index" in fields:
-        first = int(np.ravel_multi_index(fields["index"], shape))
-        code_bits = bits_of(codes).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
-        fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
 
 
 def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
     inputs, shape = every_code_inputs(spec)
+    return _compare_dequantizations(ops, spec, label, inputs, shape, device)
+
+
+def _compare_dequantizations(ops, spec: Spec, label: str, inputs, shape, device, context: str = "") -> List[Mismatch]:
+    """The backend's dequantization of host inputs against the reference's, in every
+    output dtype; a mismatch names the code byte behind its first differing element."""
     ref = reference_backend()
     dop = _DEQUANTIZE_OP[spec.format]
     found = []
@@ -437,12 +422,16 @@ def _check_every_code(ops, spec: Spec, label: str, device) -> List[Mismatch]:
         try:
             actual = ops.runtime.to_numpy(_dequantize(ops, spec, [to_backend(ops, a, device) for a in inputs], shape, dt))
         except Exception as exc:
-            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"raised {type(exc).__name__}: {exc}"))
+            found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", f"{context}raised {type(exc).__name__}: {exc}"))
             continue
         fields = _first_difference(expected, actual)
         if fields is None:
             continue
-        _name_code_byte(fields, inputs[0], spec, expected.shape)
+        fields["message"] = context + fields["message"]
+        if "index" in fields:
+            first = int(np.ravel_multi_index(fields["index"], expected.shape))
+            code_bits = bits_of(inputs[0]).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
+            fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
         found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
     return found
 
