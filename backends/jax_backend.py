@@ -132,10 +132,7 @@ def _to_output(v, out_dtype: str):
     """Round once to out_dtype; every NaN (a NaN code, scale or zero, or 0 x inf from a
     caller's infinite scale) gets the canonical NaN bits, written as integers so that no
     conversion can pick another NaN."""
-    out = v.astype(_DTYPES[out_dtype])
-    carrier = jnp.int32 if out_dtype == "float32" else jnp.int16
-    bits = jnp.where(jnp.isnan(v), _NAN_BITS[out_dtype], jax.lax.bitcast_convert_type(out, carrier))
-    return jax.lax.bitcast_convert_type(bits, _DTYPES[out_dtype])
+    return _to_output_nan_where(v, jnp.isnan(v), out_dtype)
 
 
 def _to_output_nan_where(v, nan, out_dtype: str):

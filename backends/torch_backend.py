@@ -191,18 +191,20 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
     ``suspects`` (non-finite scales or zeros) lets eager mode on the CPU skip the NaN
     search when no parameter could have made one.
     """
-    out = v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
     if _host_checks_allowed(v) and suspects is not None and not bool(suspects.any()):
-        return out
-    mask = v != v  # isnan, but vectorised by Inductor on the CPU (torch.isnan was 8x slower)
-    carrier = torch.int32 if out_dtype == "float32" else torch.int16
-    nan_bits = _nan_like(out, out_dtype).view(carrier)
-    return torch.where(mask, nan_bits, out.view(carrier)).view(out.dtype)
+        return _rounded(v, out_dtype)
+    # v != v: isnan, but vectorised by Inductor on the CPU (torch.isnan was 8x slower)
+    return _to_output_nan_where(v, v != v, out_dtype)
+
+
+def _rounded(v: torch.Tensor, out_dtype: str) -> torch.Tensor:
+    """float32 values rounded once to out_dtype (no copy for float32)."""
+    return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
 
 
 def _to_output_nan_where(v: torch.Tensor, nan: torch.Tensor, out_dtype: str) -> torch.Tensor:
     """_to_output for values known to be NaN exactly where ``nan`` holds."""
-    out = v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+    out = _rounded(v, out_dtype)
     carrier = torch.int32 if out_dtype == "float32" else torch.int16
     return torch.where(nan, _nan_like(out, out_dtype).view(carrier), out.view(carrier)).view(out.dtype)
 
@@ -334,7 +336,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     if scales_checked:
         v = scaled * _TWO_TO_120 * scales.to(torch.float32)
         if nan_codes is None:  # eager, and no NaN code
-            return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+            return _rounded(v, out_dtype)
         return _to_output_nan_where(v, nan_codes, out_dtype)
     scales = _canonical_params(scales)
     if _host_checks_allowed(codes):
@@ -509,8 +511,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     q = unpack_nibbles(packed).to(torch.float32)
     if params_checked:
         zeros, scales = flush(zeros.to(torch.float32)), scales.to(torch.float32)
-        v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
-        return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+        return _rounded(_apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc), out_dtype)
     scales, zeros = _canonical_params(scales, zeros)
     # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
     # than the arithmetic. Compiled, in place on views made Inductor's kernel 2x slower.
@@ -534,8 +535,8 @@ def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tens
     parameters as given: a subnormal zero that canonicalisation would make 0 can only
     make the look stricter."""
     s, z = scales.to(torch.float32), zeros.to(torch.float32)
-    plain_scale = (s >= INT4_PLAIN_SCALE) & (s < float("inf"))
-    return (plain_scale & (z.abs() < float("inf")) & ~_int4_at_risk(s, z)).all()
+    # A NaN scale is not at risk (its comparisons are false) but fails s < inf.
+    return ((s < float("inf")) & (z.abs() < float("inf")) & ~_int4_at_risk(s, z)).all()
 
 
 # ----------------------------------------------------------------- Runtime
