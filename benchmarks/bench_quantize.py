@@ -1,6 +1,10 @@
 """Quantize, and quantize + dequantize, per format and backend, as a multiple of a
 plain copy of the same array timed in the same run: each repeat times the copy and
 the candidates back to back, and the median of the per-repeat ratios is reported.
+The same rounds time the quantizer a user would write in that framework without
+kvquant (plain_quantizers.py: same formats, none of the spec's guarantees), run the
+same way (eagerly, or under the same torch.compile options or jax.jit), so each row
+also says what bit-exactness costs there.
 
     python benchmarks/bench_quantize.py                  # every installed backend
     python benchmarks/bench_quantize.py --backend numpy --tokens 32768 --head-dim 128
@@ -29,6 +33,9 @@ import numpy as np
 
 import kvquant
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plain_quantizers import QUANTIZERS  # noqa: E402
+
 FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("int8", {}), ("int4", {"group_size": 64})]
 
 
@@ -56,7 +63,8 @@ def interleaved_ratios(baseline, candidates, sync, repeats: int):
 
 
 def setups(names, x_np):
-    """(label, ops, input, copy function, sync) for every backend variant asked for."""
+    """(label, ops, input, copy function, sync, plain quantizers) for every backend
+    variant asked for."""
     out = []
     for name in names:
         try:
@@ -81,8 +89,25 @@ def setups(names, x_np):
             else:
                 copy = x.copy
                 sync = lambda: None  # noqa: E731
-            out.append((f"{name}/{variant}", v_ops, x, copy, sync))
+            out.append((f"{name}/{variant}", v_ops, x, copy, sync, plain_quantizers(name, variant)))
     return out
+
+
+def plain_quantizers(name, variant):
+    """plain_quantizers.py's functions for this backend, run as its variant runs."""
+    table = QUANTIZERS[name]()
+    if variant == "compile":
+        import torch
+
+        # the options kvquant's compiled kernels use (backends/torch_backend.py, _compile)
+        wrap = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})  # noqa: E731
+    elif variant == "jit":
+        import jax
+
+        wrap = jax.jit
+    else:
+        wrap = lambda fn: fn  # noqa: E731
+    return {fmt: (wrap(q), wrap(dq)) for fmt, (q, dq) in table.items()}
 
 
 def block(result):
@@ -96,12 +121,15 @@ def run(names, tokens, head_dim, repeats):
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((tokens, head_dim)).astype(np.float32)
     rows = []
-    for label, ops, x, copy, sync in setups(names, x_np):
+    for label, ops, x, copy, sync, plain in setups(names, x_np):
         for fmt, kw in FORMATS:
             quant = lambda: block(kvquant.quantize(x, fmt, backend=ops, **kw).codes)  # noqa: E731
             both = lambda: block(kvquant.dequantize(kvquant.quantize(x, fmt, backend=ops, **kw), "float32", backend=ops))  # noqa: E731
-            base, (rq, rb) = interleaved_ratios(copy, (quant, both), sync, repeats)
-            rows.append((label, fmt + ("-g64" if fmt == "int4" else ""), base, rq, rb))
+            plain_q, plain_dq = plain[fmt]
+            plain_quant = lambda: block(plain_q(x))  # noqa: E731
+            plain_both = lambda: block(plain_dq(*plain_q(x)))  # noqa: E731
+            base, ratios = interleaved_ratios(copy, (quant, both, plain_quant, plain_both), sync, repeats)
+            rows.append((label, fmt + ("-g64" if fmt == "int4" else ""), base, *ratios))
     return rows
 
 
@@ -132,9 +160,10 @@ def main():
     rows = run(names, args.tokens, args.head_dim, args.repeats)
     pinned = "allocator pinned" if not args.no_pin_allocator else "default allocator"
     print(f"float32 [{args.tokens}, {args.head_dim}]; median of {args.repeats} per-repeat ratios to a copy timed in the same repeat; {pinned}")
-    print(f"{'backend':<16}{'format':<18}{'copy ms':>9}{'quantize':>10}{'quant+deq':>11}")
-    for label, fmt, base, rq, rb in rows:
-        print(f"{label:<16}{fmt:<18}{base * 1e3:>9.3f}{rq:>9.2f}x{rb:>10.2f}x")
+    print("plain: the same formats written plainly in that framework (benchmarks/plain_quantizers.py), not bit-exact")
+    print(f"{'backend':<16}{'format':<18}{'copy ms':>9}{'quantize':>10}{'quant+deq':>11}{'plain q':>10}{'plain q+dq':>12}")
+    for label, fmt, base, rq, rb, pq, pb in rows:
+        print(f"{label:<16}{fmt:<18}{base * 1e3:>9.3f}{rq:>9.2f}x{rb:>10.2f}x{pq:>9.2f}x{pb:>11.2f}x")
 
 
 if __name__ == "__main__":
