@@ -453,7 +453,10 @@ def int4_quantize(x: torch.Tensor, group_size: int):
         return packed.to(torch.uint8), scale, zero
     v = _apply_groups(xf, (mn, inv, poisoned), group_size,
                       lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
-    return pack_nibbles(_clamp_proven(v.round_(), 0.0, 15.0).to(torch.uint8)), scale, zero
+    # Through int8 (the same bytes for codes 0-15): ATen's float32 -> uint8 conversion
+    # took 0.55 ms for [32768, 128] on the CPU, -> int8 0.21.
+    codes = _clamp_proven(v.round_(), 0.0, 15.0).to(torch.int8).view(torch.uint8)
+    return pack_nibbles(codes), scale, zero
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
