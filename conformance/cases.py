@@ -339,6 +339,25 @@ def degenerate_inputs(dtype: str) -> List[Tuple[str, np.ndarray, Tuple[str, ...]
     x[3, 65] = np.inf
     x[5, 100] = -np.nan
     out.append(("nan-inf", x, ("NaN", "Inf")))
+    # A cache-sized tensor: XLA on the CPU hands reductions over a few dozen rows or
+    # more to YNNPACK, whose max and min drop NaN (a NaN token came back with a finite
+    # scale); the six tokens above stayed below that. One token in three gets a NaN or
+    # an infinity, at columns that start, end or straddle INT4 groups.
+    x = np.random.default_rng(8).standard_normal((2, 4, 32, d)).astype(np.float32)
+    tokens = x.reshape(-1, d)
+    bad = (np.nan, -np.nan, np.inf, -np.inf)
+    columns = (0, 1, 31, 32, 63, 64, 95, 96, d - 2, d - 1)
+    for t in range(0, tokens.shape[0], 3):
+        tokens[t, columns[(t // 3) % len(columns)]] = bad[(t // 3) % len(bad)]
+    tokens[7, [5, 70]] = np.nan  # a token with two, in different groups
+    out.append(("nan-inf-many-tokens", x, ("NaN", "Inf", "ManyTokens")))
+    # NaN alone, no infinity that a NaN-dropping maximum would still see: the whole
+    # tensor (FP8 per tensor) and three tokens are poisoned by it.
+    x = np.random.default_rng(9).standard_normal((2, 4, 32, d)).astype(np.float32)
+    x[0, 1, 5, 40] = np.nan
+    x[1, 2, 17, d - 1] = -np.nan
+    x[1, 3, 31, 0] = np.nan
+    out.append(("nan-many-tokens", x, ("NaN", "ManyTokens")))
     return out
 
 
