@@ -358,6 +358,12 @@ def degenerate_inputs(dtype: str) -> List[Tuple[str, np.ndarray, Tuple[str, ...]
     x[1, 2, 17, d - 1] = -np.nan
     x[1, 3, 31, 0] = np.nan
     out.append(("nan-many-tokens", x, ("NaN", "ManyTokens")))
+    # Every input above at once, tiled to a cache-sized tensor: reductions and loops
+    # change implementation with size (the NaN-dropping reductions above appeared only
+    # past a few dozen rows), and the small cases stay below any such threshold.
+    rows = np.concatenate([v.reshape(-1, d) for _, v, _ in out])
+    tiled = np.tile(rows, (-(-1024 // rows.shape[0]), 1))
+    out.append(("all-above-tiled", tiled, tuple(sorted({f for _, _, fl in out for f in fl} | {"ManyTokens"}))))
     return out
 
 
