@@ -33,7 +33,7 @@ def same_record(ref, got):
 def test_eager_and_jit_give_reference_bits(fmt, kw):
     x = sample()
     ref = kvquant.quantize(x, fmt, **kw)
-    eager = kvquant.quantize(jnp.asarray(x), fmt, **kw)
+    eager = kvquant.quantize(jnp.asarray(x), fmt, backend=kvquant.get_backend("jax").variants()["eager"], **kw)
     jitted = jax.jit(lambda t: kvquant.quantize(t, fmt, **kw))(jnp.asarray(x))
     same_record(ref, eager)
     same_record(ref, jitted)
@@ -81,6 +81,14 @@ def test_raise_where_concrete_propagate_where_traced():
     assert np.isnan(np.asarray(scales)[2]) and np.isfinite(np.asarray(scales)[:2]).all()
 
 
+def test_concrete_calls_run_the_jitted_kernels_by_default():
+    # Op by op, every one of some fifty operations compiled on its own for each new
+    # shape: a first call took 1.3 s against 0.15, later ones 3.7 ms against 0.55.
+    ops = kvquant.get_backend("jax")
+    assert ops.variant == "jit" and set(ops.variants()) == {"jit", "eager"}
+    assert ops.variants()["eager"].variant == "eager"
+
+
 @pytest.mark.parametrize("fmt, kw", [("fp8", {}), ("fp8_per_tensor", {}), ("int8", {}), ("int4", {"group_size": 32})], ids=["fp8", "fp8_per_tensor", "int8", "int4-g32"])
 @pytest.mark.parametrize("column", [0, 31, 32, 100, 127])
 def test_a_single_nan_in_a_cache_sized_input_is_found(fmt, kw, column):
@@ -108,7 +116,10 @@ x[1, :3] = [1e-40, -3e-39, 2.0**-126]
 ok = {}
 for fmt, kw in [("fp8", {}), ("fp8_per_tensor", {"scale": 0.1}), ("int8", {}), ("int4", {"group_size": 64})]:
     ref = kvquant.quantize(x, fmt, **kw)
-    for mode, fn in (("eager", lambda t: kvquant.quantize(t, fmt, **kw)), ("jit", jax.jit(lambda t: kvquant.quantize(t, fmt, **kw)))):
+    eager = kvquant.get_backend("jax").variants()["eager"]
+    for mode, fn in (("eager", lambda t: kvquant.quantize(t, fmt, backend=eager, **kw)),
+                     ("default", lambda t: kvquant.quantize(t, fmt, **kw)),
+                     ("jit", jax.jit(lambda t: kvquant.quantize(t, fmt, **kw)))):
         q = fn(jnp.asarray(x))
         d = kvquant.dequantize(q, "float32")
         ok[f"{fmt}-{mode}"] = (str(q.scales.dtype), bool(np.array_equal(np.asarray(q.codes).view(np.uint8), ref.codes.view(np.uint8))
