@@ -20,34 +20,46 @@ def numpy_quantizers():
     import ml_dtypes
     import numpy as np
 
+    return _namespace_quantizers(np, ml_dtypes.float8_e4m3fn)
+
+
+def jax_quantizers():
+    import jax.numpy as jnp
+
+    return _namespace_quantizers(jnp, jnp.float8_e4m3fn)
+
+
+def _namespace_quantizers(xp, float8_e4m3fn):
+    """NumPy's and JAX's, written once: jax.numpy spells every call here as NumPy does."""
+
     def fp8_per_token(x):
-        amax = np.abs(x).max(axis=-1, keepdims=True)
-        return (x * (FP8_MAX / amax)).astype(ml_dtypes.float8_e4m3fn), amax / FP8_MAX
+        amax = xp.abs(x).max(axis=-1, keepdims=True)
+        return (x * (FP8_MAX / amax)).astype(float8_e4m3fn), amax / FP8_MAX
 
     def fp8_per_tensor(x):
-        amax = np.abs(x).max()
-        return (x * (FP8_MAX / amax)).astype(ml_dtypes.float8_e4m3fn), amax / FP8_MAX
+        amax = xp.abs(x).max()
+        return (x * (FP8_MAX / amax)).astype(float8_e4m3fn), amax / FP8_MAX
 
     def fp8_dequantize(codes, scales):
-        return codes.astype(np.float32) * scales
+        return codes.astype(xp.float32) * scales
 
     def int8(x):
-        amax = np.abs(x).max(axis=-1, keepdims=True)
-        return np.rint(x * (INT8_MAX / amax)).astype(np.int8), amax / INT8_MAX
+        amax = xp.abs(x).max(axis=-1, keepdims=True)
+        return xp.rint(x * (INT8_MAX / amax)).astype(xp.int8), amax / INT8_MAX
 
     def int8_dequantize(codes, scales):
-        return codes.astype(np.float32) * scales
+        return codes.astype(xp.float32) * scales
 
     def int4(x):
         groups = x.reshape(-1, GROUP_SIZE)
         mn, mx = groups.min(axis=-1, keepdims=True), groups.max(axis=-1, keepdims=True)
-        q = np.rint((groups - mn) * (INT4_MAX / (mx - mn))).astype(np.uint8)
+        q = xp.rint((groups - mn) * (INT4_MAX / (mx - mn))).astype(xp.uint8)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         return packed.reshape(x.shape[0], -1), (mx - mn) / INT4_MAX, mn
 
     def int4_dequantize(packed, scales, mins):
         pairs = packed.reshape(-1, GROUP_SIZE // 2)
-        q = np.stack([pairs & 15, pairs >> 4], axis=-1).reshape(-1, GROUP_SIZE).astype(np.float32)
+        q = xp.stack([pairs & 15, pairs >> 4], axis=-1).reshape(-1, GROUP_SIZE).astype(xp.float32)
         return (q * scales + mins).reshape(packed.shape[0], -1)
 
     return _table(fp8_per_token, fp8_per_tensor, fp8_dequantize, int8, int8_dequantize, int4, int4_dequantize)
@@ -84,42 +96,6 @@ def torch_quantizers():
     def int4_dequantize(packed, scales, mins):
         pairs = packed.reshape(-1, GROUP_SIZE // 2)
         q = torch.stack([pairs & 15, pairs >> 4], dim=-1).reshape(-1, GROUP_SIZE).to(torch.float32)
-        return (q * scales + mins).reshape(packed.shape[0], -1)
-
-    return _table(fp8_per_token, fp8_per_tensor, fp8_dequantize, int8, int8_dequantize, int4, int4_dequantize)
-
-
-def jax_quantizers():
-    import jax.numpy as jnp
-
-    def fp8_per_token(x):
-        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        return (x * (FP8_MAX / amax)).astype(jnp.float8_e4m3fn), amax / FP8_MAX
-
-    def fp8_per_tensor(x):
-        amax = jnp.max(jnp.abs(x))
-        return (x * (FP8_MAX / amax)).astype(jnp.float8_e4m3fn), amax / FP8_MAX
-
-    def fp8_dequantize(codes, scales):
-        return codes.astype(jnp.float32) * scales
-
-    def int8(x):
-        amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-        return jnp.round(x * (INT8_MAX / amax)).astype(jnp.int8), amax / INT8_MAX
-
-    def int8_dequantize(codes, scales):
-        return codes.astype(jnp.float32) * scales
-
-    def int4(x):
-        groups = x.reshape(-1, GROUP_SIZE)
-        mn, mx = groups.min(axis=-1, keepdims=True), groups.max(axis=-1, keepdims=True)
-        q = jnp.round((groups - mn) * (INT4_MAX / (mx - mn))).astype(jnp.uint8)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        return packed.reshape(x.shape[0], -1), (mx - mn) / INT4_MAX, mn
-
-    def int4_dequantize(packed, scales, mins):
-        pairs = packed.reshape(-1, GROUP_SIZE // 2)
-        q = jnp.stack([pairs & 15, pairs >> 4], axis=-1).reshape(-1, GROUP_SIZE).astype(jnp.float32)
         return (q * scales + mins).reshape(packed.shape[0], -1)
 
     return _table(fp8_per_token, fp8_per_tensor, fp8_dequantize, int8, int8_dequantize, int4, int4_dequantize)
