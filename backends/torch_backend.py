@@ -683,6 +683,11 @@ class _Kernels:
 _COMPILED = None
 
 
+# How every kernel is compiled (see _compile); benchmarks/bench_quantize.py compiles its
+# plain comparison code the same way.
+COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False, "options": {"cpp.dynamic_threads": True}}
+
+
 def _compile(fn):
     """torch.compile(fullgraph=True) with only the token dimension dynamic.
 
@@ -697,7 +702,7 @@ def _compile(fn):
     loop and lets OpenMP pick the thread count per call; a few tokens cost the same.
     The bits cannot depend on it: the reductions are max, min and exact pair sums.
     """
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})
+    compiled = torch.compile(fn, **COMPILE_OPTIONS)
 
     def call(*args):
         if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in args):

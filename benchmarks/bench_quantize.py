@@ -99,8 +99,9 @@ def plain_quantizers(name, variant):
     if variant == "compile":
         import torch
 
-        # the options kvquant's compiled kernels use (backends/torch_backend.py, _compile)
-        wrap = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp.dynamic_threads": True})  # noqa: E731
+        from kvquant.backends.torch_backend import COMPILE_OPTIONS
+
+        wrap = lambda fn: torch.compile(fn, **COMPILE_OPTIONS)  # noqa: E731
     elif variant == "jit":
         import jax
 
