@@ -213,17 +213,18 @@ def _materialize(*params):
     return tuple(stacked[i] for i in range(len(params)))
 
 
-def _absmax(xf, axis=None):
-    """max |x| over axis (all axes if None); not finite if the slice holds a NaN or an
-    inf (+inf for a NaN on the CPU, see _poison_nonfinite).
+def _absmax(xf, per_token: bool):
+    """max |x| per token (over the last axis) or over the whole tensor; not finite if
+    the token or tensor holds a NaN or an inf (+inf for a NaN on the CPU, see
+    _poison_nonfinite).
 
     Per token as max(x) and -min(x): XLA on the CPU reduces both in one pass faster
     than it reduces |x| (per-token INT8 quantize 0.58 -> 0.51 ms, FP8 0.85 -> 0.72).
     Over the whole tensor, the maximum of those per-token values: one global maximum,
     so a sharded cache needs one all-reduce, not two."""
-    if axis is None:
-        return jnp.max(_absmax(xf, axis=-1))
-    return _poison_nonfinite(xf, jnp.maximum(jnp.max(xf, axis=axis), -jnp.min(xf, axis=axis)))
+    if not per_token:
+        return jnp.max(_absmax(xf, per_token=True))
+    return _poison_nonfinite(xf, jnp.maximum(jnp.max(xf, axis=-1), -jnp.min(xf, axis=-1)))
 
 
 def _poison_nonfinite(x, reduced):
@@ -254,7 +255,7 @@ def _as_reduced(x, reduced):
 
 
 def _per_token_params(xf, reciprocal):
-    scale, inv, poisoned = _symmetric_scale(_absmax(xf, axis=-1), reciprocal)
+    scale, inv, poisoned = _symmetric_scale(_absmax(xf, per_token=True), reciprocal)
     inv, poisoned_f = _materialize(inv, poisoned.astype(F32))
     return scale, inv, poisoned_f > ZERO
 
@@ -282,7 +283,7 @@ def _static_scale_args(static_scale: float):
 
 def _fp8_per_tensor_dynamic(x):
     xf = _widen(x)
-    amax = _absmax(xf) if xf.size else jnp.zeros((), F32)
+    amax = _absmax(xf, per_token=False) if xf.size else jnp.zeros((), F32)
     scale, inv, poisoned = _symmetric_scale(amax, R448)
     return _zero_where(_fp8_codes(xf, inv, clamp=False), poisoned), scale
 
@@ -293,7 +294,7 @@ def _fp8_per_tensor_static(x, scale, inv, flush_input: bool):
         xf = flush(xf)
     scale, inv = jnp.asarray(scale, F32), jnp.asarray(inv, F32)
     # max |x| carries NaN and inf; a reduction over isfinite ran twice as long on the CPU.
-    poisoned = ~jnp.isfinite(_absmax(xf)) if xf.size else jnp.zeros((), bool)
+    poisoned = ~jnp.isfinite(_absmax(xf, per_token=False)) if xf.size else jnp.zeros((), bool)
     scale = jnp.where(poisoned, NAN, scale)
     return _zero_where(_fp8_codes(xf, inv, clamp=True), poisoned), scale
 
