@@ -653,6 +653,12 @@ class NumpyRuntime:
     def is_array(self, obj) -> bool:
         return isinstance(obj, np.ndarray)
 
+    def unsupported(self, arr) -> Optional[str]:
+        if isinstance(arr, np.ma.MaskedArray):
+            return ("NumPy masked arrays are not supported: kvquant would quantize the "
+                    "values under the mask as well; pass arr.filled(fill_value) or arr.data")
+        return None
+
     def device(self, arr) -> str:
         return "cpu"
 

@@ -23,15 +23,6 @@ GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (64, 80, 96, 128, 256)
 NARROW_HEAD_DIMS = (6, 34)
 
-FAMILIES = (
-    "golden",
-    "exhaustive16",
-    "fp8-boundary",
-    "rounding-ties",
-    "realistic",
-    "degenerate",
-    "shapes",
-)
 
 
 @dataclass(frozen=True)
@@ -445,42 +436,3 @@ def shape_cases() -> Iterator[Case]:
         yield _make("shapes", spec, "float32", "zero-tokens-4d", np.zeros((2, 0, 3, 128)), ("ZeroTokens",))
         stored = rng.standard_normal((2, 5, 3, 96))  # [B, S, H, D], read as [B, H, S, D]
         yield _make("shapes", spec, "float32", "noncontiguous-swapaxes-d96", stored, ("NonContiguous",), layout="swapaxes")
-
-
-# ------------------------------------------------------------------- golden
-def golden_cases() -> Iterator[Case]:
-    from .vectors import load_vectors, vector_to_case
-
-    data = load_vectors()
-    for group in data["testGroups"]:
-        for test in group["tests"]:
-            yield vector_to_case(group, test)
-
-
-_GENERATORS = {
-    "golden": golden_cases,
-    "exhaustive16": exhaustive16_cases,
-    "fp8-boundary": fp8_boundary_cases,
-    "rounding-ties": rounding_tie_cases,
-    "realistic": realistic_cases,
-    "degenerate": degenerate_cases,
-    "shapes": shape_cases,
-}
-
-
-def iter_cases(families=None) -> Iterator[Case]:
-    for family in families or FAMILIES:
-        if family not in _GENERATORS:
-            raise ValueError(f"unknown case family {family!r}; expected one of {', '.join(FAMILIES)}")
-        yield from _GENERATORS[family]()
-
-
-@functools.lru_cache(maxsize=None)
-def all_cases(families: Optional[Tuple[str, ...]] = None) -> Tuple[Case, ...]:
-    cases = tuple(iter_cases(families))
-    seen = set()
-    for c in cases:
-        if c.id in seen:
-            raise AssertionError(f"duplicate case id {c.id}")
-        seen.add(c.id)
-    return cases

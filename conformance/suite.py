@@ -6,20 +6,34 @@ returning the mismatches it found (an empty list is a pass).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import cases as C
 from .runner import INVARIANCE_CHECKS, Mismatch, run_case, run_invariance
+from .vectors import golden_cases
 
-SUITE_FAMILIES = C.FAMILIES + ("property", "invariance")
+# Case families, each a generator of framework-neutral inputs (conformance/cases.py),
+# then the two families that draw or build their inputs as they run.
+CASE_FAMILIES = {
+    "golden": golden_cases,
+    "exhaustive16": C.exhaustive16_cases,
+    "fp8-boundary": C.fp8_boundary_cases,
+    "rounding-ties": C.rounding_tie_cases,
+    "realistic": C.realistic_cases,
+    "degenerate": C.degenerate_cases,
+    "shapes": C.shape_cases,
+}
+SUITE_FAMILIES = tuple(CASE_FAMILIES) + ("property", "invariance")
 KNOWN_FAILURES_DIR = Path(__file__).with_name("known_failures")
+REFERENCE_BACKEND = "numpy"
 
 
 @dataclass
@@ -31,25 +45,75 @@ class Check:
     label: str  # format label
     dtype: str
     run: Callable[[], List[Mismatch]]
+    flags: Tuple[str, ...] = ()  # the edge cases its input covers (case families)
 
 
 def _variant_id(ops) -> str:
     return f"{ops.name}-{ops.variant}"
 
 
+PROFILES = ("quick", "full")
+# The quick profile: per backend variant and (family, format, dtype) cell, at most this
+# many cases, chosen to cover the cell's edge-case flags first; fewer property draws.
+QUICK_CASES_PER_CELL = 1
+QUICK_PROPERTY_EXAMPLES = 3
+
+
+@functools.lru_cache(maxsize=4)
+def all_cases(families: Tuple[str, ...] = tuple(CASE_FAMILIES)) -> Tuple[C.Case, ...]:
+    cases = tuple(case for family in families for case in CASE_FAMILIES[family]())
+    seen = set()
+    for c in cases:
+        if c.id in seen:
+            raise AssertionError(f"duplicate case id {c.id}")
+        seen.add(c.id)
+    return cases
+
+
+def sample_cases(cases: Sequence[C.Case], per_cell: int) -> List[C.Case]:
+    """At most ``per_cell`` cases of each (family, format label, dtype) cell: first the
+    case whose flags add the most not yet covered in its cell; among equals, one whose
+    input shape an earlier pick already has (compiled variants specialise per shape, so
+    a new shape is a new compilation), then the family's own order. The result keeps
+    the cases' order."""
+    cells: Dict[tuple, List[C.Case]] = {}
+    for case in cases:
+        cells.setdefault((case.family, case.spec.label, case.dtype), []).append(case)
+    chosen, shapes = set(), set()
+    for members in cells.values():
+        covered: set = set()
+        for _ in range(min(per_cell, len(members))):
+            rest = [c for c in members if c.id not in chosen]
+            # max() keeps the first of equal keys: the family's own order.
+            best = max(rest, key=lambda c: (len(set(c.flags) - covered), c.x.shape in shapes))
+            chosen.add(best.id)
+            shapes.add(best.x.shape)
+            covered |= set(best.flags)
+    return [c for c in cases if c.id in chosen]
+
+
 def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = None, device: Optional[str] = None,
-                property_examples: int = 25) -> Iterator[Check]:
+                property_examples: Optional[int] = None, profile: str = "full") -> Iterator[Check]:
+    """Every check of the suite for each backend variant in ``ops_list``. ``profile``
+    "full" runs every case; "quick" a sample of each family that still reaches every
+    format, dtype, variant and family (sample_cases) and fewer property draws."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     families = tuple(families) if families else SUITE_FAMILIES
     unknown = set(families) - set(SUITE_FAMILIES)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; expected some of {', '.join(SUITE_FAMILIES)}")
-    case_families = tuple(f for f in families if f in C.FAMILIES)
-    cases = C.all_cases(case_families) if case_families else ()
+    if property_examples is None:
+        property_examples = QUICK_PROPERTY_EXAMPLES if profile == "quick" else 25
+    case_families = tuple(f for f in CASE_FAMILIES if f in families)
+    cases = all_cases(case_families) if case_families else ()
+    if profile == "quick":
+        cases = sample_cases(cases, QUICK_CASES_PER_CELL)
     for ops in ops_list:
         vid = _variant_id(ops)
         for case in cases:
             yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
-                        _bind_case(ops, case, device))
+                        _bind_case(ops, case, device), case.flags)
         if "property" in families:
             for spec in C.all_specs():
                 yield Check(f"{vid}/property/{spec.label}/any/hypothesis", ops.name, ops.variant, "property",
@@ -181,12 +245,16 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
             cell[1] += 1
             cell[0] += o.status in ("pass", "known", "xpass")
         width = max([len(f) for f in families] + [9])
-        header = f"{'format':<30}{'dtype':<10}" + "".join(f"{f:>{width + 2}}" for f in families)
+        label_width = max([len(label) for label, _ in rows] + [6]) + 2
+        header = f"{'format':<{label_width}}{'dtype':<10}" + "".join(f"{f:>{width + 2}}" for f in families)
         total_fail = sum(o.status == "fail" for o in items)
         lines.append(f"== {variant}: {len(items) - total_fail}/{len(items)} checks pass")
+        if items[0].check.backend == REFERENCE_BACKEND:
+            lines.append("   (the reference: outside the golden vectors its case checks compare it with itself;"
+                         " the golden vectors and the spec transcription's row, the example backend, check it)")
         lines.append(header)
         for (label, dtype), cells in sorted(rows.items()):
-            row = f"{label:<30}{dtype:<10}"
+            row = f"{label:<{label_width}}{dtype:<10}"
             for f in families:
                 if f in cells:
                     ok, n = cells[f]

@@ -13,14 +13,15 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
 from kvquant._spec import SPEC_VERSION
 from kvquant._types import Format
 
-from .cases import DTYPES, NP_DTYPES, Case, Spec, all_specs, fp8_boundary_values
+from .cases import DTYPES, NP_DTYPES, Case, Spec, _make, all_specs, fp8_boundary_values
+from .reference import reference_outputs
 
 VECTORS_PATH = Path(__file__).with_name("vectors") / f"kvquant-v{SPEC_VERSION}.json"
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -45,6 +46,7 @@ NOTES = {
     "StaticScale": "FP8 per tensor with a caller-given scale.",
     "StaticScaleFlushesInput": "A static scale below 2^-116: subnormal inputs must be read as zero.",
     "StaticScaleReciprocalFlushed": "A static scale above 2^126: its reciprocal is subnormal, hence zero.",
+    "ZeroPointUnderflow": "An INT4 group whose minimum is just above 2^-126 with a range above 7.5: mn * inv < 2^-125, so the stored zero is a flushed signed zero.",
 }
 
 
@@ -117,16 +119,47 @@ def _spec_flags(spec: Spec) -> tuple:
     return flags
 
 
-def _expected(case: Case) -> Dict[str, np.ndarray]:
-    from .runner import reference_outputs
+def _pinned_inputs(spec: Spec, dtype: str) -> List[tuple]:
+    """Inputs added after the first release of the file, numbered after its tests so
+    that no earlier tcId moves. ``zero-point-underflow``: INT4 groups whose minimum lies
+    just above 2^-126 (either sign) with a range above 7.5, so that inv < 2 and
+    mn * inv falls below 2^-125: the stored zero must be flush_product's signed zero. A
+    reference that stored -(mn * inv) unflushed passed every other test (issue 15)."""
+    if spec.format is not Format.INT4 or dtype == "float16":  # float16 cannot hold 2^-126
+        return []
+    g = spec.group_size
+    just_above = np.float32(2.0**-126 * (1 + 2.0**-7))  # exact in bfloat16 too
+    x = np.tile(np.linspace(0, 8, g, dtype=np.float32), (4, 128 // g))
+    x[0, ::g] = just_above  # mn > 0, range 8: inv = 1.875, zero = -(mn * inv) ~ -1.9 * 2^-126
+    x[1, ::g] = -just_above  # mn < 0
+    x[2, ::g] = just_above
+    x[2, g - 1::g] = np.float32(7.75)  # range just above 7.5: inv just below 2
+    x[3, :] = np.float32(3.0)
+    x[3, ::g] = -just_above
+    x[3, 1::g] = np.float32(12.0)
+    return [("zero-point-underflow", x, ("ZeroPointUnderflow",))]
 
-    return reference_outputs(case)
+
+def _vector_test(tc_id: int, name: str, case: Case) -> dict:
+    exp = reference_outputs(case)
+    test = {
+        "tcId": tc_id,
+        "comment": name,
+        "flags": list(case.flags),
+        "onNonfinite": case.on_nonfinite,
+        "shape": list(case.x.shape),
+        "input": _hex(case.x),
+        "codes": _hex(exp["codes"]),
+        "scales": _hex(exp["scales"]),
+        "dequant": {dt: _hex(exp["dequant:" + dt]) for dt in OUTPUT_DTYPES},
+    }
+    if "zeros" in exp:
+        test["zeros"] = _hex(exp["zeros"])
+    return test
 
 
 def generate() -> dict:
     """Build the vector file from the reference (the NumPy backend)."""
-    from .cases import _make
-
     groups = []
     tc_id = 0
     for spec in all_specs(static_scales=(1.0, 2.0**-120, 3.0e38)):
@@ -137,23 +170,8 @@ def generate() -> dict:
                     flags = tuple(f for f in flags if f != "ShortLastGroup")
                 if "ShortLastGroup" in flags and x.shape[-1] % spec.group_size == 0:
                     flags = tuple(f for f in flags if f != "ShortLastGroup")
-                case = _make("golden", spec, dtype, name, x, flags + _spec_flags(spec))
-                exp = _expected(case)
                 tc_id += 1
-                test = {
-                    "tcId": tc_id,
-                    "comment": name,
-                    "flags": list(case.flags),
-                    "onNonfinite": case.on_nonfinite,
-                    "shape": list(case.x.shape),
-                    "input": _hex(case.x),
-                    "codes": _hex(exp["codes"]),
-                    "scales": _hex(exp["scales"]),
-                    "dequant": {dt: _hex(exp["dequant:" + dt]) for dt in OUTPUT_DTYPES},
-                }
-                if "zeros" in exp:
-                    test["zeros"] = _hex(exp["zeros"])
-                tests.append(test)
+                tests.append(_vector_test(tc_id, name, _make("golden", spec, dtype, name, x, flags + _spec_flags(spec))))
             groups.append(
                 {
                     "format": spec.format.value,
@@ -163,6 +181,12 @@ def generate() -> dict:
                     "tests": tests,
                 }
             )
+    for group in groups:
+        spec = Spec(Format.parse(group["format"]), group["groupSize"],
+                    None if group["staticScaleHex"] is None else float(_from_hex(group["staticScaleHex"], np.float32, ())[()]))
+        for name, x, flags in _pinned_inputs(spec, group["inputDtype"]):
+            tc_id += 1
+            group["tests"].append(_vector_test(tc_id, name, _make("golden", spec, group["inputDtype"], name, x, flags)))
     used = sorted({f for grp in groups for t in grp["tests"] for f in t["flags"]})
     return {
         "algorithm": "kvquant KV-cache quantization",
@@ -227,6 +251,13 @@ def vector_to_case(group: dict, test: dict) -> Case:
         on_nonfinite=test["onNonfinite"],
         expected=expected,
     )
+
+
+def golden_cases():
+    data = load_vectors()
+    for group in data["testGroups"]:
+        for test in group["tests"]:
+            yield vector_to_case(group, test)
 
 
 def main() -> None:

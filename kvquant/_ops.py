@@ -12,9 +12,13 @@ import operator
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _spec
+from ._formats import GROUP_SIZES
 from ._types import Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
 
-_GROUP_SIZES = tuple(int(g) for g in Int4GroupSize)
+_GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
+
+
+TRACED = "traced"  # what Runtime.device says of an array that has no device yet
 
 
 def canonical_dtype_name(dtype: Any) -> str:
@@ -51,14 +55,19 @@ def parse_output_dtype(dtype: Any) -> str:
 
 
 def parse_group_size(group_size: Any) -> int:
+    if isinstance(group_size, Int4GroupSize):
+        # The member's value, not operator.index: dynamo recursed without end inside
+        # IntEnum.__index__ (torch 2.13, torch.compile(fullgraph=True) of a seed call).
+        return group_size.value
+    problem = f"group_size must be {_GROUP_SIZES_TEXT}, got {group_size!r}"
     if isinstance(group_size, bool):
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+        raise ValueError(problem)
     try:
         value = operator.index(group_size)
     except TypeError:
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}") from None
-    if value not in _GROUP_SIZES:
-        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+        raise ValueError(problem) from None
+    if value not in GROUP_SIZES:
+        raise ValueError(problem)
     return value
 
 
@@ -157,12 +166,18 @@ class BackendOps:
                 f"{what} must be a {self.runtime.name} array for the {self.name!r} backend, "
                 f"got {type(arr).__module__}.{type(arr).__name__}"
             )
+        why_not = getattr(self.runtime, "unsupported", None)
+        reason = why_not(arr) if why_not is not None else None
+        if reason:
+            raise TypeError(f"{what}: {reason}")
 
     def _check_same_device(self, reference: Any, *others: Tuple[str, Any]) -> None:
+        # A traced JAX array has no device yet (inside jit, or a JVP tracer under grad
+        # beside concrete integer codes): nothing to compare until it is concrete.
         device = self.runtime.device(reference)
         for what, arr in others:
             other = self.runtime.device(arr)
-            if other != device:
+            if other != device and TRACED not in (device, other):
                 raise ValueError(
                     f"{what} is on device {other} but the codes are on {device}; "
                     "kvquant never moves arrays between devices for you"
@@ -180,13 +195,19 @@ class BackendOps:
         self._check_token_shape(shape, num_tokens, head_dim, "input", shape[-1] if shape else None)
         return shape
 
+    def _detached(self, x: Any) -> Any:
+        """Quantization is not differentiable: the input is cut from any autodiff trace
+        (JAX: under jax.grad the codes then come back concrete, with the scales)."""
+        detach = getattr(self.runtime, "detach", None)
+        return detach(x) if detach is not None else x
+
     def _check_token_shape(self, shape, num_tokens, head_dim, what, last_dim) -> None:
         num_tokens = _as_count(num_tokens, "num_tokens")
         head_dim = _as_count(head_dim, "head_dim")
         if len(shape) < 2:
             raise ValueError(
-                f"{what} must have rank 2 [num_tokens, head_dim] or 4 "
-                f"[batch, kv_heads, seq_len, head_dim], got shape {shape}"
+                f"{what} must have rank 2 or more ([num_tokens, head_dim], "
+                f"[batch, kv_heads, seq_len, head_dim] or any [..., head_dim]), got shape {shape}"
             )
         if head_dim <= 0:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
@@ -219,7 +240,10 @@ class BackendOps:
         if dtype != "float32":
             raise TypeError(f"{what} must have dtype float32, got {dtype}")
         shape = tuple(self.runtime.shape(arr))
-        if shape not in accepted_shapes:
+        # Element by element: dynamo mis-evaluated `shape in accepted_shapes` once the
+        # same code had been compiled for other group sizes ([12, 1] scales "not in"
+        # ((12, 1), (12,), (12, 1)), torch 2.13), and then failed on the error message.
+        if not any(len(shape) == len(a) and all(d == e for d, e in zip(shape, a)) for a in accepted_shapes):
             allowed = " or ".join(str(s) for s in dict.fromkeys(accepted_shapes))
             raise ValueError(f"{what} has shape {shape}; expected {allowed}")
         self._check_same_device(reference, (what, arr))
@@ -258,7 +282,7 @@ class BackendOps:
         on_nonfinite = parse_on_nonfinite(on_nonfinite)
         shape = self._check_input(input, num_tokens, head_dim)
         rt = self.runtime
-        codes, scales = self.kernels.fp8_quantize_per_token(self._view(input, shape[:-1], (head_dim,)))
+        codes, scales = self.kernels.fp8_quantize_per_token(self._view(self._detached(input), shape[:-1], (head_dim,)))
         self._finish_nonfinite(scales, on_nonfinite, shape[:-1], None)
         return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
 
@@ -282,7 +306,7 @@ class BackendOps:
         static = None if scale is None else parse_static_scale(scale)
         rt = self.runtime
         codes, scale_out = self.kernels.fp8_quantize_per_tensor(
-            self._view(input, shape[:-1], (head_dim,)), static
+            self._view(self._detached(input), shape[:-1], (head_dim,)), static
         )
         self._finish_nonfinite(scale_out, on_nonfinite, (), None)
         return rt.reshape(codes, shape), scale_out
@@ -303,7 +327,7 @@ class BackendOps:
         on_nonfinite = parse_on_nonfinite(on_nonfinite)
         shape = self._check_input(input, num_tokens, head_dim)
         rt = self.runtime
-        codes, scales = self.kernels.int8_quantize(self._view(input, shape[:-1], (head_dim,)))
+        codes, scales = self.kernels.int8_quantize(self._view(self._detached(input), shape[:-1], (head_dim,)))
         self._finish_nonfinite(scales, on_nonfinite, shape[:-1], None)
         return rt.reshape(codes, shape), rt.reshape(scales, shape[:-1])
 
@@ -328,7 +352,7 @@ class BackendOps:
             raise ValueError(f"INT4 packs two codes per byte, so head_dim must be even, got {head_dim}")
         rt = self.runtime
         packed, scales, zeros = self.kernels.int4_quantize(
-            self._view(input, shape[:-1], (head_dim,)), group
+            self._view(self._detached(input), shape[:-1], (head_dim,)), group
         )
         groups = num_groups(head_dim, group)
         self._finish_nonfinite(scales, on_nonfinite, shape[:-1], groups)

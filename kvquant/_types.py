@@ -88,6 +88,10 @@ class QuantizedKV:
     source_dtype: str
     backend: str = field(default="numpy", compare=False)
 
+    def __post_init__(self):
+        # A format given by name ("int8") is the Format it names, or a clear error.
+        object.__setattr__(self, "format", Format.parse(self.format))
+
     # The split into arrays and static metadata is what the JAX backend registers
     # as a pytree; it lives here so that every backend sees the same record.
     def tree_flatten(self):

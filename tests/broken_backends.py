@@ -44,6 +44,16 @@ def int8_full_range(x):
     return np.where(poisoned[:, None], 0, q).astype(np.int8), scale
 
 
+def int8_inf_scale(x):
+    t = k._read(x)
+    amax = k._row_max_abs(t)
+    with np.errstate(all="ignore"):
+        # +-inf tokens keep an infinite scale (only NaN makes a NaN one): never raised.
+        scale = np.where(amax == 0, F32(1), np.maximum(amax * k.R127, k.S_MIN)).astype(F32)
+        q = np.clip(np.rint(k.flush(t * (F32(1) / scale)[:, None])), -127, 127)
+    return np.where(np.isfinite(scale)[:, None], q, 0).astype(np.int8), scale
+
+
 def fp8_no_clamp(x, static_scale):
     t = k._read(x)
     if static_scale is None:
@@ -97,6 +107,7 @@ BROKEN = {
     "swapped-nibbles": ({"int4_quantize": int4_swapped_nibbles}, "quantize_kv_int4", "codes"),
     "int8-full-range": ({"int8_quantize": int8_full_range}, "quantize_kv_int8", "codes"),
     "groups-span-tokens": ({"int4_quantize": int4_groups_span_tokens}, "quantize_kv_int4", "codes"),
+    "inf-scale-not-nan": ({"int8_quantize": int8_inf_scale}, "quantize_kv_int8", "scales"),
 }
 
 

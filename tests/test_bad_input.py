@@ -230,3 +230,59 @@ def test_array_of_unknown_framework():
 def test_unknown_backend_name():
     with pytest.raises(kvquant.BackendNotFoundError, match="no kvquant backend named 'nope'"):
         kvquant.get_backend("nope")
+
+
+# ------------------------------------------------- found when the API was audited
+def test_masked_array_is_refused_not_silently_unmasked():
+    x = np.ma.masked_array(np.ones((2, 64), np.float32), mask=np.eye(2, 64, dtype=bool))
+    with pytest.raises(TypeError, match="masked arrays"):
+        kvquant.quantize(x, "int8")
+
+
+def test_sparse_tensor_is_refused_in_kvquant_words():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="sparse_coo tensors are not supported"):
+        kvquant.quantize(torch.eye(64).to_sparse(), "int8")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_per_tensor", "int8", "int4"])
+def test_meta_tensors_give_shapes_without_reading_values(fmt):
+    torch = pytest.importorskip("torch")
+    q = kvquant.quantize(torch.empty(2, 3, 5, 64, device="meta"), fmt)
+    out = kvquant.dequantize(q, torch.bfloat16)
+    assert q.codes.device.type == "meta" and out.device.type == "meta"
+    assert tuple(out.shape) == (2, 3, 5, 64) and out.dtype == torch.bfloat16
+
+
+def test_quantized_kv_takes_its_format_by_name():
+    q = kvquant.quantize(np.ones((2, 64), np.float32), "int8")
+    named = kvquant.QuantizedKV(q.codes, q.scales, None, "int8", None, q.shape, "float32")
+    assert named.format is kvquant.Format.INT8
+    np.testing.assert_array_equal(kvquant.dequantize(named), kvquant.dequantize(q))
+    with pytest.raises(ValueError, match="unknown format 'int9'"):
+        kvquant.QuantizedKV(q.codes, q.scales, None, "int9", None, q.shape, "float32")
+
+
+def test_rank_error_says_what_is_accepted(ops):
+    with pytest.raises(ValueError, match=r"rank 2 or more .*any \[\.\.\., head_dim\]"):
+        ops.quantize_kv_int8(arr(ops, np.ones((64,), np.float32)), 1, 64)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_jax_grad_through_a_round_trip_is_zero_not_a_device_error(fmt):
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.linspace(-1, 1, 4 * 64).reshape(4, 64)
+    loss = lambda t: kvquant.dequantize(kvquant.quantize(t, fmt)).sum()  # noqa: E731
+    assert float(jax.numpy.abs(jax.grad(loss)(x)).sum()) == 0.0  # quantization is cut from autodiff
+    assert float(jax.numpy.abs(jax.jit(jax.grad(loss))(x)).sum()) == 0.0
+
+
+def test_seed_group_size_enum_under_torch_compile():
+    """The issue's own snippet: an Int4GroupSize member crashed dynamo (RecursionError)."""
+    torch = pytest.importorskip("torch")
+    ops = kvquant.get_backend("torch")
+    g = kvquant.Int4GroupSize.G64
+    f = torch.compile(lambda v: ops.quantize_kv_int4(v, 64, 128, g), fullgraph=True)
+    x = torch.randn(64, 128)
+    for got, want in zip(f(x), ops.quantize_kv_int4(x, 64, 128, 64)):
+        assert torch.equal(got, want)

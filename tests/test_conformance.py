@@ -21,7 +21,10 @@ from kvquant.conformance.suite import (
 )
 
 BUILTIN = [n for n in ("numpy", "torch", "jax") if n == "numpy" or __import__("importlib").util.find_spec(n)]
-CHECKS = list(iter_checks(backend_variants(BUILTIN)))
+# The spec transcription (the example backend) over every family: the NumPy rows compare
+# the reference with itself outside the golden vectors, so only this row holds the
+# reference to the spec there (a zero point left unflushed failed nothing else).
+CHECKS = list(iter_checks(backend_variants(BUILTIN + ["example"])))
 
 
 def _group(check) -> str:
@@ -41,7 +44,7 @@ def test_builtin_backend_conforms(check):
 
 def test_every_builtin_variant_is_checked():
     seen = {(c.backend, c.variant) for c in CHECKS}
-    expected = {("numpy", "eager")}
+    expected = {("numpy", "eager"), ("example", "eager")}
     if "torch" in BUILTIN:
         expected |= {("torch", "eager"), ("torch", "compile")}
     if "jax" in BUILTIN:
@@ -187,3 +190,42 @@ def test_info_lists_backends(tmp_path):
     out = run([sys.executable, "-m", "kvquant.cli", "info"], tmp_path)
     assert out.returncode == 0
     assert "numpy" in out.stdout and "example" in out.stdout and "devices" in out.stdout
+
+
+def test_raise_check_catches_infinite_scales():
+    """A backend that stores +inf tokens with an infinite scale (not NaN) raises for NaN
+    but silently accepts infinities: the raise check has inf-only tokens for it."""
+    checks = [c for c in iter_checks([make_broken("inf-scale-not-nan")], families=("invariance",))
+              if c.id.endswith("/raise")]
+    failed = [o for o in run_checks(checks) if o.status == "fail"]
+    assert failed, "the raise check passed a backend that never raises for infinities"
+    assert all("+-inf and no NaN" in str(o.mismatches) for o in failed)
+
+
+def test_mismatch_names_what_the_transcription_says():
+    outcomes = run_checks(iter_checks([make_broken("round-half-away")], families=("rounding-ties",)))
+    first = next(o.mismatches[0] for o in outcomes if o.status == "fail")
+    assert "spec transcription" in first.message and "sides with the reference" in first.message
+
+
+def test_property_ids_name_every_drawn_parameter(monkeypatch):
+    """Expected outputs are cached by case id: two draws differing only in the outlier
+    flag once shared one id, and a correct backend failed against itself."""
+    monkeypatch.setenv("KVQUANT_HYPOTHESIS_EXAMPLES", "100")
+    outcomes = run_checks(iter_checks([kvquant.get_backend("numpy")], families=("property",)))
+    assert [o.status for o in outcomes] == ["pass"] * 6, [str(o.mismatches[:1]) for o in outcomes]
+
+
+def test_reference_row_says_how_it_is_checked():
+    table = format_table(run_checks(iter_checks([kvquant.get_backend("numpy")], families=("golden",))))
+    assert "golden vectors" in table and "transcription" in table
+
+
+def test_quick_profile_reaches_every_format_dtype_and_family():
+    quick = list(iter_checks([kvquant.get_backend("numpy")], profile="quick"))
+    full = list(iter_checks([kvquant.get_backend("numpy")], profile="full"))
+    cells = lambda checks: {(c.family, c.label, c.dtype) for c in checks}  # noqa: E731
+    assert cells(quick) == cells(full)
+    assert len(quick) < len(full) / 3
+    flags = lambda checks: {(c.family, c.label, c.dtype, f) for c in checks for f in getattr(c, "flags", ())}  # noqa: E731
+    assert flags(quick) == flags(full)

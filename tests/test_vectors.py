@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_same_bits
 from kvquant.conformance import vectors
 from kvquant.conformance.cases import DTYPES
-from kvquant.conformance.runner import _REFERENCE_CACHE, reference_outputs
+from kvquant.conformance.reference import _REFERENCE_CACHE, reference_outputs
 
 DATA = vectors.load_vectors()
 TESTS = [(g, t) for g in DATA["testGroups"] for t in g["tests"]]
@@ -65,3 +65,21 @@ def test_reference_reproduces_vector(group, test):
 
 def test_regenerating_gives_the_checked_in_file():
     assert json.loads(json.dumps(vectors.generate())) == DATA
+
+
+def test_unflushed_zero_point_in_the_reference_fails_the_pinned_vectors(monkeypatch):
+    """The planted bug of issue 15 (zero = -(mn * inv) without flush_product) passed the
+    whole suite; the zero-point-underflow vectors must catch it."""
+    import numpy as np
+
+    import kvquant.backends.numpy_backend as reference
+    from kvquant.conformance.runner import run_case
+    from kvquant.conformance.vectors import golden_cases
+
+    pinned = [c for c in golden_cases() if "ZeroPointUnderflow" in c.flags]
+    assert len(pinned) == 6  # int4 g32/g64/g128 x float32/bfloat16
+    ops = reference.create_backend()
+    assert all(run_case(ops, c).passed for c in pinned)
+    monkeypatch.setattr(reference, "flush_product", lambda v: np.asarray(v, np.float32))
+    failed = [c for c in pinned if any(m.output == "zeros" for m in run_case(ops, c).mismatches)]
+    assert failed == pinned

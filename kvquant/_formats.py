@@ -1,0 +1,94 @@
+"""One table of formats: everything that differs between them, so that the API, the
+conformance suite and the golden vectors ask the table instead of branching on
+``Format``. A new format is one entry here plus its kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+from ._types import Format, Int4GroupSize
+
+GROUP_SIZES: Tuple[int, ...] = tuple(int(g) for g in Int4GroupSize)
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What kvquant needs to know about one format.
+
+    ``params``: how many float32 values describe the codes and where they live:
+    "token" (one scale per token), "tensor" (one scale), "group" (a scale and a zero
+    per group of ``group_size`` elements inside a token)."""
+
+    format: Format
+    code_dtype: str
+    codes_per_byte: int
+    params: str
+    quantize_method: str
+    dequantize_method: str
+    group_sizes: Tuple[int, ...] = ()
+    static_scale: bool = False
+
+    @property
+    def has_zeros(self) -> bool:
+        return self.params == "group"
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return ("codes", "scales", "zeros") if self.has_zeros else ("codes", "scales")
+
+    def code_shape(self, shape: Sequence[int]) -> Tuple[int, ...]:
+        shape = tuple(shape)
+        return shape[:-1] + (shape[-1] // self.codes_per_byte,)
+
+    def param_shape(self, shape: Sequence[int], group_size: Optional[int] = None) -> Tuple[int, ...]:
+        shape = tuple(shape)
+        if self.params == "tensor":
+            return ()
+        if self.params == "token":
+            return shape[:-1]
+        return shape[:-1] + (-(-shape[-1] // group_size),)
+
+    def bits_per_element(self, head_dim: int, group_size: Optional[int] = None) -> float:
+        """Bits of codes plus float32 parameters per element (a per-tensor scale is
+        counted as free)."""
+        code_bits = 8 / self.codes_per_byte
+        if self.params == "token":
+            return code_bits + 32 / head_dim
+        if self.params == "group":
+            return code_bits + 64 * (-(-head_dim // group_size)) / head_dim
+        return code_bits
+
+    def quantize(self, ops: Any, x: Any, num_tokens: int, head_dim: int, *, group_size: Optional[int] = None,
+                 static_scale: Optional[float] = None, on_nonfinite: str = "raise"):
+        """The seed method for this format, called with its own arguments."""
+        method = getattr(ops, self.quantize_method)
+        if self.group_sizes:
+            return method(x, num_tokens, head_dim, group_size, on_nonfinite=on_nonfinite)
+        if self.static_scale:
+            return method(x, num_tokens, head_dim, static_scale, on_nonfinite=on_nonfinite)
+        return method(x, num_tokens, head_dim, on_nonfinite=on_nonfinite)
+
+    def dequantize(self, ops: Any, outputs: Sequence[Any], num_tokens: int, head_dim: int, out_dtype: Any,
+                   group_size: Optional[int] = None):
+        method = getattr(ops, self.dequantize_method)
+        if self.group_sizes:
+            return method(*outputs, num_tokens, head_dim, group_size, out_dtype)
+        return method(*outputs, num_tokens, head_dim, out_dtype)
+
+
+FORMATS = {
+    info.format: info
+    for info in (
+        FormatInfo(Format.FP8_PER_TOKEN, "float8_e4m3fn", 1, "token",
+                   "quantize_kv_fp8_per_token", "dequantize_kv_fp8_per_token"),
+        FormatInfo(Format.FP8_PER_TENSOR, "float8_e4m3fn", 1, "tensor",
+                   "quantize_kv_fp8_per_tensor", "dequantize_kv_fp8_per_tensor", static_scale=True),
+        FormatInfo(Format.INT8, "int8", 1, "token", "quantize_kv_int8", "dequantize_kv_int8"),
+        FormatInfo(Format.INT4, "uint8", 2, "group", "quantize_kv_int4", "dequantize_kv_int4",
+                   group_sizes=GROUP_SIZES),
+    )
+}
+
+
+def format_info(fmt: "Format | str") -> FormatInfo:
+    return FORMATS[Format.parse(fmt)]
