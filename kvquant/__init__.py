@@ -19,7 +19,8 @@ from ._registry import (
 from ._spec import SPEC_VERSION
 from ._types import Format, Int4GroupSize, KvQuantMode, NonFiniteInputError, QuantizedKV
 from .api import adapt, dequantize, quantize
-from .protocols import KvCacheQuantOps, Runtime, TensorAdapter
+from .protocols import Kernels, KvCacheQuantOps, Runtime, TensorAdapter
+from . import cache  # noqa: E402  (imports no framework: containers load theirs on first append)
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "BackendOps",
     "Format",
     "Int4GroupSize",
+    "Kernels",
     "KvCacheQuantOps",
     "KvQuantMode",
     "NonFiniteInputError",
@@ -40,6 +42,7 @@ __all__ = [
     "SPEC_VERSION",
     "TensorAdapter",
     "adapt",
+    "cache",
     "available_backends",
     "backend_for",
     "dequantize",

@@ -1,9 +1,11 @@
-"""The two protocols a backend implements, mirroring boostr's generics.
+"""The protocols a backend implements, mirroring boostr's generics.
 
 ``Runtime`` mirrors numr's ``Runtime``: what a framework's arrays are and how to
 move them. ``KvCacheQuantOps`` mirrors boostr's ``KvCacheQuantOps<R: Runtime>``:
 the seed's six methods with the same names and argument order, plus FP8
-per-tensor quantization with a dynamic or caller-given scale.
+per-tensor quantization with a dynamic or caller-given scale. ``Kernels`` is what a
+backend author writes; ``BackendOps`` turns a Runtime and Kernels into
+``KvCacheQuantOps``.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ class Runtime(Protocol):
         """False while tracing or compiling, where values cannot be inspected."""
     def first_nan_index(self, values: Any) -> Optional[int]:
         """The flat (C-order) index of the first NaN in values, of any shape, or None."""
+    # Optional: unsupported(arr) -> Optional[str], a reason to refuse an array of the
+    # right type (sparse, masked); detach(arr), cut the input from autodiff;
+    # num_threads(n), a context manager (the suite's thread-count check).
 
 
 @runtime_checkable
@@ -53,6 +58,33 @@ class KvCacheQuantOps(Protocol):
     def dequantize_kv_int4(self, packed, scales, zeros, num_tokens: int, head_dim: int, group_size: Int4GroupSize | int = Int4GroupSize.G64, output_dtype: Any = "float32") -> Any: ...
     def quantize_kv_int8(self, input, num_tokens: int, head_dim: int, *, on_nonfinite: str = "raise") -> Tuple[Any, Any]: ...
     def dequantize_kv_int8(self, quantized, scales, num_tokens: int, head_dim: int, output_dtype: Any = "float32") -> Any: ...
+
+
+@runtime_checkable
+class Kernels(Protocol):
+    """What a backend author writes: the arithmetic of docs/spec.md on arrays that
+    ``BackendOps`` has already checked (docs/conformance.md, "The kernel contract").
+
+    ``x`` is float32, float16 or bfloat16, ``[tokens, head_dim]`` (or the caller's own
+    ``[..., head_dim]`` when ``accepts_any_rank``); ``out_dtype`` is a name, "float32",
+    "float16" or "bfloat16"; ``group_size`` is 32, 64 or 128; ``static_scale`` is None or
+    a Python float holding a finite, positive, normal float32. Per-token parameters come
+    in as ``[tokens, 1]``, a per-tensor scale as ``[1, 1]``.
+
+    Optional members, looked up with getattr:
+        accepts_any_rank: bool          kernels reduce over the last axis of any rank
+        variants() -> dict              other ways to run the same kernels, by name
+        trace(fn) -> fn                 the framework's compiler around a whole function
+        release() -> None               forget what was compiled for the shapes seen
+    """
+
+    def fp8_quantize_per_token(self, x) -> Tuple[Any, Any]: ...
+    def fp8_quantize_per_tensor(self, x, static_scale: Optional[float]) -> Tuple[Any, Any]: ...
+    def fp8_dequantize(self, codes, scales, out_dtype: str) -> Any: ...
+    def int8_quantize(self, x) -> Tuple[Any, Any]: ...
+    def int8_dequantize(self, codes, scales, out_dtype: str) -> Any: ...
+    def int4_quantize(self, x, group_size: int) -> Tuple[Any, Any, Any]: ...
+    def int4_dequantize(self, packed, scales, zeros, group_size: int, out_dtype: str) -> Any: ...
 
 
 class TensorAdapter:

@@ -164,7 +164,7 @@ def test_plugin_reports_failures_with_ids(tmp_path):
 def test_command_checks_third_party_backend_and_writes_json(tmp_path):
     report = tmp_path / "report.json"
     out = run([sys.executable, "-m", "kvquant.cli", "conformance", "--backend", "example", "--family", "golden",
-               "--json", str(report)], tmp_path)
+               "--full", "--json", str(report)], tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads(report.read_text())
     assert data["failed"] == 0 and data["passed"] == len(data["checks"]) > 300
@@ -179,7 +179,7 @@ def test_command_exits_nonzero_on_mismatch(tmp_path):
         from broken_backends import make_broken
         from kvquant.cli import main
         kvquant.register_backend("broken-divide-not-multiply", make_broken("divide-not-multiply"))
-        sys.exit(main(["conformance", "--backend", "broken-divide-not-multiply", "--family", "golden"]))
+        sys.exit(main(["conformance", "--backend", "broken-divide-not-multiply", "--family", "golden", "--full"]))
     """)
     out = run([sys.executable, "-c", script], tmp_path)
     assert out.returncode == 1
@@ -227,5 +227,7 @@ def test_quick_profile_reaches_every_format_dtype_and_family():
     cells = lambda checks: {(c.family, c.label, c.dtype) for c in checks}  # noqa: E731
     assert cells(quick) == cells(full)
     assert len(quick) < len(full) / 3
-    flags = lambda checks: {(c.family, c.label, c.dtype, f) for c in checks for f in getattr(c, "flags", ())}  # noqa: E731
-    assert flags(quick) == flags(full)
+    # Where a cell has several cases, the one with the most edge-case flags stands for it.
+    for cell in cells(c for c in full if c.family not in ("property", "invariance")):
+        most = max(len(c.flags) for c in full if (c.family, c.label, c.dtype) == cell)
+        assert [len(c.flags) for c in quick if (c.family, c.label, c.dtype) == cell] == [most], cell

@@ -1,0 +1,576 @@
+"""Quantized KV caches for one attention layer, in any framework kvquant supports.
+
+    cache = kvquant.cache.LayerCache(keys="int8", values="int4", residual=128)
+    k_all, v_all = cache.append(k_new, v_new)     # [batch, kv_heads, new_tokens, head_dim]
+
+``append`` returns what attention needs: the whole history, dequantized, followed by
+the full-precision residual window, in the dtype asked for (the input's by default).
+Exactly the most recent ``residual`` tokens stay in full precision; each token is
+quantized when it leaves the window, with one ``kvquant.quantize`` call per append
+for the tokens leaving it, so the stored codes, scales and zeros are bit-identical to
+one ``kvquant.quantize`` of all the quantized tokens at once (every stored format
+quantizes each token on its own; FP8 per tensor needs a static scale for that).
+
+``LayerCache`` holds NumPy arrays or torch tensors (on their own device; nothing is
+moved to the host) and grows its storage by doubling along the token axis, so an
+append costs the quantization of the tokens leaving the window, a copy of at most
+``residual + new_tokens`` full-precision tokens, and, once in a while, a copy of the
+stored codes into a buffer twice as large (amortised O(1) per token). The returned
+history is dequantized anew on every append: O(tokens), like HF's QuantizedCache.
+
+``JaxLayerCache`` is the functional counterpart for JAX: a pytree of fixed capacity,
+updated with ``dynamic_update_slice`` inside ``jax.jit`` without recompiling per step.
+
+Non-finite input: caches default to ``on_nonfinite="propagate"``. A NaN or inf token
+is stored with a NaN scale and dequantizes to NaN, which is what an unquantized cache
+would have handed attention; and "raise" would read the scales on the host at every
+append, a device synchronisation per decode step on an accelerator.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+from ._formats import FORMATS, FormatInfo
+from ._ops import canonical_dtype_name, parse_group_size, parse_static_scale
+from ._registry import backend_for
+from ._types import Format, Int4GroupSize, QuantizedKV
+
+TOKEN_AXIS = 2  # [batch, kv_heads, tokens, head_dim]
+
+
+class CacheInputError(ValueError):
+    """An append the cache refuses; the cache is left exactly as it was."""
+
+
+@dataclass(frozen=True)
+class StoredFormat:
+    """How one side (keys or values) is stored: a kvquant format with its options, or
+    ``format=None`` for full precision."""
+
+    format: Optional[Format] = Format.INT8
+    group_size: Optional[int] = None
+    scale: Optional[float] = None  # FP8 per tensor: the static scale
+
+    @classmethod
+    def parse(cls, spec: Any) -> "StoredFormat":
+        """None (full precision), a format name or Format, a dict of StoredFormat's
+        fields, or a StoredFormat."""
+        if isinstance(spec, StoredFormat):
+            return spec.validated()
+        if spec is None or spec == "none":
+            return cls(None)
+        if isinstance(spec, dict):
+            return cls(Format.parse(spec.get("format", "int8")), spec.get("group_size"), spec.get("scale")).validated()
+        return cls(Format.parse(spec)).validated()
+
+    def validated(self) -> "StoredFormat":
+        if self.format is None:
+            return self
+        info = FORMATS[self.format]
+        group = self.group_size
+        if info.group_sizes:
+            group = parse_group_size(Int4GroupSize.default() if group is None else group)
+        elif group is not None:
+            raise ValueError(f"group_size applies only to int4, not {self.format.value}")
+        scale = self.scale
+        if info.static_scale:
+            if scale is None:
+                raise ValueError(
+                    "fp8_per_tensor with a dynamic scale is not streamable: each append would get "
+                    "a scale of its own. Give the cache a static scale (scale=...), e.g. one from "
+                    "kvquant.cache.calibrate_fp8_scale(sample_keys), or use per-token 'fp8'")
+            scale = parse_static_scale(scale)
+        elif scale is not None:
+            raise ValueError(f"a static scale applies only to fp8_per_tensor, not {self.format.value}")
+        return StoredFormat(self.format, group, scale)
+
+    @property
+    def info(self) -> Optional[FormatInfo]:
+        return None if self.format is None else FORMATS[self.format]
+
+    def label(self) -> str:
+        if self.format is None:
+            return "none"
+        if self.group_size:
+            return f"{self.format.value}-g{self.group_size}"
+        return self.format.value
+
+    def bits_per_element(self, head_dim: int, source_bits: int) -> float:
+        """Bits held per element of a quantized token (codes and parameters), or the
+        source dtype's width for full precision."""
+        if self.format is None:
+            return float(source_bits)
+        return self.info.bits_per_element(head_dim, self.group_size)
+
+
+def calibrate_fp8_scale(*samples: Any) -> float:
+    """A static FP8 per-tensor scale from sample keys or values (calibrate, then
+    freeze): the spec's dynamic per-tensor scale, max |x| * R(448), of all samples
+    together, as a Python float holding the float32 value."""
+    import numpy as np
+
+    scales = []
+    for sample in samples:
+        q = _quantize_dense(sample, StoredFormat(Format.FP8_PER_TENSOR, None, None), dynamic_per_tensor=True)
+        scales.append(float(np.asarray(backend_for(q.scales).runtime.to_numpy(q.scales))))
+    if not scales:
+        raise ValueError("calibrate_fp8_scale needs at least one sample")
+    if any(math.isnan(s) for s in scales):
+        raise ValueError("a calibration sample holds NaN or inf")
+    return max(scales)
+
+
+def _quantize_dense(x: Any, stored: StoredFormat, on_nonfinite: str = "propagate", dynamic_per_tensor: bool = False):
+    from .api import quantize
+
+    return quantize(x, stored.format, group_size=stored.group_size,
+                    scale=None if dynamic_per_tensor else stored.scale, on_nonfinite=on_nonfinite)
+
+
+# --------------------------------------------------------------- array ops
+class _NumpyOps:
+    def __init__(self):
+        import numpy as np
+
+        self.np = np
+
+    def empty_like_shape(self, like, shape, dtype=None):
+        return self.np.empty(shape, like.dtype if dtype is None else dtype)
+
+    def concat(self, arrays, axis):
+        return self.np.concatenate(arrays, axis=axis)
+
+    def take(self, arr, index, axis):
+        return self.np.take(arr, self.np.asarray(index), axis=axis)
+
+    def nbytes(self, arr) -> int:
+        return int(arr.nbytes)
+
+
+class _TorchOps:
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def empty_like_shape(self, like, shape, dtype=None):
+        return self.torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+    def concat(self, arrays, axis):
+        return self.torch.cat(arrays, dim=axis)
+
+    def take(self, arr, index, axis):
+        index = self.torch.as_tensor(index, device=arr.device)
+        return arr.index_select(axis, index)
+
+    def nbytes(self, arr) -> int:
+        return arr.numel() * arr.element_size()
+
+
+def _array_ops(runtime_name: str):
+    if runtime_name == "torch":
+        return _TorchOps()
+    if runtime_name in ("numpy",):
+        return _NumpyOps()
+    raise TypeError(f"LayerCache holds NumPy arrays or torch tensors, not {runtime_name} arrays "
+                    "(JAX: kvquant.cache.JaxLayerCache)")
+
+
+# ----------------------------------------------------------------- stores
+def _per_tensor(part) -> bool:
+    return len(part.shape) <= TOKEN_AXIS
+
+class _GrowingStore:
+    """The quantized tokens of one side: codes, scales and zeros along the token axis,
+    in buffers that double when full (amortised O(1) per token)."""
+
+    def __init__(self, stored: StoredFormat):
+        self.stored = stored
+        self.arrays = None  # (codes, scales[, zeros]) buffers, or None before the first write
+        self.length = 0
+        self.shape = None  # the quantized tensor's [batch, kv_heads, tokens, head_dim], tokens = length
+
+    def capacity(self) -> int:
+        return 0 if self.arrays is None else self.arrays[0].shape[TOKEN_AXIS]
+
+    def write(self, ops, q: QuantizedKV) -> None:
+        parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
+        new = q.shape[TOKEN_AXIS]
+        need = self.length + new
+        if self.arrays is None or need > self.capacity():
+            grown = max(need, 2 * self.capacity(), 16)
+            buffers = []
+            for i, part in enumerate(parts):
+                if _per_tensor(part):  # one static scale for every token: kept as it is
+                    buffers.append(part)
+                    continue
+                shape = tuple(part.shape[:TOKEN_AXIS]) + (grown,) + tuple(part.shape[TOKEN_AXIS + 1:])
+                buf = ops.empty_like_shape(part, shape)
+                if self.arrays is not None and self.length:
+                    buf[:, :, :self.length] = self.arrays[i][:, :, :self.length]
+                buffers.append(buf)
+            self.arrays = tuple(buffers)
+        for buf, part in zip(self.arrays, parts):
+            if not _per_tensor(part):
+                buf[:, :, self.length:need] = part
+        self.length = need
+        self.shape = tuple(q.shape[:TOKEN_AXIS]) + (need,) + tuple(q.shape[TOKEN_AXIS + 1:])
+
+    def view(self, source_dtype: str, backend: str) -> Optional[QuantizedKV]:
+        if not self.length:
+            return None
+        parts = [a if _per_tensor(a) else a[:, :, :self.length] for a in self.arrays]
+        zeros = parts[2] if len(parts) == 3 else None
+        return QuantizedKV(parts[0], parts[1], zeros, self.stored.format, self.stored.group_size,
+                           self.shape, source_dtype, backend)
+
+
+class LayerCache:
+    """A quantized KV cache for one attention layer (NumPy arrays or torch tensors).
+
+    ``keys`` / ``values``: how each side is stored: a format name ("fp8", "int8",
+    "int4", "fp8_per_tensor"), a dict ``{"format": "int4", "group_size": 32}`` or
+    ``{"format": "fp8_per_tensor", "scale": s}``, a StoredFormat, or None to keep that
+    side in full precision. ``residual``: how many of the most recent tokens stay in
+    full precision (0 allowed). ``layer``: named in error messages.
+    """
+
+    def __init__(self, keys: Any = "int8", values: Any = "int8", *, residual: int = 128, layer: Any = 0,
+                 on_nonfinite: str = "propagate"):
+        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+            raise ValueError(f"residual must be a non-negative int, got {residual!r}")
+        if on_nonfinite not in ("raise", "propagate"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'propagate', got {on_nonfinite!r}")
+        self.formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
+        self.residual = residual
+        self.layer = layer
+        self.on_nonfinite = on_nonfinite
+        self._stores = tuple(_GrowingStore(f) for f in self.formats)
+        self._windows = [None, None]  # full-precision tokens not yet quantized, per side
+        self._signature = None  # (runtime, dtype, device, batch, kv_heads, head_dim) of the first append
+        self._ops = None
+        self._backend = None
+
+    # ------------------------------------------------------------ reading
+    @property
+    def seq_length(self) -> int:
+        window = self._windows[0]
+        return self._stores[0].length + (0 if window is None else window.shape[TOKEN_AXIS])
+
+    def __len__(self) -> int:
+        return self.seq_length
+
+    def quantized(self, side: str = "keys") -> Optional[QuantizedKV]:
+        """The quantized tokens of a side as a QuantizedKV of views into the cache
+        (None when nothing is quantized, or the side is kept in full precision)."""
+        i = self._side_index(side)
+        if self.formats[i].format is None or self._signature is None:
+            return None
+        return self._stores[i].view(self._signature[1], self._backend.name)
+
+    def window(self, side: str = "keys"):
+        """The full-precision tokens of a side (the residual window, or every token of a
+        side kept in full precision)."""
+        return self._windows[self._side_index(side)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the cache holds: codes, scales, zeros (whole buffers,
+        spare capacity included) and the full-precision windows."""
+        if self._ops is None:
+            return 0
+        total = 0
+        for store, window in zip(self._stores, self._windows):
+            total += sum(self._ops.nbytes(a) for a in store.arrays or ())
+            total += 0 if window is None else self._ops.nbytes(window)
+        return total
+
+    def bytes_per_token(self) -> float:
+        """Bytes per quantized token of this layer, keys and values, by the formats'
+        formula (docs/cache.md): what a long history costs."""
+        if self._signature is None:
+            raise ValueError("the cache has not seen a token yet")
+        _, dtype, _, batch, heads, head_dim = self._signature
+        source_bits = 32 if dtype == "float32" else 16
+        bits = sum(f.bits_per_element(head_dim, source_bits) for f in self.formats)
+        per_tensor = sum(4 for f in self.formats if f.info is not None and f.info.params == "tensor")
+        return batch * heads * head_dim * bits / 8 + per_tensor / max(1, self._stores[0].length)
+
+    # ------------------------------------------------------------ writing
+    def append(self, keys: Any, values: Any, out_dtype: Any = None) -> Tuple[Any, Any]:
+        """Add new tokens ``[batch, kv_heads, new_tokens, head_dim]`` and return the whole
+        history of keys and values, dequantized, then the residual window, in
+        ``out_dtype`` (default: the input's dtype). A refused append changes nothing."""
+        signature = self._check(keys, values)
+        out = canonical_dtype_name(out_dtype) if out_dtype is not None else signature[1]
+        if self._signature is None:
+            self._signature = signature
+            self._backend = backend_for(keys)
+            self._ops = _array_ops(self._backend.runtime.name)
+        new = keys.shape[TOKEN_AXIS]
+        staged = []
+        for i, (stored, arr) in enumerate(zip(self.formats, (keys, values))):
+            window = arr if self._windows[i] is None else self._ops.concat([self._windows[i], arr], TOKEN_AXIS)
+            if stored.format is None:
+                staged.append((window, None))
+                continue
+            leaving = max(0, window.shape[TOKEN_AXIS] - self.residual)
+            q = None
+            if leaving:
+                q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet
+            staged.append((window[:, :, leaving:], q))
+        del new
+        for i, (window, q) in enumerate(staged):
+            if q is not None:
+                self._stores[i].write(self._ops, q)
+            self._windows[i] = window
+        return tuple(self._history(i, out) for i in range(2))
+
+    def _history(self, i: int, out_dtype: str):
+        from .api import dequantize
+
+        window = self._windows[i]
+        rt = self._backend.runtime
+        if window is not None and rt.dtype_name(window) != out_dtype:
+            window = window.to(rt.dtype(out_dtype)) if rt.name == "torch" else window.astype(rt.dtype(out_dtype))
+        stored = self.quantized(("keys", "values")[i])
+        if stored is None:
+            return window
+        history = dequantize(stored, out_dtype)
+        if window is None or window.shape[TOKEN_AXIS] == 0:
+            return history
+        return self._ops.concat([history, window], TOKEN_AXIS)
+
+    def _check(self, keys: Any, values: Any):
+        """Everything an append needs, checked before anything changes."""
+        where = f"kvquant cache layer {self.layer}"
+        signatures = []
+        for what, arr in (("keys", keys), ("values", values)):
+            try:
+                backend = backend_for(arr)
+            except TypeError:
+                raise CacheInputError(f"{where}: {what} must be a NumPy array or torch tensor, got {type(arr).__name__}") from None
+            rt = backend.runtime
+            shape = tuple(rt.shape(arr))
+            if len(shape) != 4:
+                raise CacheInputError(f"{where}: {what} must be [batch, kv_heads, new_tokens, head_dim], got shape {shape}")
+            dtype = rt.dtype_name(arr)
+            if dtype not in ("float32", "float16", "bfloat16"):
+                raise CacheInputError(f"{where}: {what} dtype {dtype} is not float32, float16 or bfloat16")
+            signatures.append((rt.name, dtype, rt.device(arr), shape[0], shape[1], shape[3], shape))
+        (k_sig, v_sig) = signatures
+        if k_sig[:6] != v_sig[:6] or k_sig[6][2] != v_sig[6][2]:
+            raise CacheInputError(f"{where}: keys {k_sig[6]} ({k_sig[1]}, {k_sig[2]}) and values {v_sig[6]} "
+                                  f"({v_sig[1]}, {v_sig[2]}) disagree")
+        signature = k_sig[:6]
+        if self._signature is not None and signature != self._signature:
+            names = ("framework", "dtype", "device", "batch", "kv_heads", "head_dim")
+            diff = ", ".join(f"{n} {a!r} (cache: {b!r})" for n, a, b in zip(names, signature, self._signature) if a != b)
+            raise CacheInputError(f"{where}: this append's {diff}; shapes keys {k_sig[6]}, values {v_sig[6]}")
+        if self._signature is None:
+            _array_ops(signature[0])  # refuses JAX before anything is set
+            head_dim = signature[5]
+            for f in self.formats:
+                if f.group_size and f.group_size > head_dim:
+                    warnings.warn(f"{where}: INT4 groups of {f.group_size} on head_dim {head_dim}: every token is one "
+                                  f"group of {head_dim}, the same as group_size={head_dim}", stacklevel=3)
+                if f.info is not None and f.info.codes_per_byte == 2 and head_dim % 2:
+                    raise CacheInputError(f"{where}: {f.label()} packs two codes per byte; head_dim {head_dim} is odd")
+        return signature
+
+    def _side_index(self, side: str) -> int:
+        if side not in ("keys", "values"):
+            raise ValueError(f"side must be 'keys' or 'values', got {side!r}")
+        return 0 if side == "keys" else 1
+
+    # ------------------------------------------------------ generation helpers
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens. Only tokens still in the residual window
+        can be dropped (quantized ones cannot be un-quantized into it)."""
+        if max_length < 0:
+            max_length = self.seq_length + max_length
+        if max_length >= self.seq_length:
+            return
+        quantized = self._stores[0].length
+        if max_length < quantized and self.formats[0].format is not None:
+            raise ValueError(f"cannot crop to {max_length} tokens: the first {quantized} are quantized; "
+                             "crop inside the residual window only")
+        for i in range(2):
+            if self._windows[i] is not None:
+                keep = max_length - self._stores[i].length
+                self._windows[i] = self._windows[i][:, :, :keep]
+
+    def reorder(self, beam_index: Any) -> None:
+        """Reorder the batch (beam search): every stored array takes ``beam_index``."""
+        for store in self._stores:
+            if store.arrays is not None:
+                store.arrays = tuple(a if _per_tensor(a) else self._ops.take(a, beam_index, 0) for a in store.arrays)
+                store.shape = (len(beam_index),) + store.shape[1:]
+        self._windows = [None if w is None else self._ops.take(w, beam_index, 0) for w in self._windows]
+        if self._signature is not None:
+            s = self._signature
+            self._signature = s[:3] + (len(beam_index),) + s[4:]
+
+
+# --------------------------------------------------------------------- JAX
+class JaxLayerCache:
+    """A functional quantized KV cache for one layer, for JAX: a pytree of fixed
+    capacity whose ``append`` returns a new cache, updated with dynamic_update_slice,
+    so that a decode loop under jax.jit compiles once per new-token count.
+
+        cache = JaxLayerCache.create(batch=1, kv_heads=8, head_dim=128, capacity=4096,
+                                     keys="int8", values="int4", residual=128)
+        cache, k_all, v_all, valid = jax.jit(JaxLayerCache.append)(cache, k_new, v_new)
+
+    ``k_all`` / ``v_all`` are ``[batch, kv_heads, capacity + residual, head_dim]``: the
+    quantized slots (dequantized) then the residual slots; ``valid`` ([capacity +
+    residual] bools) marks the slots holding tokens, for the attention mask. Slot order
+    is not token order across the two parts, which attention does not need (positions
+    are in the keys already). ``capacity`` is the number of quantized token slots: it
+    must hold every token that leaves the window plus one append's new tokens (an
+    append writes all its new tokens' codes at once, the not-yet-leaving ones to be
+    written again, identically, when they leave). With a concrete length, an append
+    past that raises; under jit it cannot be checked.
+    """
+
+    def __init__(self, stores, windows, length, formats, residual, capacity, dtype, layer=0):
+        self.stores = stores      # per side: (codes, scales[, zeros]) with `capacity` token slots, or (values,)
+        self.windows = windows    # per side: [batch, kv_heads, residual, head_dim] full precision
+        self.length = length      # int32 scalar: tokens appended so far
+        self.formats = formats
+        self.residual = residual
+        self.capacity = capacity
+        self.dtype = dtype
+        self.layer = layer
+
+    def tree_flatten(self):
+        return (self.stores, self.windows, self.length), (self.formats, self.residual, self.capacity, self.dtype, self.layer)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @classmethod
+    def create(cls, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: Any = "float32", *,
+               keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0) -> "JaxLayerCache":
+        import jax.numpy as jnp
+
+        _register_jax_cache()
+        dtype = canonical_dtype_name(dtype)
+        formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
+        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+            raise ValueError(f"residual must be a non-negative int, got {residual!r}")
+        shape = (batch, kv_heads, capacity, head_dim)
+        sample = jnp.zeros((batch, kv_heads, 0, head_dim), dtype)
+        stores = []
+        for f in formats:
+            if f.format is None:
+                stores.append((jnp.zeros(shape, dtype),))
+                continue
+            info = f.info
+            codes = jnp.zeros(shape[:3] + (head_dim // info.codes_per_byte,), info.code_dtype)
+            param_shape = info.param_shape(shape, f.group_size)
+            if info.params == "tensor":
+                params = (jnp.asarray(f.scale, jnp.float32),)
+            else:
+                params = (jnp.zeros(param_shape, jnp.float32),) * (2 if info.has_zeros else 1)
+            stores.append((codes,) + params)
+            _quantize_dense(sample, f)  # refuses a bad format/shape combination now
+        windows = tuple(jnp.zeros((batch, kv_heads, residual, head_dim), dtype) for _ in formats)
+        return cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer)
+
+    def append(self, keys: Any, values: Any, out_dtype: Any = None):
+        """(new cache, keys history, values history, valid slots); see the class."""
+        import jax
+        import jax.numpy as jnp
+
+        where = f"kvquant cache layer {self.layer}"
+        new = keys.shape[TOKEN_AXIS]
+        expected = self.windows[0].shape[:2] + (new,) + self.windows[0].shape[3:]
+        for what, arr in (("keys", keys), ("values", values)):
+            if tuple(arr.shape) != tuple(expected) or jnp.dtype(arr.dtype).name != self.dtype:
+                raise CacheInputError(f"{where}: {what} {tuple(arr.shape)} {jnp.dtype(arr.dtype).name}, expected "
+                                      f"{tuple(expected)} {self.dtype}")
+        if new > self.capacity:
+            raise CacheInputError(f"{where}: {new} new tokens exceed the capacity {self.capacity}")
+        if not isinstance(self.length, jax.core.Tracer):
+            length = int(self.length)
+            if max(0, length + new - self.residual) - max(0, length - self.residual) and \
+                    max(0, length - self.residual) + new > self.capacity:
+                raise CacheInputError(f"{where}: the cache is full ({self.capacity} quantized slots; "
+                                      f"{length} tokens held, {new} more asked for)")
+        out = canonical_dtype_name(out_dtype) if out_dtype is not None else self.dtype
+        R = self.residual
+        L = self.length
+        Q = jnp.maximum(L - R, 0)
+        r = L - Q
+        T = L + new
+        Q2 = jnp.maximum(T - R, 0)
+        k = Q2 - Q
+        stores, windows, histories = [], [], []
+        for f, store, window, arr in zip(self.formats, self.stores, self.windows, (keys, values)):
+            buf = jnp.concatenate([window, jnp.zeros_like(arr)], axis=TOKEN_AXIS)
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, arr, r, axis=TOKEN_AXIS)
+            leaving = buf[:, :, :new]  # its first k tokens leave the window
+            if f.format is None:
+                parts = (leaving,)
+            else:
+                q = _quantize_dense(leaving, f)
+                parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
+            store = tuple(p if _per_tensor(p) else jax.lax.dynamic_update_slice_in_dim(s, p, Q, axis=TOKEN_AXIS)
+                          for s, p in zip(store, parts))
+            window = jax.lax.dynamic_slice_in_dim(buf, k, R, axis=TOKEN_AXIS)
+            stores.append(store)
+            windows.append(window)
+        cache = JaxLayerCache(tuple(stores), tuple(windows), T.astype(jnp.int32), self.formats, R, self.capacity,
+                              self.dtype, self.layer)
+        for i in range(2):
+            histories.append(cache.history(i, out))
+        slots = jnp.arange(self.capacity + R)
+        valid = jnp.where(slots < self.capacity, slots < Q2, slots - self.capacity < T - Q2)
+        return cache, histories[0], histories[1], valid
+
+    def quantized(self, side: str = "keys") -> Optional[QuantizedKV]:
+        """Every quantized slot of a side as a QuantizedKV (capacity tokens; the first
+        ``max(0, length - residual)`` hold tokens)."""
+        i = 0 if side == "keys" else 1
+        f = self.formats[i]
+        if f.format is None:
+            return None
+        store = self.stores[i]
+        shape = tuple(store[0].shape[:3]) + (self.windows[i].shape[3],)
+        return QuantizedKV(store[0], store[1], store[2] if len(store) == 3 else None, f.format, f.group_size,
+                           shape, self.dtype, "jax")
+
+    def history(self, i: int, out_dtype: str):
+        import jax.numpy as jnp
+
+        from .api import dequantize
+
+        q = self.quantized(("keys", "values")[i])
+        stored = self.stores[i][0].astype(out_dtype) if q is None else dequantize(q, out_dtype)
+        return jnp.concatenate([stored, self.windows[i].astype(out_dtype)], axis=TOKEN_AXIS)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for store in self.stores for a in store] + list(self.windows)
+        return int(sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+_JAX_REGISTERED = False
+
+
+def _register_jax_cache() -> None:
+    global _JAX_REGISTERED
+    if _JAX_REGISTERED:
+        return
+    import jax
+
+    try:
+        jax.tree_util.register_pytree_node(JaxLayerCache, JaxLayerCache.tree_flatten, JaxLayerCache.tree_unflatten)
+    except ValueError:  # already registered
+        pass
+    _JAX_REGISTERED = True

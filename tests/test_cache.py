@@ -1,0 +1,235 @@
+"""kvquant.cache: the residual window, streaming equal to one-shot on every format,
+one stream on NumPy, torch and JAX with the same stored bits, nbytes against the
+arrays held, refused appends that change nothing."""
+import numpy as np
+import pytest
+
+import kvquant
+from conftest import assert_same_bits
+from kvquant.cache import CacheInputError, LayerCache, StoredFormat, calibrate_fp8_scale
+
+FORMATS = ["fp8", "int8", {"format": "int4", "group_size": 32}, "int4", {"format": "int4", "group_size": 128},
+           {"format": "fp8_per_tensor", "scale": 0.0123}]
+IDS = ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "fp8_per_tensor-static"]
+CHUNKS = [[1] * 9, [5, 1, 1, 3, 7, 1], [40, 1, 1, 1], [3, 17, 2, 11]]
+
+
+def stream(total=40, batch=2, heads=3, head_dim=64, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((batch, heads, total, head_dim)).astype(dtype)
+    k[..., 5] *= 30  # an outlier channel
+    return k, (rng.standard_normal((batch, heads, total, head_dim)) * 0.3).astype(dtype)
+
+
+def parts(q):
+    return [q.codes, q.scales] + ([q.zeros] if q.zeros is not None else [])
+
+
+def one_shot(x, fmt):
+    f = StoredFormat.parse(fmt)
+    return kvquant.quantize(x, f.format, group_size=f.group_size, scale=f.scale, on_nonfinite="propagate")
+
+
+@pytest.mark.parametrize("chunks", CHUNKS, ids=["single-tokens", "odd-chunks", "prefill-then-single", "mixed"])
+@pytest.mark.parametrize("residual", [0, 4, 128])
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_streaming_equals_one_shot(fmt, residual, chunks):
+    keys, values = stream(total=sum(chunks))
+    cache = LayerCache(keys=fmt, values=fmt, residual=residual)
+    start = 0
+    for n in chunks:
+        k_all, v_all = cache.append(keys[:, :, start:start + n], values[:, :, start:start + n])
+        start += n
+        assert k_all.shape == keys[:, :, :start].shape == v_all.shape
+    quantized = max(0, start - residual)
+    for side, x in (("keys", keys), ("values", values)):
+        window = cache.window(side)
+        assert_same_bits(x[:, :, quantized:], window, f"{side} residual window")
+        stored = cache.quantized(side)
+        if quantized == 0:
+            assert stored is None
+            continue
+        for got, want in zip(parts(stored), parts(one_shot(x[:, :, :quantized], fmt))):
+            assert_same_bits(want, np.asarray(got), f"{side} stored")
+    # What attention gets: the dequantized history, then the window exactly.
+    if quantized:
+        expected = kvquant.dequantize(one_shot(keys[:, :, :quantized], fmt))
+        assert_same_bits(expected, k_all[:, :, :quantized], "dequantized history")
+    assert_same_bits(keys[:, :, quantized:], k_all[:, :, quantized:], "window in the history")
+
+
+def test_keys_and_values_in_different_formats_and_full_precision():
+    keys, values = stream(total=20)
+    cache = LayerCache(keys="int8", values=None, residual=4)
+    k_all, v_all = cache.append(keys, values)
+    assert cache.quantized("values") is None
+    assert_same_bits(values, v_all, "full-precision values")
+    assert_same_bits(kvquant.dequantize(one_shot(keys[:, :, :16], "int8")), k_all[:, :, :16])
+
+
+def test_nbytes_is_the_arrays_held_and_bytes_per_token_the_formula():
+    keys, values = stream(total=300, batch=1, heads=2, head_dim=64)
+    cache = LayerCache(keys="int8", values={"format": "int4", "group_size": 64}, residual=128)
+    for i in range(0, 300, 7):
+        cache.append(keys[:, :, i:i + 7], values[:, :, i:i + 7])
+    held = [a for side in ("keys", "values") for a in cache._stores[0 if side == "keys" else 1].arrays]
+    held += [cache.window("keys"), cache.window("values")]
+    assert cache.nbytes == sum(a.nbytes for a in held)
+    # int8: 64 code bytes + 4 scale bytes; int4 g64: 32 bytes + 8 of scale and zero; 2 heads
+    assert cache.bytes_per_token() == 2 * (64 + 4 + 32 + 8)
+    stored = cache._stores[0].length
+    used = sum(a[:, :, :stored].nbytes for a in held[:5])
+    assert used == stored * cache.bytes_per_token()
+
+
+def test_storage_grows_by_doubling():
+    keys, values = stream(total=200, batch=1, heads=1)
+    cache = LayerCache(keys="int8", values="int8", residual=0)
+    capacities = []
+    for t in range(200):
+        cache.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+        capacities.append(cache._stores[0].capacity())
+    assert sorted(set(capacities)) == [16, 32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda k: k[0], "must be \\[batch, kv_heads, new_tokens, head_dim\\]"),
+    (lambda k: k[..., :32], "head_dim 32 \\(cache: 64\\)"),
+    (lambda k: k[:1], "batch 1 \\(cache: 2\\)"),
+    (lambda k: k.astype(np.float16), "dtype 'float16' \\(cache: 'float32'\\)"),
+    (lambda k: k.astype(np.int32), "dtype int32 is not float32"),
+])
+def test_bad_append_names_the_layer_and_changes_nothing(bad, match):
+    keys, values = stream(total=10)
+    cache = LayerCache(keys="int4", values="int8", residual=3, layer=7)
+    cache.append(keys[:, :, :6], values[:, :, :6])
+    before = (cache.seq_length, cache.nbytes, cache.window("keys").copy(), np.asarray(cache.quantized("keys").codes).copy())
+    with pytest.raises(CacheInputError, match="layer 7.*" + match):
+        cache.append(bad(keys[:, :, 6:]), bad(values[:, :, 6:]))
+    assert cache.seq_length == before[0] and cache.nbytes == before[1]
+    assert_same_bits(before[2], cache.window("keys"))
+    assert_same_bits(before[3], cache.quantized("keys").codes)
+
+
+def test_raise_mode_refuses_a_nan_token_and_changes_nothing():
+    keys, values = stream(total=8)
+    cache = LayerCache(keys="int8", values="int8", residual=2, on_nonfinite="raise")
+    cache.append(keys[:, :, :4], values[:, :, :4])
+    bad = keys[:, :, 4:].copy()
+    bad[0, 0, 0, 0] = np.nan  # reaches quantization once it leaves the window
+    with pytest.raises(kvquant.NonFiniteInputError):
+        cache.append(bad, values[:, :, 4:])
+    assert cache.seq_length == 4
+
+
+def test_default_propagates_nan_like_an_unquantized_cache():
+    keys, values = stream(total=8)
+    keys[1, 2, 1, 3] = np.nan
+    cache = LayerCache(keys="int8", values="int8", residual=0)
+    k_all, _ = cache.append(keys, values)
+    rows = k_all.reshape(-1, 64)
+    poisoned = (1 * 3 + 2) * 8 + 1  # token [1, 2, 1]
+    assert np.isnan(rows[poisoned]).all() and not np.isnan(np.delete(rows, poisoned, 0)).any()
+
+
+def test_fp8_per_tensor_needs_a_static_scale_and_calibration_gives_one():
+    with pytest.raises(ValueError, match="not streamable"):
+        LayerCache(keys="fp8_per_tensor")
+    keys, values = stream(total=16)
+    scale = calibrate_fp8_scale(keys, values)
+    assert scale == float(kvquant.quantize(np.concatenate([keys, values]), "fp8_per_tensor").scales)
+    cache = LayerCache(keys={"format": "fp8_per_tensor", "scale": scale}, values="fp8", residual=0)
+    k_all, _ = cache.append(keys, values)
+    assert_same_bits(kvquant.dequantize(kvquant.quantize(keys, "fp8_per_tensor", scale=scale)), k_all)
+
+
+def test_group_larger_than_head_dim_warns():
+    keys, values = stream(total=2)
+    with pytest.warns(UserWarning, match="groups of 128 on head_dim 64"):
+        LayerCache(keys={"format": "int4", "group_size": 128}, values="int8").append(keys, values)
+
+
+def test_crop_and_reorder():
+    keys, values = stream(total=12)
+    cache = LayerCache(keys="int8", values="int8", residual=6)
+    cache.append(keys, values)
+    with pytest.raises(ValueError, match="residual window only"):
+        cache.crop(3)
+    cache.crop(9)
+    assert cache.seq_length == 9
+    cache.reorder([1, 1])
+    assert_same_bits(keys[[1, 1], :, 6:9], cache.window("keys"))
+    assert_same_bits(np.asarray(one_shot(keys[[1, 1], :, :6], "int8").codes), cache.quantized("keys").codes)
+
+
+# ------------------------------------------------- one stream, three frameworks
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_numpy_torch_and_jax_caches_store_the_same_bits(fmt):
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    from kvquant.cache import JaxLayerCache
+
+    keys, values = stream(total=23, dtype=np.float32)
+    chunks = [7, 1, 1, 5, 1, 8]
+    R = 4
+    np_cache = LayerCache(keys=fmt, values=fmt, residual=R)
+    t_cache = LayerCache(keys=fmt, values=fmt, residual=R)
+    j_cache = JaxLayerCache.create(2, 3, 64, capacity=32, keys=fmt, values=fmt, residual=R)
+    step = jax.jit(JaxLayerCache.append)
+    start = 0
+    for n in chunks:
+        k, v = keys[:, :, start:start + n], values[:, :, start:start + n]
+        np_out = np_cache.append(k, v)
+        t_out = t_cache.append(torch.from_numpy(k), torch.from_numpy(v))
+        j_cache, jk, jv, valid = step(j_cache, jax.numpy.asarray(k), jax.numpy.asarray(v))
+        start += n
+        assert_same_bits(np_out[0], t_out[0].numpy(), "torch history")
+        valid = np.asarray(valid)
+        assert valid.sum() == start
+        got = np.asarray(jk)[:, :, valid]
+        assert_same_bits(np_out[0], got, "jax history (valid slots)")
+    quantized = start - R
+    for side in ("keys", "values"):
+        ref = parts(np_cache.quantized(side))
+        for a, b, c in zip(ref, parts(t_cache.quantized(side)), parts(j_cache.quantized(side))):
+            assert_same_bits(a, kvquant.backend_for(b).runtime.to_numpy(b), f"torch stored {side}")
+            c = np.asarray(c)
+            assert_same_bits(a, c if c.ndim < 3 else c[:, :, :quantized], f"jax stored {side}")
+
+
+def test_jax_cache_compiles_once_per_new_token_count():
+    jax = pytest.importorskip("jax")
+    from kvquant.cache import JaxLayerCache
+
+    keys, values = stream(total=12, batch=1, heads=2)
+    cache = JaxLayerCache.create(1, 2, 64, capacity=16, keys="int4", values="int8", residual=3)
+    traces = []
+
+    def step(c, k, v):
+        traces.append(1)
+        return JaxLayerCache.append(c, k, v)
+
+    jitted = jax.jit(step)
+    for t in range(12):
+        cache, *_ = jitted(cache, jax.numpy.asarray(keys[:, :, t:t + 1]), jax.numpy.asarray(values[:, :, t:t + 1]))
+    assert len(traces) == 1 and int(cache.length) == 12
+
+
+def test_jax_cache_refuses_an_append_past_its_capacity():
+    jax = pytest.importorskip("jax")
+    from kvquant.cache import JaxLayerCache
+
+    keys, values = stream(total=12, batch=1, heads=1)
+    cache = JaxLayerCache.create(1, 1, 64, capacity=8, residual=2)
+    cache, *_ = cache.append(jax.numpy.asarray(keys[:, :, :8]), jax.numpy.asarray(values[:, :, :8]))
+    with pytest.raises(CacheInputError, match="full"):
+        cache.append(jax.numpy.asarray(keys[:, :, 8:12]), jax.numpy.asarray(values[:, :, 8:12]))
+
+
+def test_torch_cache_keeps_its_device_and_never_reads_values_on_append():
+    torch = pytest.importorskip("torch")
+    cache = LayerCache(keys="int4", values="fp8", residual=2)
+    k = torch.empty(1, 2, 5, 64, device="meta")
+    k_all, v_all = cache.append(k, k)
+    assert k_all.device.type == "meta" and k_all.shape == (1, 2, 5, 64)
+    assert cache.quantized("keys").codes.device.type == "meta"
