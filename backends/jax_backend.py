@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvquant import _spec
+from kvquant import _formulas, _spec
 from kvquant._ops import BackendOps
 from kvquant._types import QuantizedKV
 
@@ -68,18 +68,38 @@ _NAN_BITS = {
 }
 
 
+class _JaxMath:
+    """The array namespace kvquant/_formulas.py computes with."""
+
+    where = staticmethod(jnp.where)
+    isfinite = staticmethod(jnp.isfinite)
+    abs = staticmethod(jnp.abs)
+    copysign = staticmethod(jnp.copysign)
+    zeros_like = staticmethod(jnp.zeros_like)
+    maximum = staticmethod(jnp.maximum)
+    concat = staticmethod(lambda parts, axis=-1: jnp.concatenate(parts, axis=axis))
+    nan = staticmethod(lambda ref: NAN)
+
+    @staticmethod
+    def reciprocal_rn(s):
+        return reciprocal_rn(s)
+
+    ONE, ZERO, S_MIN, MIN_NORMAL, PRODUCT_FLUSH = ONE, ZERO, S_MIN, MIN_NORMAL, PRODUCT_FLUSH
+
+
+M = _JaxMath
+
+
 def flush(v, below=MIN_NORMAL):
-    """Spec flush(): a subnormal float32 becomes a zero of the same sign."""
-    # copysign rather than v * 0: a compiler may fold the product into +0.0 (torch.compile
-    # on CUDA did), losing the sign the spec keeps.
-    return jnp.where(jnp.abs(v) < below, jnp.copysign(jnp.zeros_like(v), v), v)
+    """Spec flush() (kvquant/_formulas.py)."""
+    return _formulas.flush(M, v, below)
 
 
 def flush_product(v):
-    """Spec flush_product(): below 2^-125. XLA on the CPU flushes a product whose exact
-    value rounds (with unbounded exponent) below 2^-126, which IEEE rounding can lift to
-    2^-126; flushing the whole lowest normal binade makes both agree."""
-    return flush(v, PRODUCT_FLUSH)
+    """Spec flush_product(). XLA on the CPU flushes a product whose exact value rounds
+    (with unbounded exponent) below 2^-126, which IEEE rounding can lift to 2^-126;
+    flushing the whole lowest normal binade makes both agree."""
+    return _formulas.flush_product(M, v)
 
 
 def _widen(x):
@@ -117,15 +137,7 @@ def _floor_div_estimate(n, m):
 
 
 def _symmetric_scale(amax, reciprocal):
-    """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
-    A poisoned token gets the NaN scale and inv = 0."""
-    poisoned = ~jnp.isfinite(amax)
-    amax = flush(amax)
-    scale = jnp.maximum(amax * reciprocal, S_MIN)
-    scale = jnp.where(amax == ZERO, ONE, scale)
-    scale = jnp.where(poisoned, NAN, scale)
-    inv = _inverse(scale, poisoned)
-    return scale, inv, poisoned
+    return _formulas.symmetric_scale(M, amax, reciprocal)
 
 
 def _to_output(v, out_dtype: str):
@@ -356,55 +368,17 @@ def int8_dequantize(codes, scales, out_dtype: str):
 
 
 # -------------------------------------------------------------------- INT4
-def _split_groups(t, group_size: int):
-    """[..., head_dim] as [..., groups, size] blocks: full groups, then the short tail."""
-    width = t.shape[-1]
-    full = (width // group_size) * group_size
-    parts = []
-    if full:
-        parts.append(t[..., :full].reshape(t.shape[:-1] + (full // group_size, group_size)))
-    if full < width:
-        parts.append(t[..., full:].reshape(t.shape[:-1] + (1, width - full)))
-    return parts
-
-
 def _int4_params(mn, mx):
-    mn = flush(mn)
-    mn = jnp.where(mn == ZERO, ZERO, mn)  # +0 whatever sign the reduction chose
-    mx = flush(mx)
-    rng = flush(mx - mn)
-    poisoned = ~jnp.isfinite(rng)
-    scale = jnp.maximum(rng * R15, S_MIN)
-    scale = jnp.where(rng == ZERO, ONE, scale)
-    scale = jnp.where(poisoned, NAN, scale)
-    inv = _inverse(scale, poisoned)
-    zero = flush_product(-(mn * inv))
-    zero = jnp.where(poisoned, NAN, zero)
-    mn = jnp.where(poisoned, ZERO, mn)
-    return scale, inv, zero, mn, poisoned
+    return _formulas.int4_params(M, mn, mx, R15)
 
 
 def _apply_groups(t, params, group_size: int, fn):
-    """fn(block, per-group params broadcast over the block) over the blocks of
-    _split_groups, for [..., head_dim] data and [..., groups] params; a reshape, never a
-    gather, so it stays cheap and keeps sharding."""
-    pieces, start = [], 0
-    for block in _split_groups(t, group_size):
-        groups, size = block.shape[-2:]
-        out = fn(block, *[p[..., start:start + groups, None] for p in params])
-        pieces.append(out.reshape(block.shape[:-2] + (groups * size,)))
-        start += groups
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-
-
-def _inverse(scale, poisoned):
-    """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
-    return jnp.where(poisoned, ZERO, reciprocal_rn(jnp.where(poisoned, ONE, scale)))
+    return _formulas.apply_groups(M, t, params, group_size, fn)
 
 
 def int4_quantize(x, group_size: int):
     xf = _widen(x)
-    parts = _split_groups(xf, group_size)
+    parts = _formulas.split_groups(xf, group_size)
     mn = jnp.concatenate([jnp.min(p, axis=-1) for p in parts], axis=-1)
     mx = jnp.concatenate([_poison_nonfinite(p, jnp.max(p, axis=-1)) for p in parts], axis=-1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)

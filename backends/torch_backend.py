@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from kvquant import _spec
+from kvquant import _formulas, _spec
 from kvquant._ops import BackendOps
 
 NAME = "torch"
@@ -70,6 +70,32 @@ def _nan_like(ref: torch.Tensor, dtype_name: str = "float32") -> torch.Tensor:
     return torch.tensor(bits - (1 << 16) if bits >= 1 << 15 else bits, dtype=torch.int16, device=ref.device).view(_DTYPES[dtype_name])
 
 
+class _TorchMath:
+    """The array namespace kvquant/_formulas.py computes with."""
+
+    where = staticmethod(torch.where)
+    isfinite = staticmethod(torch.isfinite)
+    abs = staticmethod(torch.abs)
+    copysign = staticmethod(torch.copysign)
+    zeros_like = staticmethod(torch.zeros_like)
+    maximum = staticmethod(torch.clamp_min)  # with a Python float bound
+    nan = staticmethod(lambda ref: _nan_like(ref))
+
+    @staticmethod
+    def concat(parts, axis=-1):
+        return torch.cat(parts, dim=axis)
+
+    @staticmethod
+    def reciprocal_rn(s):
+        return reciprocal_rn(s)
+
+    ONE, ZERO = 1.0, 0.0
+    S_MIN, MIN_NORMAL, PRODUCT_FLUSH = S_MIN, MIN_NORMAL, PRODUCT_FLUSH
+
+
+M = _TorchMath
+
+
 def _host_checks_allowed(t: torch.Tensor) -> bool:
     """A cheap host-side test may replace a full masked pass only in eager mode on the
     CPU, where reading one flag costs no device synchronisation (on CUDA it would be
@@ -78,17 +104,12 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
 
 
 def flush(v: torch.Tensor, below: float = MIN_NORMAL) -> torch.Tensor:
-    """Spec flush(): a subnormal float32 becomes a zero of the same sign.
-
-    copysign, not v * 0.0: torch.compile on CUDA folded the product into +0.0 and
-    lost the sign (measured on an H100: INT4 zeros of groups whose minimum is zero
-    came out +0.0 instead of -0.0)."""
-    return torch.where(v.abs() < below, torch.copysign(torch.zeros_like(v), v), v)
+    """Spec flush() (kvquant/_formulas.py)."""
+    return _formulas.flush(M, v, below)
 
 
 def flush_product(v: torch.Tensor) -> torch.Tensor:
-    """Spec flush_product(): below 2^-125, the lowest normal binade included."""
-    return flush(v, PRODUCT_FLUSH)
+    return _formulas.flush_product(M, v)
 
 
 def _widen(x: torch.Tensor) -> torch.Tensor:
@@ -161,14 +182,10 @@ def reciprocal_by_long_division(s: torch.Tensor) -> torch.Tensor:
 
 
 def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
-    """Spec: scale = 1 if amax == 0 else max(amax * R(n), S_MIN); inv = 1 / scale.
-    A poisoned token gets the NaN scale and inv = 0."""
-    poisoned = ~torch.isfinite(amax)
-    amax = flush(amax)
-    scale = torch.clamp_min(amax * reciprocal, S_MIN)
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv, poisoned = _materialized(_inverse(scale, poisoned), poisoned)
+    """The spec's symmetric scale (kvquant/_formulas.py), with 1 / scale and the poisoned
+    flags materialised for the element loop."""
+    scale, inv, poisoned = _formulas.symmetric_scale(M, amax, reciprocal)
+    inv, poisoned = _materialized(inv, poisoned)
     return scale, inv, poisoned != 0
 
 
@@ -391,59 +408,20 @@ def int8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
 
 
 # -------------------------------------------------------------------- INT4
-def _grouped(t: torch.Tensor, group_size: int):
-    """[rows, head_dim] as a list of [rows, groups, size] views: the full groups, then
-    the shorter last group when head_dim is not a multiple of group_size."""
-    rows, width = t.shape
-    full = (width // group_size) * group_size
-    parts = []
-    if full:
-        parts.append(t[:, :full].reshape(rows, full // group_size, group_size))
-    if full < width:
-        parts.append(t[:, full:].reshape(rows, 1, width - full))
-    return parts
-
-
 def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
-    """fn(block, per-group params broadcast over the block) over the blocks of _grouped,
-    for [rows, head_dim] data and [rows, groups] params, the [rows, groups, n] results
-    joined into [rows, groups * n]: reshapes only (the same shape as JAX's);
-    repeat_interleave here was miscompiled by Inductor."""
-    rows = t.shape[0]
-    pieces, start = [], 0
-    for block in _grouped(t, group_size):
-        groups = block.shape[1]
-        out = fn(block, *[p[:, start:start + groups, None] for p in params])
-        pieces.append(out.reshape(rows, out.shape[1] * out.shape[2]))
-        start += groups
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-
-
-def _inverse(scale: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
-    """1 / scale, or 0 for a poisoned token or group (whose scale is NaN)."""
-    return torch.where(poisoned, torch.zeros_like(scale), reciprocal_rn(torch.where(poisoned, torch.ones_like(scale), scale)))
+    return _formulas.apply_groups(M, t, params, group_size, fn)
 
 
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
-    mn = flush(mn)
-    mn = torch.where(mn == 0, torch.zeros_like(mn), mn)  # +0 whatever sign the reduction chose
-    mx = flush(mx)
-    rng = flush(mx - mn)
-    poisoned = ~torch.isfinite(rng)
-    scale = torch.clamp_min(rng * R15, S_MIN)
-    scale = torch.where(rng == 0, torch.ones_like(scale), scale)
-    scale = torch.where(poisoned, _nan_like(scale), scale)
-    inv = _inverse(scale, poisoned)
-    zero = flush_product(-(mn * inv))
-    zero = torch.where(poisoned, _nan_like(zero), zero)
-    mn = torch.where(poisoned, torch.zeros_like(mn), mn)
+    """The spec's INT4 parameters (kvquant/_formulas.py), materialised for the element loop."""
+    scale, inv, zero, mn, poisoned = _formulas.int4_params(M, mn, mx, R15)
     mn, inv, poisoned = _materialized(mn, inv, poisoned)
     return scale, inv, zero, mn, poisoned != 0
 
 
 def int4_quantize(x: torch.Tensor, group_size: int):
     xf = _widen(x)
-    parts = _grouped(xf, group_size)
+    parts = _formulas.split_groups(xf, group_size)
     mn = torch.cat([p.amin(-1) for p in parts], dim=1)
     mx = torch.cat([p.amax(-1) for p in parts], dim=1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
