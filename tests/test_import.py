@@ -5,11 +5,12 @@ import sys
 
 import pytest
 
-FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow")
+FRAMEWORKS = ("torch", "jax", "jaxlib", "tensorflow", "transformers")
 TEST_TOOLS = ("hypothesis", "pytest")
 
 
-@pytest.mark.parametrize("module", ["kvquant", "kvquant.backends", "kvquant.conformance", "kvquant.conformance.plugin", "kvquant.cli"])
+@pytest.mark.parametrize("module", ["kvquant", "kvquant.backends", "kvquant.conformance", "kvquant.conformance.plugin", "kvquant.cli",
+                                    "kvquant.cache", "kvquant.integrations"])
 def test_import_pulls_in_no_framework(module):
     # The pytest plugin is loaded by pytest itself, so only it may import pytest.
     banned = FRAMEWORKS + (() if module.endswith("plugin") else TEST_TOOLS)

@@ -73,3 +73,24 @@ def test_jax_quickstart_runs():
     scope = {}
     exec(python_blocks()[2], scope)
     assert scope["k_hat"].dtype == scope["k"].dtype and scope["k_hat"].shape == scope["k"].shape
+
+
+def test_cache_snippet_runs():
+    rng = np.random.default_rng(0)
+    scope = {"k_new": rng.standard_normal((1, 2, 200, 64)).astype(np.float32),
+             "v_new": rng.standard_normal((1, 2, 200, 64)).astype(np.float32)}
+    exec(python_blocks()[3], scope)
+    assert scope["k_all"].shape == scope["k_new"].shape
+    assert scope["cache"].quantized("keys").shape[2] == 200 - 128
+
+
+def test_transformers_snippet_runs():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    scope = {"model": transformers.LlamaForCausalLM(config).eval(), "ids": torch.randint(0, 128, (1, 8))}
+    with torch.no_grad():
+        exec(python_blocks()[4], scope)
+    assert scope["out"].shape[1] > 8 and scope["cache"].get_seq_length() == scope["out"].shape[1] - 1

@@ -1,0 +1,2 @@
+"""Integrations with model frameworks, each imported only when asked for by name
+(``import kvquant.integrations.transformers``)."""

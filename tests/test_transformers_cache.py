@@ -1,0 +1,126 @@
+"""kvquant's cache inside HF transformers, offline, on a tiny random Llama built from a
+config: generate and a manual loop work, the stored bits are kvquant.quantize of what
+the model produced, and a 4-bit cache with no residual really is on the path."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import kvquant  # noqa: E402
+from conftest import assert_same_bits  # noqa: E402
+from kvquant.integrations.transformers import KvquantCache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def prompt():
+    return torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+
+
+def greedy(model, prompt, cache, new=16):
+    with torch.no_grad():
+        return model.generate(prompt, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+
+
+def test_int8_with_residual_128_generates_the_unquantized_tokens(model, prompt):
+    baseline = greedy(model, prompt, transformers.DynamicCache(config=model.config))
+    ours = greedy(model, prompt, KvquantCache(model.config, keys="int8", values="int8", residual=128))
+    assert torch.equal(baseline, ours)
+
+
+def test_int4_without_residual_is_on_the_path(model, prompt):
+    with torch.no_grad():
+        base = model(prompt, past_key_values=transformers.DynamicCache(config=model.config)).logits
+        quant = model(prompt, past_key_values=KvquantCache(model.config, keys="int4", values="int4", residual=0)).logits
+    assert not torch.equal(base, quant)
+    assert (base - quant).abs().max() < 1.0  # quantization noise, not garbage
+
+
+def test_stored_bits_are_kvquant_quantize_of_what_the_model_produced(model, prompt):
+    cache = KvquantCache(model.config, keys="int4", values={"format": "int8"}, residual=5)
+    seen = {i: ([], []) for i in range(2)}
+    for i, layer in enumerate(cache.layers):
+        original = layer.update
+
+        def spy(k, v, *a, _i=i, _orig=original, **kw):
+            seen[_i][0].append(k.clone())
+            seen[_i][1].append(v.clone())
+            return _orig(k, v, *a, **kw)
+
+        layer.update = spy
+    greedy(model, prompt, cache, new=6)
+    total = prompt.shape[1] + 5  # the last generated token is never fed back
+    assert cache.get_seq_length() == total
+    for i, kv in enumerate(cache.layer_caches()):
+        keys, values = (torch.cat(parts, dim=2) for parts in seen[i])
+        quantized = total - 5
+        for side, x, fmt in (("keys", keys, "int4"), ("values", values, "int8")):
+            want = kvquant.quantize(x[:, :, :quantized], fmt, on_nonfinite="propagate")
+            got = kv.quantized(side)
+            for a, b in zip((want.codes, want.scales, want.zeros), (got.codes, got.scales, got.zeros)):
+                if a is not None:
+                    assert_same_bits(a.numpy(), b.numpy(), f"layer {i} {side}")
+            assert_same_bits(x[:, :, quantized:].numpy(), kv.window(side).numpy(), f"layer {i} {side} window")
+
+
+def test_manual_forward_loop(model, prompt):
+    cache = KvquantCache(model.config, keys="fp8", values="int8", residual=8)
+    ids = prompt
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        for _ in range(5):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(nxt, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == prompt.shape[1] + 5
+    assert cache.nbytes == sum(c.nbytes for c in cache.layer_caches()) > 0
+
+
+def test_per_layer_formats_and_a_cache_without_config(model, prompt):
+    cache = KvquantCache(keys="int4", values="int4", residual=0, per_layer={0: {"keys": None, "values": "int8"}})
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    first, second = cache.layer_caches()
+    assert first.quantized("keys") is None and first.quantized("values").format is kvquant.Format.INT8
+    assert second.quantized("keys").format is kvquant.Format.INT4
+
+
+def test_beam_search_reorders_the_cache(model, prompt):
+    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
+    with torch.no_grad():
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert out.shape == (1, prompt.shape[1] + 6)
+
+
+def test_crop_inside_the_window_only(model, prompt):
+    cache = KvquantCache(model.config, residual=10)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+    cache.crop(-3)  # transformers' convention: a negative count of tokens to remove
+    assert cache.get_seq_length() == prompt.shape[1] - 3
+    with pytest.raises(ValueError, match="residual window only"):
+        cache.crop(-15)
+
+
+def test_sliding_window_models_are_refused_clearly():
+    config = transformers.MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding_attention"):
+        KvquantCache(config)
+
+
+def test_import_kvquant_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, kvquant; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
