@@ -1,7 +1,6 @@
 """kvquant's cache inside HF transformers, offline, on a tiny random Llama built from a
 config: generate and a manual loop work, the stored bits are kvquant.quantize of what
 the model produced, and a 4-bit cache with no residual really is on the path."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
