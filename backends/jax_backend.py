@@ -42,7 +42,7 @@ _DTYPES = {
 
 
 def _f32(bits: int) -> np.float32:
-    return np.array(bits, dtype=np.uint32).view(np.float32)[()]
+    return np.float32(_spec.f32_from_bits(bits))
 
 
 R448 = _f32(_spec.R448_BITS)

@@ -37,7 +37,7 @@ U32 = np.uint32
 
 
 def _f32(bits: int) -> np.float32:
-    return np.array(bits, dtype=U32).view(F32)[()]
+    return np.float32(_spec.f32_from_bits(bits))
 
 
 R448 = _f32(_spec.R448_BITS)
@@ -77,8 +77,8 @@ _CHUNK_BYTES = 1 << 21
 _ROUND_MAGIC_SIGNED = _f32(_spec.ROUND_MAGIC_SIGNED_BITS)
 _ROUND_MAGIC_UNSIGNED = _f32(_spec.ROUND_MAGIC_UNSIGNED_BITS)
 
-_ABS_MASK = U32(0x7FFFFFFF)
-_INF_BITS = U32(0x7F800000)
+_ABS_MASK = U32(_spec.ABS_MASK_BITS)
+_INF_BITS = U32(_spec.INF_BITS)
 
 
 # ----------------------------------------------------------------- helpers
@@ -279,10 +279,10 @@ def _symmetric_scale(amax: np.ndarray, reciprocal: np.float32):
 # rounded to 24 - 20 = 4 significant bits, ties to even, which is the e4m3 grid for
 # 2^-6 <= y <= 448 (tests/test_numpy_reference.py checks every float32 there). Three
 # float passes replace eight integer ones.
-_VELTKAMP_SPLITTER = _f32(0x49800008)  # 2^20 + 1
-_E4M3_MIN_NORMAL = _f32(0x3C800000)  # 2^-6
-_E4M3_SUBNORMAL_STEPS = _f32(0x44000000)  # 512 = 1 / 2^-9, the subnormal e4m3 step
-_TWO_TO_120 = _f32(0x7B800000)  # the decoder's exponent bias gap, 127 - 7
+_VELTKAMP_SPLITTER = _f32(_spec.VELTKAMP_SPLITTER_BITS)  # 2^20 + 1
+_E4M3_MIN_NORMAL = _f32(_spec.E4M3_MIN_NORMAL_BITS)  # 2^-6
+_E4M3_SUBNORMAL_STEPS = _f32(_spec.E4M3_SUBNORMAL_STEPS_BITS)  # 512 = 1 / 2^-9, the subnormal e4m3 step
+_TWO_TO_120 = _f32(_spec.E4M3_DECODE_BIAS_BITS)  # the decoder's exponent bias gap, 127 - 7
 # A rounded magnitude's float32 bits >> 20 are (exponent + 127) << 3 | mantissa; the
 # e4m3 code is (exponent + 7) << 3 | mantissa, 960 less, and 960 = 64 (mod 256).
 _E4M3_REBIAS_MOD_256 = np.uint8(64)

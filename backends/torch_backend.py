@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import struct
 from typing import Optional
 
 import torch
@@ -42,10 +41,9 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def _f32(bits: int) -> float:
-    # A Python float holding the float32 value exactly; torch multiplies a float32
-    # tensor by a Python scalar in float32 (the scalar is exactly representable).
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
+# A Python float holding the float32 value exactly; torch multiplies a float32 tensor
+# by a Python scalar in float32 (the scalar is exactly representable).
+_f32 = _spec.f32_from_bits
 
 
 R448 = _f32(_spec.R448_BITS)

@@ -17,7 +17,7 @@ import numpy as np
 from kvquant import _spec
 from kvquant._types import Format
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = _spec.INPUT_DTYPES
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (64, 80, 96, 128, 256)

@@ -17,14 +17,14 @@ from typing import List
 
 import numpy as np
 
-from kvquant._spec import SPEC_VERSION
+from kvquant import _spec
+from kvquant._spec import OUTPUT_DTYPES, SPEC_VERSION
 from kvquant._types import Format
 
 from .cases import DTYPES, NP_DTYPES, Case, Spec, _make, all_specs, fp8_boundary_values
 from .reference import reference_outputs
 
 VECTORS_PATH = Path(__file__).with_name("vectors") / f"kvquant-v{SPEC_VERSION}.json"
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
 NOTES = {
     "Normal": "Gaussian data, the ordinary case.",
@@ -112,9 +112,9 @@ def _spec_flags(spec: Spec) -> tuple:
     if spec.static_scale is None:
         return ()
     flags = ("StaticScale",)
-    if spec.static_scale < 2.0**-116:
+    if spec.static_scale < _spec.f32_from_bits(_spec.STATIC_SCALE_DAZ_BITS):
         flags += ("StaticScaleFlushesInput",)
-    if spec.static_scale > 2.0**126:
+    if spec.static_scale > _spec.f32_from_bits(_spec.RECIPROCAL_FLUSH_SCALE_BITS):
         flags += ("StaticScaleReciprocalFlushed",)
     return flags
 

@@ -35,6 +35,17 @@ ROUND_MAGIC_SIGNED_BITS = 0x4B400000  # 1.5 * 2^23
 ROUND_MAGIC_UNSIGNED_BITS = 0x4B000000  # 2^23
 E4M3_SUBNORMAL_SHIFTER_BITS = 0x46800000  # 2^14
 
+# Bit patterns of the NumPy reference's integer and splitting methods (numpy_backend.py
+# says why each agrees with the float operation it replaces).
+INF_BITS = 0x7F800000  # +inf; every NaN's magnitude bits lie above it
+ABS_MASK_BITS = 0x7FFFFFFF  # clears the sign bit
+VELTKAMP_SPLITTER_BITS = 0x49800008  # 2^20 + 1: rounds a float32 to 4 significant bits (e4m3)
+E4M3_MIN_NORMAL_BITS = 0x3C800000  # 2^-6, the smallest normal e4m3 magnitude
+E4M3_SUBNORMAL_STEPS_BITS = 0x44000000  # 512 = 1 / 2^-9, subnormal e4m3 steps per unit
+E4M3_DECODE_BIAS_BITS = 0x7B800000  # 2^120: the exponent bias gap 127 - 7 of the e4m3 decoder
+# A static scale above 2^126 has a subnormal reciprocal, which spec v1 flushes to zero.
+RECIPROCAL_FLUSH_SCALE_BITS = 0x7E800000  # 2^126
+
 # Above this static scale 1/scale is subnormal, so spec v1 flushes the reciprocal to zero;
 # below STATIC_SCALE_DAZ_BITS a subnormal input times 1/scale can reach an FP8 code, so
 # inputs are flushed first (docs/spec.md, "Static-scale FP8").
