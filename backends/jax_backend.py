@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvquant import _formulas, _spec
-from kvquant._ops import BackendOps
+from kvquant._ops import BackendOps, KernelSet
 from kvquant._types import QuantizedKV
 
 NAME = "jax"
@@ -538,38 +538,41 @@ except ValueError:  # already registered (module reloaded)
     pass
 
 
-class _Kernels:
-    """Kernels run op by op (``eager``) or each under jax.jit (``jit``)."""
+class _Kernels(KernelSet):
+    """Kernels run op by op (``eager``) or each under jax.jit (``jit``), with their
+    static argument positions. fp8_quantize_per_tensor, fp8_dequantize and
+    int4_dequantize are host-side members around units."""
 
     accepts_any_rank = True
+    UNITS = {
+        "fp8_quantize_per_token": (),
+        "_fp8_per_tensor_dynamic": (),
+        "_fp8_per_tensor_static": (3,),
+        "fp8_dequantize": (2, 3),
+        "int8_quantize": (),
+        "int8_dequantize": (2,),
+        "int4_quantize": (1,),
+        "int4_dequantize": (3, 4, 5),
+    }
 
     def __init__(self, jit: bool):
-        wrap = (lambda fn, static: jax.jit(fn, static_argnums=static)) if jit else (lambda fn, static: fn)
-        self._jit = jit
-        self.fp8_quantize_per_token = wrap(fp8_quantize_per_token, ())
-        self._dynamic = wrap(_fp8_per_tensor_dynamic, ())
-        self._static = wrap(_fp8_per_tensor_static, (3,))
-        self._fp8_dequantize = wrap(fp8_dequantize, (2, 3))
-        self.int8_quantize = wrap(int8_quantize, ())
-        self.int8_dequantize = wrap(int8_dequantize, (2,))
-        self.int4_quantize = wrap(int4_quantize, (1,))
-        self._int4_dequantize = wrap(int4_dequantize, (3, 4, 5))
+        super().__init__(globals(), (lambda fn, static: jax.jit(fn, static_argnums=static)) if jit else None)
 
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:
-            return self._dynamic(x)
-        return self._static(x, *_static_scale_args(static_scale))
+            return self.units["_fp8_per_tensor_dynamic"](x)
+        return self.units["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale))
 
     def fp8_dequantize(self, codes, scales, out_dtype):
         checked = _host_check_allowed(scales) and bool(fp8_scales_checked(scales))
-        return self._fp8_dequantize(codes, scales, out_dtype, checked)
+        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
 
     def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
         checked = _host_check_allowed(scales, zeros) and bool(int4_params_checked(scales, zeros))
-        return self._int4_dequantize(packed, scales, zeros, group_size, out_dtype, checked)
+        return self.units["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
 
     def variants(self):
-        return {"eager": _eager_kernels()} if self._jit else {}
+        return {"eager": _eager_kernels()} if self.wrapped else {}
 
     def trace(self, fn):
         """A caller's whole function under the framework's compiler, as users write it

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from kvquant import _spec
-from kvquant._ops import BackendOps, num_groups
+from kvquant._ops import CONTRACT, BackendOps, KernelSet, num_groups
 
 NAME = "numpy"
 
@@ -714,15 +714,11 @@ class NumpyRuntime:
 runtime = NumpyRuntime()
 
 
-class _Kernels:
-    fp8_quantize_per_token = staticmethod(fp8_quantize_per_token)
-    fp8_quantize_per_tensor = staticmethod(fp8_quantize_per_tensor)
-    fp8_dequantize = staticmethod(fp8_dequantize)
-    int8_quantize = staticmethod(int8_quantize)
-    int8_dequantize = staticmethod(int8_dequantize)
-    int4_quantize = staticmethod(int4_quantize)
-    int4_dequantize = staticmethod(int4_dequantize)
+class _Kernels(KernelSet):
+    """The contract's functions of this module, as they are."""
+
+    UNITS = {name: () for name in CONTRACT}
 
 
 def create_backend() -> BackendOps:
-    return BackendOps(NAME, runtime, _Kernels(), variant="eager")
+    return BackendOps(NAME, runtime, _Kernels(globals()), variant="eager")

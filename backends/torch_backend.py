@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from kvquant import _formulas, _spec
-from kvquant._ops import BackendOps
+from kvquant._ops import BackendOps, KernelSet
 
 NAME = "torch"
 
@@ -616,52 +616,37 @@ class TorchRuntime:
 
 runtime = TorchRuntime()
 
-# The traced units. fp8_quantize_per_tensor, fp8_dequantize and int4_dequantize are
-# host-side wrappers around them (a static scale made a tensor; a look at the
-# parameters before choosing the kernel's shortcut).
-_TRACED = (
-    "fp8_quantize_per_token",
-    "_fp8_per_tensor_dynamic",
-    "_fp8_per_tensor_static",
-    "fp8_dequantize",
-    "int8_quantize",
-    "int8_dequantize",
-    "int4_quantize",
-    "int4_dequantize",
-    "fp8_scales_checked",
-    "int4_params_checked",
-)
 
+class _Kernels(KernelSet):
+    """The kernels; ``wrap`` (torch.compile) applies to every traced unit.
+    fp8_quantize_per_tensor, fp8_dequantize and int4_dequantize are host-side members
+    around units (a static scale made a tensor; a look at the parameters before
+    choosing the kernel's shortcut)."""
 
-class _Kernels:
-    """The kernels as one object; ``wrap`` (torch.compile) applies to every traced unit."""
-
-    def __init__(self, wrap=None):
-        self._fns = {name: (wrap(globals()[name]) if wrap else globals()[name]) for name in _TRACED}
-        for name in _TRACED:
-            if not name.startswith("_") and not hasattr(type(self), name):
-                setattr(self, name, self._fns[name])
-        self._compiled = wrap is not None
+    UNITS = {name: () for name in (
+        "fp8_quantize_per_token", "_fp8_per_tensor_dynamic", "_fp8_per_tensor_static", "fp8_dequantize",
+        "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize",
+        "fp8_scales_checked", "int4_params_checked")}
 
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:
-            return self._fns["_fp8_per_tensor_dynamic"](x)
-        return self._fns["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale, x.device))
+            return self.units["_fp8_per_tensor_dynamic"](x)
+        return self.units["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale, x.device))
 
     # Compiled kernels on the CPU get the host-side look at the parameters that eager
     # mode takes inside them (_host_checks_allowed); elsewhere a look would synchronise.
     # The look is compiled too: eagerly, INT4's took 0.34 ms for 65,536 groups, compiled
     # 0.07 (FP8's 0.04 and 0.02), against 0.3 ms saved by the shortcut.
     def fp8_dequantize(self, codes, scales, out_dtype):
-        checked = self._compiled and _host_checks_allowed(scales) and bool(self._fns["fp8_scales_checked"](scales))
-        return self._fns["fp8_dequantize"](codes, scales, out_dtype, checked)
+        checked = self.wrapped and _host_checks_allowed(scales) and bool(self.units["fp8_scales_checked"](scales))
+        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
 
     def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
-        checked = self._compiled and _host_checks_allowed(scales) and bool(self._fns["int4_params_checked"](scales, zeros))
-        return self._fns["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
+        checked = self.wrapped and _host_checks_allowed(scales) and bool(self.units["int4_params_checked"](scales, zeros))
+        return self.units["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
 
     def variants(self):
-        return {} if self._compiled else {"compile": _compiled_kernels()}
+        return {} if self.wrapped else {"compile": _compiled_kernels()}
 
     def trace(self, fn):
         """A caller's whole function under the framework's compiler, as users write it
@@ -671,7 +656,7 @@ class _Kernels:
 
     def release(self):
         """Forget every compiled specialisation (they are compiled again on next use)."""
-        if self._compiled:
+        if self.wrapped:
             torch._dynamo.reset()
 
 
@@ -726,9 +711,9 @@ def _compiled_kernels():
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 4096
         )
-        _COMPILED = _Kernels(_compile)
+        _COMPILED = _Kernels(globals(), lambda fn, static: _compile(fn))
     return _COMPILED
 
 
 def create_backend() -> BackendOps:
-    return BackendOps(NAME, runtime, _Kernels(), variant="eager")
+    return BackendOps(NAME, runtime, _Kernels(globals()), variant="eager")

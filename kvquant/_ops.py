@@ -125,6 +125,30 @@ def num_groups(head_dim: int, group_size: int) -> int:
     return -(-head_dim // group_size)
 
 
+class KernelSet:
+    """Kernels built the same way in every backend (kvquant.protocols.Kernels).
+
+    ``UNITS`` maps each traced unit, a module-level function of the backend named in
+    ``functions``, to its static argument positions; ``wrap(fn, static_argnums)``, if
+    given, compiles each one (torch.compile, jax.jit). A unit named like a member of
+    the contract is that member; a subclass adds the host-side members that choose
+    between units (a static scale made an array, a look at the parameters first)."""
+
+    UNITS: dict = {}
+
+    def __init__(self, functions: Any, wrap: Any = None):
+        self.wrapped = wrap is not None
+        self.units = {name: (wrap(functions[name], static) if wrap else functions[name])
+                      for name, static in self.UNITS.items()}
+        for name, fn in self.units.items():
+            if not name.startswith("_") and not hasattr(type(self), name):
+                setattr(self, name, fn)
+
+
+CONTRACT = ("fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_dequantize", "int8_quantize",
+            "int8_dequantize", "int4_quantize", "int4_dequantize")
+
+
 class BackendOps:
     """``KvCacheQuantOps`` for one backend: validation here, arithmetic in ``kernels``.
 
