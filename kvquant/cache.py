@@ -263,6 +263,10 @@ class LayerCache:
     def __len__(self) -> int:
         return self.seq_length
 
+    @property
+    def batch_size(self) -> Optional[int]:
+        return None if self._signature is None else self._signature[3]
+
     def quantized(self, side: str = "keys") -> Optional[QuantizedKV]:
         """The quantized tokens of a side as a QuantizedKV of views into the cache
         (None when nothing is quantized, or the side is kept in full precision)."""
@@ -310,7 +314,6 @@ class LayerCache:
             self._signature = signature
             self._backend = backend_for(keys)
             self._ops = _array_ops(self._backend.runtime.name)
-        new = keys.shape[TOKEN_AXIS]
         staged = []
         for i, (stored, arr) in enumerate(zip(self.formats, (keys, values))):
             window = arr if self._windows[i] is None else self._ops.concat([self._windows[i], arr], TOKEN_AXIS)
@@ -322,7 +325,6 @@ class LayerCache:
             if leaving:
                 q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet
             staged.append((window[:, :, leaving:], q))
-        del new
         for i, (window, q) in enumerate(staged):
             if q is not None:
                 self._stores[i].write(self._ops, q)

@@ -123,3 +123,16 @@ def test_import_kvquant_does_not_import_transformers():
     code = "import sys, kvquant; print('transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_batch_repeat_interleave_and_select(model, prompt):
+    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
+    with torch.no_grad():
+        model(prompt.repeat(2, 1), past_key_values=cache)
+    layer = cache.layers[0]
+    before = layer.kv.quantized("keys").codes.clone()
+    cache.batch_repeat_interleave(2)
+    assert layer.kv.batch_size == 4
+    assert torch.equal(layer.kv.quantized("keys").codes, before.repeat_interleave(2, dim=0))
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert layer.kv.batch_size == 2 and torch.equal(layer.kv.quantized("keys").codes, before)

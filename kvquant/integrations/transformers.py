@@ -77,8 +77,7 @@ class KvquantLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.kv.seq_length:
-            batch = self.kv.window("keys").shape[0] if self.kv.window("keys") is not None else self.kv.quantized("keys").shape[0]
-            self.kv.reorder(torch.arange(batch).repeat_interleave(repeats))
+            self.kv.reorder(torch.arange(self.kv.batch_size).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.kv.seq_length:
