@@ -370,16 +370,9 @@ def _check_seed_types(ops, spec: Spec, label: str, device) -> List[Mismatch]:
              [ops.runtime.dtype(dt) if i % 2 else dt for i, dt in enumerate(OUTPUT_DTYPES)]]
 
     def seed_calls(x, out_dtypes):
-        quantize = getattr(ops, info.quantize_method)
-        if info.group_sizes:
-            outs = quantize(x, tokens, head_dim, group)
-        elif info.static_scale:
-            outs = quantize(x, tokens, head_dim, spec.static_scale)
-        else:
-            outs = quantize(x, tokens, head_dim)
-        dequantize = getattr(ops, info.dequantize_method)
-        extra = (group,) if info.group_sizes else ()
-        return tuple(outs) + tuple(dequantize(*outs, tokens, head_dim, *extra, dt) for dt in out_dtypes)
+        # The table's calls pass every argument positionally, as the seed's users do.
+        outs = info.quantize(ops, x, tokens, head_dim, group_size=group, static_scale=spec.static_scale)
+        return tuple(outs) + tuple(info.dequantize(ops, outs, tokens, head_dim, dt, group) for dt in out_dtypes)
 
     ref = reference_backend()
     ref_x = ref.runtime.from_numpy(x_np)
