@@ -268,12 +268,15 @@ def plot(report: Dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # Configurations with the same numbers (INT4 g128 is g64 on head_dim 64) share a label.
+    points: Dict[tuple, List[dict]] = {}
     for r in report["results"][1:]:
-        marker = "s" if r.get("peer") else "o"
-        ax.scatter(r["bits_per_element"], max(r["kl"], 1e-7), marker=marker)
-        ax.annotate(r["name"], (r["bits_per_element"], max(r["kl"], 1e-7)), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        points.setdefault((r["bits_per_element"], max(r["kl"], 1e-7)), []).append(r)
+    for i, ((bits, kl), rows) in enumerate(sorted(points.items())):
+        ax.scatter(bits, kl, marker="s" if rows[0].get("peer") else "o")
+        ax.annotate(" = ".join(r["name"] for r in rows), (bits, kl), fontsize=7,
+                    xytext=(5, 3 if i % 2 else -9), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("bits per element (codes + scales + zeros, keys and values averaged)")
     ax.set_ylabel("mean KL divergence from the unquantized model")
