@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from ._formats import FORMATS, FormatInfo
-from ._ops import canonical_dtype_name, parse_group_size, parse_static_scale
+from ._ops import canonical_dtype_name, parse_group_size, parse_on_nonfinite, parse_static_scale
 from ._registry import backend_for
 from ._types import Format, Int4GroupSize, QuantizedKV
 
@@ -149,6 +149,9 @@ class _NumpyOps:
     def nbytes(self, arr) -> int:
         return int(arr.nbytes)
 
+    def astype(self, arr, dtype):
+        return arr.astype(dtype)
+
 
 class _TorchOps:
     def __init__(self):
@@ -169,6 +172,9 @@ class _TorchOps:
     def nbytes(self, arr) -> int:
         return arr.numel() * arr.element_size()
 
+    def astype(self, arr, dtype):
+        return arr.to(dtype)
+
 
 def _array_ops(runtime_name: str):
     if runtime_name == "torch":
@@ -182,6 +188,13 @@ def _array_ops(runtime_name: str):
 # ----------------------------------------------------------------- stores
 def _per_tensor(part) -> bool:
     return len(part.shape) <= TOKEN_AXIS
+
+
+def _parse_residual(residual: Any) -> int:
+    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+        raise ValueError(f"residual must be a non-negative int, got {residual!r}")
+    return residual
+
 
 class _GrowingStore:
     """The quantized tokens of one side: codes, scales and zeros along the token axis,
@@ -240,14 +253,10 @@ class LayerCache:
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", *, residual: int = 128, layer: Any = 0,
                  on_nonfinite: str = "propagate"):
-        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
-            raise ValueError(f"residual must be a non-negative int, got {residual!r}")
-        if on_nonfinite not in ("raise", "propagate"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'propagate', got {on_nonfinite!r}")
         self.formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
-        self.residual = residual
+        self.residual = _parse_residual(residual)
         self.layer = layer
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite = parse_on_nonfinite(on_nonfinite)
         self._stores = tuple(_GrowingStore(f) for f in self.formats)
         self._windows = [None, None]  # full-precision tokens not yet quantized, per side
         self._signature = None  # (runtime, dtype, device, batch, kv_heads, head_dim) of the first append
@@ -337,7 +346,7 @@ class LayerCache:
         window = self._windows[i]
         rt = self._backend.runtime
         if window is not None and rt.dtype_name(window) != out_dtype:
-            window = window.to(rt.dtype(out_dtype)) if rt.name == "torch" else window.astype(rt.dtype(out_dtype))
+            window = self._ops.astype(window, rt.dtype(out_dtype))
         stored = self.quantized(("keys", "values")[i])
         if stored is None:
             return window
@@ -463,8 +472,7 @@ class JaxLayerCache:
         _register_jax_cache()
         dtype = canonical_dtype_name(dtype)
         formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
-        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
-            raise ValueError(f"residual must be a non-negative int, got {residual!r}")
+        residual = _parse_residual(residual)
         shape = (batch, kv_heads, capacity, head_dim)
         sample = jnp.zeros((batch, kv_heads, 0, head_dim), dtype)
         stores = []
