@@ -12,7 +12,9 @@ Same function names in every backend file (Keras 3 style), so backends can be
 read side by side:
 
     fp8_quantize_per_token, fp8_quantize_per_tensor, fp8_dequantize,
-    int8_quantize, int8_dequantize, int4_quantize, int4_dequantize
+    int8_quantize, int8_dequantize, int4_quantize, int4_dequantize,
+    int2_quantize, int2_dequantize (spec v1.1), int4_channel_quantize,
+    int4_channel_dequantize, int2_channel_quantize, int2_channel_dequantize
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from kvquant import _spec
-from kvquant._ops import CONTRACT, BackendOps, KernelSet, num_groups
+from kvquant._ops import CONTRACT, CONTRACT_V11, BackendOps, KernelSet, num_groups
 
 NAME = "numpy"
 
@@ -43,6 +45,7 @@ def _f32(bits: int) -> np.float32:
 R448 = _f32(_spec.R448_BITS)
 R127 = _f32(_spec.R127_BITS)
 R15 = _f32(_spec.R15_BITS)
+R3 = _f32(_spec.R3_BITS)
 S_MIN = _f32(_spec.S_MIN_BITS)
 ONE = _f32(_spec.ONE_BITS)
 FP8_MAX = _f32(_spec.FP8_MAX_BITS)
@@ -534,9 +537,10 @@ def int8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
     return out
 
 
-# -------------------------------------------------------------------- INT4
-def _int4_params(mn: np.ndarray, mx: np.ndarray):
-    """Spec INT4 scale, inverse and zero from a group's min and max (float32 [rows, groups]).
+# -------------------------------------------------------------- INT4, INT2
+def _asymmetric_params(mn: np.ndarray, mx: np.ndarray, reciprocal: np.float32):
+    """Spec scale, inverse and zero of an asymmetric group (INT4, R(15); INT2, R(3)) from
+    its min and max (float32 arrays of any shape).
 
     A zero minimum is +0.0 whatever sign the reduction chose, so flushing mn gives +0
     outright. The signs of a flushed mx and rng cannot matter: mx only enters
@@ -547,7 +551,7 @@ def _int4_params(mn: np.ndarray, mx: np.ndarray):
         mx = np.where(np.abs(mx) < MIN_NORMAL, F32(0), mx)
         rng = mx - mn
         poisoned = ~np.isfinite(rng)
-        scale = np.where(rng < MIN_NORMAL, ONE, np.maximum(rng * R15, S_MIN))  # flush(rng) == 0
+        scale = np.where(rng < MIN_NORMAL, ONE, np.maximum(rng * reciprocal, S_MIN))  # flush(rng) == 0
         with np.errstate(divide="ignore"):
             inv = ONE / scale
         zero = flush_product(-(mn * inv))
@@ -559,18 +563,27 @@ def _int4_params(mn: np.ndarray, mx: np.ndarray):
     return scale, inv, zero, mn, poisoned
 
 
-def int4_quantize(x: np.ndarray, group_size: int):
+def _rounded_codes(work: np.ndarray) -> np.ndarray:
+    """uint8 round-half-even of (x - mn) * inv, in place on work. 0 <= (x - mn) * inv <=
+    levels * 1.000001 (docs/spec.md, section 10, for 15 and 3 alike): the clamp never
+    acts, and a negative value only arises as -tiny when mn was flushed, rounding to 0."""
+    work += _ROUND_MAGIC_UNSIGNED
+    return work.view(np.uint32).astype(np.uint8)
+
+
+def _quantize_token_groups(x: np.ndarray, group_size: int, reciprocal: np.float32, codes_per_byte: int):
     rows, width = x.shape
     groups = num_groups(width, group_size)
-    packed = np.empty((rows, width // 2), np.uint8)
+    packed = np.empty((rows, width // codes_per_byte), np.uint8)
     scales = np.empty((rows, groups), F32)
     zeros = np.empty((rows, groups), F32)
+    pack = _PACKERS[codes_per_byte]
 
     def chunk(start, stop):
         xc = np.ascontiguousarray(_widen(x[start:stop]))
         work = np.empty(xc.shape, F32)
         mn, mx = _group_min_max(xc, group_size)
-        scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
+        scale, inv, zero, mn, poisoned = _asymmetric_params(mn, mx, reciprocal)
         with np.errstate(invalid="ignore", over="ignore"):
             if width % group_size == 0:
                 shaped = work.reshape(stop - start, groups, group_size)
@@ -579,18 +592,23 @@ def int4_quantize(x: np.ndarray, group_size: int):
             else:
                 np.subtract(xc, _broadcast_groups(mn, width, group_size), out=work)
                 work *= _broadcast_groups(inv, width, group_size)
-        # 0 <= (x - mn) * inv <= 15.000004 (docs/spec.md, "INT4"): the clamp never acts,
-        # and a negative value only arises as -tiny when mn was flushed, rounding to 0.
-        work += _ROUND_MAGIC_UNSIGNED
-        block = pack_nibbles(work.view(np.uint32).astype(np.uint8))
+        block = pack(_rounded_codes(work))
         if poisoned.any():
-            block[_broadcast_groups(poisoned, width, group_size)[:, 0::2]] = 0
+            block[_broadcast_groups(poisoned, width, group_size)[:, 0::codes_per_byte]] = 0
         packed[start:stop] = block
         scales[start:stop] = scale
         zeros[start:stop] = zero
 
     _each_chunk(rows, width, chunk)
     return packed, scales, zeros
+
+
+def int4_quantize(x: np.ndarray, group_size: int):
+    return _quantize_token_groups(x, group_size, R15, 2)
+
+
+def int2_quantize(x: np.ndarray, group_size: int):
+    return _quantize_token_groups(x, group_size, R3, 4)
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -611,23 +629,39 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return w.view(np.uint8)
 
 
-def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+def pack_crumbs(q: np.ndarray) -> np.ndarray:
+    """uint8 2-bit codes [rows, 4n] to bytes [rows, n], element 4j in bits 0-1 up to
+    4j+3 in bits 6-7: each quad read as one little-endian uint32 w = c0 + 2^8 c1 +
+    2^16 c2 + 2^24 c3, the byte is the low 8 bits of w | w >> 6 | w >> 12 | w >> 18
+    (each shift brings one code to its place; the rest lands above bit 7)."""
+    w = np.ascontiguousarray(q).view("<u4")
+    return (w | (w >> np.uint32(6)) | (w >> np.uint32(12)) | (w >> np.uint32(18))).astype(np.uint8)
+
+
+def unpack_crumbs(packed: np.ndarray) -> np.ndarray:
+    """The inverse of pack_crumbs: bytes [rows, n] to uint8 codes [rows, 4n]."""
+    codes = (packed[..., None] >> np.arange(0, 8, 2, dtype=np.uint8)) & np.uint8(3)
+    return codes.reshape(packed.shape[:-1] + (packed.shape[-1] * 4,))
+
+
+_PACKERS = {2: pack_nibbles, 4: pack_crumbs}
+_UNPACKERS = {2: unpack_nibbles, 4: unpack_crumbs}
+
+
+def _dequantize_token_groups(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
+                             out_dtype: str, codes_per_byte: int):
     """value = flush_product((float32(q) - zero) * scale), rounded once to out_dtype."""
-    rows, half = packed.shape
-    width = half * 2
+    rows, packed_width = packed.shape
+    width = packed_width * codes_per_byte
+    unpack = _UNPACKERS[codes_per_byte]
     scales, zeros = flush(scales), flush(zeros)
     out = np.empty((rows, width), _NP_DTYPES[out_dtype])
-    # Only a q = 0 element of a group with 0 < |zero * scale| < 2^-124, or any element of
-    # a group whose scale is below 2^-99, can land below 2^-125: spec section 8, item 7.
-    # (A zero of 0 does not make a small scale safe: q = 1 gives the scale itself.)
-    with np.errstate(over="ignore", invalid="ignore"):
-        at_risk = (scales < INT4_PLAIN_SCALE) | ((np.abs(zeros) * scales < INT4_PLAIN_ZERO_PRODUCT) & (zeros != 0))
-    risky_rows = np.flatnonzero(_any_per_row(at_risk))
+    risky_rows = np.flatnonzero(_any_per_row(_asymmetric_at_risk(scales, zeros)))
 
     @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
     def chunk(start, stop):
         block = _float32_rows(out, start, stop)
-        np.copyto(block, unpack_nibbles(packed[start:stop]))
+        np.copyto(block, unpack(packed[start:stop]))
         if width % group_size == 0:
             shaped = block.reshape(stop - start, -1, group_size)
             shaped -= zeros[start:stop, :, None]
@@ -642,6 +676,97 @@ def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
     _each_chunk(rows, width, chunk)
     _canonical_nans(out, _any_per_row(~(np.isfinite(scales) & np.isfinite(zeros))), out_dtype)
     return out
+
+
+def _asymmetric_at_risk(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """Groups whose dequantized values can fall below 2^-125, whatever their codes' width:
+    a scale below 2^-99, or 0 < |zero * scale| < 2^-124 (docs/spec.md, section 8, item 7;
+    a zero of 0 does not make a small scale safe: q = 1 gives the scale itself)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (scales < INT4_PLAIN_SCALE) | ((np.abs(zeros) * scales < INT4_PLAIN_ZERO_PRODUCT) & (zeros != 0))
+
+
+def int4_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+    return _dequantize_token_groups(packed, scales, zeros, group_size, out_dtype, 2)
+
+
+def int2_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+    return _dequantize_token_groups(packed, scales, zeros, group_size, out_dtype, 4)
+
+
+# ------------------------------------------------- per channel (spec v1.1)
+def _quantize_channel_blocks(x: np.ndarray, group_size: int, reciprocal: np.float32, codes_per_byte: int):
+    """x [tokens, head_dim], tokens a multiple of G (so blocks never straddle the
+    leading dimensions of the caller's [..., seq, head_dim]): one scale and zero per
+    channel of each block of G tokens, [tokens / G, head_dim]; codes packed along
+    head_dim as the per-token formats are. NumPy's float min and max along the block's
+    token axis propagate NaN, so a poisoned (block, channel) has a NaN range."""
+    rows, width = x.shape
+    blocks = rows // group_size
+    packed = np.empty((rows, width // codes_per_byte), np.uint8)
+    scales = np.empty((blocks, width), F32)
+    zeros = np.empty((blocks, width), F32)
+    pack = _PACKERS[codes_per_byte]
+
+    def chunk(start, stop):
+        xb = _widen(x[start * group_size:stop * group_size]).reshape(stop - start, group_size, width)
+        scale, inv, zero, mn, poisoned = _asymmetric_params(xb.min(axis=1), xb.max(axis=1), reciprocal)
+        with np.errstate(invalid="ignore", over="ignore"):
+            work = (xb - mn[:, None, :]) * inv[:, None, :]
+        q = _rounded_codes(work)
+        if poisoned.any():
+            q[np.broadcast_to(poisoned[:, None, :], q.shape)] = 0
+        packed[start * group_size:stop * group_size] = pack(q.reshape(-1, width))
+        scales[start:stop] = scale
+        zeros[start:stop] = zero
+
+    _each_chunk(blocks, group_size * width, chunk)
+    return packed, scales, zeros
+
+
+def _dequantize_channel_blocks(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int,
+                               out_dtype: str, codes_per_byte: int):
+    rows, packed_width = packed.shape
+    width = packed_width * codes_per_byte
+    blocks = rows // group_size
+    unpack = _UNPACKERS[codes_per_byte]
+    scales, zeros = flush(scales), flush(zeros)
+    out = np.empty((rows, width), _NP_DTYPES[out_dtype])
+    needs_flush = bool(_asymmetric_at_risk(scales, zeros).any())
+
+    @np.errstate(over="ignore", invalid="ignore")  # float16 may overflow to inf, as specified
+    def chunk(start, stop):
+        block = _float32_rows(out, start * group_size, stop * group_size)
+        np.copyto(block, unpack(packed[start * group_size:stop * group_size]))
+        shaped = block.reshape(stop - start, group_size, width)
+        shaped -= zeros[start:stop, None, :]
+        shaped *= scales[start:stop, None, :]
+        if needs_flush:
+            block[...] = flush_product(block)
+        _store_rows(out, start * group_size, stop * group_size, block)
+
+    _each_chunk(blocks, group_size * width, chunk)
+    bad = ~(np.isfinite(scales) & np.isfinite(zeros))
+    if bad.any():
+        shaped = out.reshape(blocks, group_size, width)
+        shaped[np.broadcast_to(bad[:, None, :], shaped.shape)] = _canonical_nan(out_dtype)
+    return out
+
+
+def int4_channel_quantize(x: np.ndarray, group_size: int):
+    return _quantize_channel_blocks(x, group_size, R15, 2)
+
+
+def int4_channel_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+    return _dequantize_channel_blocks(packed, scales, zeros, group_size, out_dtype, 2)
+
+
+def int2_channel_quantize(x: np.ndarray, group_size: int):
+    return _quantize_channel_blocks(x, group_size, R3, 4)
+
+
+def int2_channel_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
+    return _dequantize_channel_blocks(packed, scales, zeros, group_size, out_dtype, 4)
 
 
 # ----------------------------------------------------------------- Runtime
@@ -717,7 +842,7 @@ runtime = NumpyRuntime()
 class _Kernels(KernelSet):
     """The contract's functions of this module, as they are."""
 
-    UNITS = {name: () for name in CONTRACT}
+    UNITS = {name: () for name in CONTRACT + CONTRACT_V11}
 
 
 def create_backend() -> BackendOps:

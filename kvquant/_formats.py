@@ -17,7 +17,10 @@ class FormatInfo:
 
     ``params``: how many float32 values describe the codes and where they live:
     "token" (one scale per token), "tensor" (one scale), "group" (a scale and a zero
-    per group of ``group_size`` elements inside a token)."""
+    per group of ``group_size`` elements inside a token), "channel" (a scale and a zero
+    per channel and block of ``group_size`` tokens along the token axis, spec v1.1).
+    ``levels``: the largest code of an asymmetric format (15 for 4 bits, 3 for 2).
+    ``kernel``: the stem of its kernels' names (``<kernel>_quantize``, ``_dequantize``)."""
 
     format: Format
     code_dtype: str
@@ -27,10 +30,21 @@ class FormatInfo:
     dequantize_method: str
     group_sizes: Tuple[int, ...] = ()
     static_scale: bool = False
+    levels: int = 0
+    spec_version: str = "1"
+    kernel: str = ""
 
     @property
     def has_zeros(self) -> bool:
-        return self.params == "group"
+        return self.params in ("group", "channel")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.params == "channel"
+
+    @property
+    def bits(self) -> int:
+        return 8 // self.codes_per_byte
 
     @property
     def output_names(self) -> Tuple[str, ...]:
@@ -46,6 +60,8 @@ class FormatInfo:
             return ()
         if self.params == "token":
             return shape[:-1]
+        if self.params == "channel":
+            return shape[:-2] + (shape[-2] // group_size, shape[-1])
         return shape[:-1] + (-(-shape[-1] // group_size),)
 
     def bits_per_element(self, head_dim: int, group_size: Optional[int] = None) -> float:
@@ -56,6 +72,8 @@ class FormatInfo:
             return code_bits + 32 / head_dim
         if self.params == "group":
             return code_bits + 64 * (-(-head_dim // group_size)) / head_dim
+        if self.params == "channel":
+            return code_bits + 64 / group_size
         return code_bits
 
     def quantize(self, ops: Any, x: Any, num_tokens: int, head_dim: int, *, group_size: Optional[int] = None,
@@ -85,7 +103,15 @@ FORMATS = {
                    "quantize_kv_fp8_per_tensor", "dequantize_kv_fp8_per_tensor", static_scale=True),
         FormatInfo(Format.INT8, "int8", 1, "token", "quantize_kv_int8", "dequantize_kv_int8"),
         FormatInfo(Format.INT4, "uint8", 2, "group", "quantize_kv_int4", "dequantize_kv_int4",
-                   group_sizes=GROUP_SIZES),
+                   group_sizes=GROUP_SIZES, levels=15, kernel="int4"),
+        FormatInfo(Format.INT2, "uint8", 4, "group", "quantize_kv_int2", "dequantize_kv_int2",
+                   group_sizes=GROUP_SIZES, levels=3, spec_version="1.1", kernel="int2"),
+        FormatInfo(Format.INT4_PER_CHANNEL, "uint8", 2, "channel", "quantize_kv_int4_per_channel",
+                   "dequantize_kv_int4_per_channel", group_sizes=GROUP_SIZES, levels=15, spec_version="1.1",
+                   kernel="int4_channel"),
+        FormatInfo(Format.INT2_PER_CHANNEL, "uint8", 4, "channel", "quantize_kv_int2_per_channel",
+                   "dequantize_kv_int2_per_channel", group_sizes=GROUP_SIZES, levels=3, spec_version="1.1",
+                   kernel="int2_channel"),
     )
 }
 

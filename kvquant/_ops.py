@@ -12,8 +12,8 @@ import operator
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _spec
-from ._formats import GROUP_SIZES
-from ._types import Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
+from ._formats import FORMATS, GROUP_SIZES
+from ._types import Format, Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
 
 _GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
 
@@ -147,6 +147,10 @@ class KernelSet:
 
 CONTRACT = ("fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_dequantize", "int8_quantize",
             "int8_dequantize", "int4_quantize", "int4_dequantize")
+# Spec v1.1's kernels, optional: a backend without them is reported as not implementing
+# those formats (BackendOps._kernel).
+CONTRACT_V11 = ("int2_quantize", "int2_dequantize", "int4_channel_quantize", "int4_channel_dequantize",
+                "int2_channel_quantize", "int2_channel_dequantize")
 
 
 class BackendOps:
@@ -251,9 +255,11 @@ class BackendOps:
         shape = tuple(self.runtime.shape(codes))
         head_dim_i = _as_count(head_dim, "head_dim")
         if packed:
-            if head_dim_i <= 0 or head_dim_i % 2:
-                raise ValueError(f"INT4 needs a positive, even head_dim, got {head_dim_i}")
-            self._check_token_shape(shape, num_tokens, head_dim, "packed INT4 codes", shape[-1] * 2 if shape else None)
+            per = packed.codes_per_byte
+            name = packed.format.value
+            if head_dim_i <= 0 or head_dim_i % per:
+                raise ValueError(f"{name} needs a positive head_dim that is a multiple of {per}, got {head_dim_i}")
+            self._check_token_shape(shape, num_tokens, head_dim, f"packed {name} codes", shape[-1] * per if shape else None)
         else:
             self._check_token_shape(shape, num_tokens, head_dim, "quantized codes", shape[-1] if shape else None)
         return shape
@@ -272,7 +278,7 @@ class BackendOps:
             raise ValueError(f"{what} has shape {shape}; expected {allowed}")
         self._check_same_device(reference, (what, arr))
 
-    def _finish_nonfinite(self, scales, on_nonfinite, lead_shape, groups: Optional[int]):
+    def _finish_nonfinite(self, scales, on_nonfinite, lead_shape, groups: Optional[int], info=None):
         """Raise for the first poisoned token or group if the caller asked and values are concrete.
 
         ``scales`` as the kernel returned them, not reshaped: a JAX reshape of an array
@@ -282,6 +288,13 @@ class BackendOps:
         first = self.runtime.first_nan_index(scales)
         if first is None:
             return
+        if info is not None and info.per_channel:
+            index = _unravel(first, lead_shape)
+            raise NonFiniteInputError(
+                f"{info.format.value}: channel {index[-1]} of token block {index[-2]} (of {index[:-2] or 'the input'}) "
+                "holds NaN or +-inf, or its range overflows float32; pass on_nonfinite='propagate' to store NaN "
+                "scale and zero for it instead", index
+            )
         if groups is None:
             if not lead_shape:
                 raise NonFiniteInputError(
@@ -296,7 +309,7 @@ class BackendOps:
         token, group = divmod(first, groups)
         index = _unravel(token, lead_shape) + (group,)
         raise NonFiniteInputError(
-            f"INT4 group {group} of token {index[:-1]} holds NaN or +-inf, or its range "
+            f"{'INT4' if info is None else info.format.value} group {group} of token {index[:-1]} holds NaN or +-inf, or its range "
             "overflows float32; pass on_nonfinite='propagate' to store NaN scale and zero "
             "for it instead", index
         )
@@ -367,43 +380,110 @@ class BackendOps:
         )
         return rt.reshape(out, shape)
 
-    # ------------------------------------------------------------------ INT4
+    # ------------------------------------------------- INT4, INT2 (spec v1, v1.1)
+    # One path for every asymmetric format: groups inside a token (INT4, INT2) or
+    # blocks of tokens per channel (spec v1.1); the format table says which.
     def quantize_kv_int4(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        return self._quantize_asymmetric(Format.INT4, input, num_tokens, head_dim, group_size, on_nonfinite)
+
+    def dequantize_kv_int4(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+        return self._dequantize_asymmetric(Format.INT4, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
+
+    def quantize_kv_int2(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        """Spec v1.1: 2-bit codes in groups of G elements inside a token (KIVI's values),
+        four codes per byte."""
+        return self._quantize_asymmetric(Format.INT2, input, num_tokens, head_dim, group_size, on_nonfinite)
+
+    def dequantize_kv_int2(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+        return self._dequantize_asymmetric(Format.INT2, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
+
+    def quantize_kv_int4_per_channel(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        """Spec v1.1: 4-bit codes with one scale and zero per channel and block of G
+        tokens along the token axis (KIVI's keys); ``input`` is ``[..., tokens, head_dim]``
+        with tokens a multiple of G."""
+        return self._quantize_asymmetric(Format.INT4_PER_CHANNEL, input, num_tokens, head_dim, group_size, on_nonfinite)
+
+    def dequantize_kv_int4_per_channel(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+        return self._dequantize_asymmetric(Format.INT4_PER_CHANNEL, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
+
+    def quantize_kv_int2_per_channel(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        """Spec v1.1: 2-bit codes per channel and block of G tokens."""
+        return self._quantize_asymmetric(Format.INT2_PER_CHANNEL, input, num_tokens, head_dim, group_size, on_nonfinite)
+
+    def dequantize_kv_int2_per_channel(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+        return self._dequantize_asymmetric(Format.INT2_PER_CHANNEL, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
+
+    def _kernel(self, info, stage: str):
+        """The kernels' function for a format, or NotImplementedError naming the spec
+        version: a backend written for v1 is still checked on v1 (the suite reports the
+        v1.1 formats it lacks as not implemented)."""
+        name = f"{info.kernel}_{stage}"
+        fn = getattr(self.kernels, name, None)
+        if fn is None:
+            raise NotImplementedError(
+                f"the {self.name!r} backend does not implement {info.format.value} "
+                f"(spec v{info.spec_version}): its kernels have no {name}")
+        return fn
+
+    def _check_packing(self, info, head_dim: int) -> None:
+        per = info.codes_per_byte
+        if head_dim % per:
+            raise ValueError(f"{info.format.value} packs {per} codes per byte, so head_dim must be a multiple "
+                             f"of {per}, got {head_dim}")
+
+    def _check_blocks(self, info, shape, group: int, what: str) -> None:
+        """Per-channel formats: the token axis (-2) in whole blocks of G tokens."""
+        tokens = shape[-2]
+        if tokens % group:
+            raise ValueError(
+                f"{info.format.value} quantizes blocks of {group} tokens per channel, so the token axis "
+                f"(dimension -2) of the {what} must be a multiple of {group}, got shape {shape}; keep an "
+                "incomplete block in full precision until it fills (kvquant.cache does)")
+
+    def _quantize_asymmetric(self, fmt, input, num_tokens, head_dim, group_size, on_nonfinite):
+        info = FORMATS[fmt]
         on_nonfinite = parse_on_nonfinite(on_nonfinite)
         group = parse_group_size(group_size)
         shape = self._check_input(input, num_tokens, head_dim)
-        if head_dim % 2:
-            raise ValueError(f"INT4 packs two codes per byte, so head_dim must be even, got {head_dim}")
+        self._check_packing(info, head_dim)
+        kernel = self._kernel(info, "quantize")
         rt = self.runtime
-        packed, scales, zeros = self.kernels.int4_quantize(
-            self._view(self._detached(input), shape[:-1], (head_dim,)), group
-        )
-        groups = num_groups(head_dim, group)
-        self._finish_nonfinite(scales, on_nonfinite, shape[:-1], groups)
         lead = shape[:-1]
-        return (
-            rt.reshape(packed, lead + (head_dim // 2,)),
-            rt.reshape(scales, lead + (groups,)),
-            rt.reshape(zeros, lead + (groups,)),
-        )
+        x = self._detached(input)
+        if info.per_channel:
+            self._check_blocks(info, shape, group, "input")
+            packed, scales, zeros = kernel(self._view(x, lead, (head_dim,)), group)
+            param_shape = info.param_shape(shape, group)
+            self._finish_nonfinite(scales, on_nonfinite, param_shape, None, info)
+        else:
+            packed, scales, zeros = kernel(self._view(x, lead, (head_dim,)), group)
+            groups = num_groups(head_dim, group)
+            param_shape = lead + (groups,)
+            self._finish_nonfinite(scales, on_nonfinite, lead, groups, info)
+        return (rt.reshape(packed, lead + (head_dim // info.codes_per_byte,)),
+                rt.reshape(scales, param_shape), rt.reshape(zeros, param_shape))
 
-    def dequantize_kv_int4(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
+    def _dequantize_asymmetric(self, fmt, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype):
+        info = FORMATS[fmt]
         out_dtype = parse_output_dtype(output_dtype)
         group = parse_group_size(group_size)
-        shape = self._check_codes(packed, "uint8", num_tokens, head_dim, packed=True)
-        groups = num_groups(head_dim, group)
-        accepted = (shape[:-1] + (groups,), (num_tokens * groups,), (num_tokens, groups))
+        shape = self._check_codes(packed, "uint8", num_tokens, head_dim, packed=info)
+        kernel = self._kernel(info, "dequantize")
+        width = head_dim // info.codes_per_byte
+        if info.per_channel:
+            self._check_blocks(info, shape, group, "packed codes")
+            blocks = num_tokens // group
+            accepted = (shape[:-2] + (shape[-2] // group, head_dim), (blocks, head_dim), (blocks * head_dim,))
+            param_lead, param_tail = shape[:-2] + (shape[-2] // group,), (head_dim,)
+        else:
+            groups = num_groups(head_dim, group)
+            accepted = (shape[:-1] + (groups,), (num_tokens * groups,), (num_tokens, groups))
+            param_lead, param_tail = shape[:-1], (groups,)
         self._check_params(scales, "scales", accepted, packed)
         self._check_params(zeros, "zeros", accepted, packed)
-        rt = self.runtime
-        out = self.kernels.int4_dequantize(
-            self._view(packed, shape[:-1], (head_dim // 2,)),
-            self._view(scales, shape[:-1], (groups,)),
-            self._view(zeros, shape[:-1], (groups,)),
-            group,
-            out_dtype,
-        )
-        return rt.reshape(out, shape[:-1] + (head_dim,))
+        out = kernel(self._view(packed, shape[:-1], (width,)), self._view(scales, param_lead, param_tail),
+                     self._view(zeros, param_lead, param_tail), group, out_dtype)
+        return self.runtime.reshape(out, shape[:-1] + (head_dim,))
 
 
 def _unravel(flat: int, dims: Tuple[int, ...]) -> Tuple[int, ...]:

@@ -1,20 +1,24 @@
-"""Spec v1 constants as exact float32 bit patterns (docs/spec.md, section "Constants").
+"""Spec v1.1 constants as exact float32 bit patterns (docs/spec.md, section "Constants").
 
 Backends build their float32 constants from these bits, never from Python floats,
 so that no framework can round a float64 literal differently or promote it to
 float64 under ``jax_enable_x64``.
 """
 
-SPEC_VERSION = "1"
+SPEC_VERSION = "1.1"
+# Each version's formats; v1's text, formulas and golden vectors are unchanged by v1.1.
+SPEC_VERSIONS = ("1", "1.1")
 
 R448_BITS = 0x3B124925  # float32(1/448), round to nearest even
 R127_BITS = 0x3C010204  # float32(1/127)
 R15_BITS = 0x3D888889  # float32(1/15)
+R3_BITS = 0x3EAAAAAB  # float32(1/3), spec v1.1 (2-bit codes)
 S_MIN_BITS = 0x0D800000  # 2^-100, the floor of every dynamic scale
 ONE_BITS = 0x3F800000  # 1.0, the scale of an all-zero token or constant group
 FP8_MAX_BITS = 0x43E00000  # 448.0, largest finite e4m3fn value
 INT8_MAX_BITS = 0x42FE0000  # 127.0
 INT4_MAX_BITS = 0x41700000  # 15.0
+INT2_MAX_BITS = 0x40400000  # 3.0
 MIN_NORMAL_BITS = 0x00800000  # 2^-126: anything smaller in magnitude is flushed to zero
 # A product is flushed below 2^-125, the whole lowest normal binade: just under 2^-126,
 # IEEE rounding, x86 flush-to-zero and ARM flush-to-zero each give their own answer, and
@@ -26,7 +30,7 @@ NAN_BITS_BY_DTYPE = {"float32": 0x7FC00000, "float16": 0x7E00, "bfloat16": 0x7FC
 
 INPUT_DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_DTYPES = INPUT_DTYPES
-CODE_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8", "int4": "uint8"}
+CODE_DTYPES = {"fp8": "float8_e4m3fn", "int8": "int8", "int4": "uint8", "int2": "uint8"}
 
 # Magic numbers of the integer methods the backends share. Adding them rounds to an
 # integer step, ties to even, because the sum's ulp is that step: 1.5*2^23 and 2^23 for

@@ -26,12 +26,17 @@ class Int4GroupSize(enum.IntEnum):
 
 
 class Format(enum.Enum):
-    """The quantized formats of spec v1."""
+    """The quantized formats: spec v1's four, then spec v1.1's three (KIVI): INT2 per
+    token in groups inside a token, and INT4 / INT2 per channel, with one scale and zero
+    per channel and block of G tokens."""
 
     FP8_PER_TOKEN = "fp8"
     FP8_PER_TENSOR = "fp8_per_tensor"
     INT8 = "int8"
     INT4 = "int4"
+    INT2 = "int2"
+    INT4_PER_CHANNEL = "int4_per_channel"
+    INT2_PER_CHANNEL = "int2_per_channel"
 
     @classmethod
     def parse(cls, value: "Format | str") -> "Format":
@@ -52,6 +57,8 @@ _FORMAT_ALIASES = {
     "fp8_token": "fp8",
     "fp8_tensor": "fp8_per_tensor",
     "e4m3": "fp8",
+    "int4_channel": "int4_per_channel",
+    "int2_channel": "int2_per_channel",
 }
 
 
@@ -59,7 +66,9 @@ class NonFiniteInputError(ValueError):
     """A token, group or tensor holds NaN or +-inf, or its value range overflows float32.
 
     ``index`` is the position of the first poisoned token (a tuple over the leading
-    dimensions), with the group number appended for INT4, or ``()`` for a per-tensor scale.
+    dimensions), with the group number appended for INT4 and INT2, or ``()`` for a
+    per-tensor scale; for per-channel formats, the index of the first poisoned scale in
+    ``[..., tokens / G, head_dim]``: the leading dimensions, the block, the channel.
     """
 
     def __init__(self, message: str, index: Tuple[int, ...]):

@@ -144,3 +144,100 @@ def int4_dequantize(packed, scales, zeros, g, out_dtype):
     with np.errstate(invalid="ignore", over="ignore"):
         v = flush_product(flush(q - z[:, idx]) * s[:, idx])
     return _out(v, out_dtype)
+
+
+# ------------------------------------------------------ spec v1.1 (section 12)
+R3 = c(0x3EAAAAAB)
+
+
+def _asymmetric(blk, r, levels, axis):
+    """Section 12's rules for groups lying along ``axis`` of blk: (q, scale, zero)."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        mn = flush(np.min(blk, axis=axis, keepdims=True))
+        mn = np.where(mn == 0, F32(0), mn)
+        mx = flush(np.max(blk, axis=axis, keepdims=True))
+        rng = flush(mx - mn)
+        bad = ~np.isfinite(rng)
+        scale = np.where(rng == 0, F32(1), np.maximum(flush(rng * r), S_MIN)).astype(F32)
+        inv = F32(1) / scale
+        zero = -flush_product(mn * inv)
+        q = np.clip(np.rint(flush(flush(blk - mn) * inv)), 0, levels)
+    q = np.where(bad, 0, q).astype(np.uint8)
+    return q, np.where(bad, NAN, scale).astype(F32), np.where(bad, NAN, zero).astype(F32)
+
+
+def _pack(q, per):
+    bits = 8 // per
+    out = np.zeros(q.shape[:-1] + (q.shape[-1] // per,), np.uint8)
+    for k in range(per):
+        out |= (q[..., k::per] << (bits * k)).astype(np.uint8)
+    return out
+
+
+def _unpack(packed, per):
+    bits = 8 // per
+    q = np.empty(packed.shape[:-1] + (packed.shape[-1] * per,), F32)
+    for k in range(per):
+        q[..., k::per] = (packed >> (bits * k)) & ((1 << bits) - 1)
+    return q
+
+
+def int2_quantize(x, g):
+    t = _read(x)
+    n, d = t.shape
+    ng = -(-d // g)
+    q = np.zeros((n, d), np.uint8)
+    scales = np.zeros((n, ng), F32)
+    zeros = np.zeros((n, ng), F32)
+    for j in range(ng):
+        qq, s, z = _asymmetric(t[:, j * g:(j + 1) * g], R3, 3, axis=1)
+        q[:, j * g:(j + 1) * g] = qq
+        scales[:, j], zeros[:, j] = s[:, 0], z[:, 0]
+    return _pack(q, 4), scales, zeros
+
+
+def int2_dequantize(packed, scales, zeros, g, out_dtype):
+    q = _unpack(packed, 4)
+    s, z = flush(scales), flush(zeros)
+    idx = np.arange(q.shape[1]) // g
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = flush_product(flush(q - z[:, idx]) * s[:, idx])
+    return _out(v, out_dtype)
+
+
+def _channel_quantize(x, g, r, levels, per):
+    t = _read(x)  # [tokens, head_dim], tokens a multiple of g
+    n, d = t.shape
+    q = np.zeros((n, d), np.uint8)
+    scales = np.zeros((n // g, d), F32)
+    zeros = np.zeros((n // g, d), F32)
+    for b in range(n // g):
+        qq, s, z = _asymmetric(t[b * g:(b + 1) * g], r, levels, axis=0)
+        q[b * g:(b + 1) * g] = qq
+        scales[b], zeros[b] = s[0], z[0]
+    return _pack(q, per), scales, zeros
+
+
+def _channel_dequantize(packed, scales, zeros, g, out_dtype, per):
+    q = _unpack(packed, per)
+    s, z = flush(scales), flush(zeros)
+    block = np.arange(q.shape[0]) // g
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = flush_product(flush(q - z[block]) * s[block])
+    return _out(v, out_dtype)
+
+
+def int4_channel_quantize(x, g):
+    return _channel_quantize(x, g, R15, 15, 2)
+
+
+def int4_channel_dequantize(packed, scales, zeros, g, out_dtype):
+    return _channel_dequantize(packed, scales, zeros, g, out_dtype, 2)
+
+
+def int2_channel_quantize(x, g):
+    return _channel_quantize(x, g, R3, 3, 4)
+
+
+def int2_channel_dequantize(packed, scales, zeros, g, out_dtype):
+    return _channel_dequantize(packed, scales, zeros, g, out_dtype, 4)
