@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvquant import _formulas, _spec
-from kvquant._ops import BackendOps, KernelSet
+from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
 from kvquant._types import QuantizedKV
 
 NAME = "jax"
@@ -48,6 +48,7 @@ def _f32(bits: int) -> np.float32:
 R448 = _f32(_spec.R448_BITS)
 R127 = _f32(_spec.R127_BITS)
 R15 = _f32(_spec.R15_BITS)
+R3 = _f32(_spec.R3_BITS)
 S_MIN = _f32(_spec.S_MIN_BITS)
 ONE = _f32(_spec.ONE_BITS)
 ZERO = np.float32(0)
@@ -85,6 +86,26 @@ class _JaxMath:
         return reciprocal_rn(s)
 
     ONE, ZERO, S_MIN, MIN_NORMAL, PRODUCT_FLUSH = ONE, ZERO, S_MIN, MIN_NORMAL, PRODUCT_FLUSH
+
+    amin = staticmethod(lambda v, axis: jnp.min(v, axis=axis))
+    amax = staticmethod(lambda v, axis: jnp.max(v, axis=axis))
+    stack = staticmethod(lambda parts, axis: jnp.stack(parts, axis=axis))
+    as_float32 = staticmethod(lambda v: v.astype(F32))
+    canonical = staticmethod(lambda p: _canonical_params(p))
+
+    @staticmethod
+    def poisoned_max(blocks, reduced, axis):
+        """XLA's CPU reductions drop NaN (_poison_nonfinite): the maximum made +inf
+        where the slice along ``axis`` holds NaN or inf."""
+        if axis == -1:
+            return _poison_nonfinite(blocks, reduced)
+        return jax.lax.platform_dependent(blocks, reduced, cpu=_poison_blocks_by_product_with_zeros, default=_as_reduced)
+
+    @staticmethod
+    def codes(y, levels):
+        """round_clamped after a minimum (the spec's upper clamp, which also keeps XLA
+        from contracting the product into the magic-number add)."""
+        return round_clamped(jnp.minimum(y, np.float32(levels)), ROUND_MAGIC_UNSIGNED).astype(jnp.uint8)
 
 
 M = _JaxMath
@@ -260,6 +281,13 @@ def _poison_by_product_with_zeros(x, reduced):
     # The barrier keeps XLA from folding a product with constant zeros.
     zeros = jax.lax.optimization_barrier(jnp.zeros((x.shape[-1],), F32))
     return jnp.where(jnp.isnan(jnp.matmul(x, zeros, precision=jax.lax.Precision.HIGHEST)), INF, reduced)
+
+
+def _poison_blocks_by_product_with_zeros(blocks, reduced):
+    """_poison_by_product_with_zeros along the block's token axis (-2)."""
+    zeros = jax.lax.optimization_barrier(jnp.zeros((blocks.shape[-2],), F32))
+    product = jnp.einsum("...gd,g->...d", blocks, zeros, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(jnp.isnan(product), INF, reduced)
 
 
 def _as_reduced(x, reduced):
@@ -451,6 +479,32 @@ def int4_params_checked(scales, zeros):
     return jnp.all(plain_scale & (jnp.abs(z) < INF) & ~at_risk)
 
 
+# ------------------------------------------ INT2, per channel (spec v1.1)
+# Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
+def int2_quantize(x, group_size: int):
+    return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
+
+
+def int2_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 4), out_dtype)
+
+
+def int4_channel_quantize(x, group_size: int):
+    return _formulas.quantize_channel_blocks(M, _widen(x), group_size, R15, 15, 2)
+
+
+def int4_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 2), out_dtype)
+
+
+def int2_channel_quantize(x, group_size: int):
+    return _formulas.quantize_channel_blocks(M, _widen(x), group_size, R3, 3, 4)
+
+
+def int2_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype)
+
+
 # ----------------------------------------------------------------- Runtime
 class JaxRuntime:
     """numr's ``Runtime`` for jax.Array (and tracers, inside jit and vmap)."""
@@ -555,6 +609,7 @@ class _Kernels(KernelSet):
         "int8_dequantize": (2,),
         "int4_quantize": (1,),
         "int4_dequantize": (3, 4, 5),
+        **{name: ((1,) if name.endswith("_quantize") else (3, 4)) for name in CONTRACT_V11},
     }
 
     def __init__(self, jit: bool):

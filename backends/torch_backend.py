@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from kvquant import _formulas, _spec
-from kvquant._ops import BackendOps, KernelSet
+from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
 
 NAME = "torch"
 
@@ -49,6 +49,7 @@ _f32 = _spec.f32_from_bits
 R448 = _f32(_spec.R448_BITS)
 R127 = _f32(_spec.R127_BITS)
 R15 = _f32(_spec.R15_BITS)
+R3 = _f32(_spec.R3_BITS)
 S_MIN = _f32(_spec.S_MIN_BITS)
 FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
@@ -89,6 +90,20 @@ class _TorchMath:
 
     ONE, ZERO = 1.0, 0.0
     S_MIN, MIN_NORMAL, PRODUCT_FLUSH = S_MIN, MIN_NORMAL, PRODUCT_FLUSH
+
+    amin = staticmethod(lambda v, axis: v.amin(axis))
+    amax = staticmethod(lambda v, axis: v.amax(axis))
+    poisoned_max = staticmethod(lambda blocks, reduced, axis: reduced)  # torch's max keeps NaN
+    stack = staticmethod(lambda parts, axis: torch.stack(parts, dim=axis))
+    as_float32 = staticmethod(lambda v: v.to(torch.float32))
+
+    @staticmethod
+    def codes(y, levels):
+        return y.round().clamp(0.0, float(levels)).to(torch.uint8)
+
+    @staticmethod
+    def canonical(p):
+        return _canonical_params(p.to(torch.float32))
 
 
 M = _TorchMath
@@ -519,6 +534,32 @@ def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tens
     return ((s < float("inf")) & (z.abs() < float("inf")) & ~_int4_at_risk(s, z)).all()
 
 
+# ------------------------------------------ INT2, per channel (spec v1.1)
+# Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
+def int2_quantize(x: torch.Tensor, group_size: int):
+    return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
+
+
+def int2_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 4), out_dtype)
+
+
+def int4_channel_quantize(x: torch.Tensor, group_size: int):
+    return _formulas.quantize_channel_blocks(M, _widen(x), group_size, R15, 15, 2)
+
+
+def int4_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 2), out_dtype)
+
+
+def int2_channel_quantize(x: torch.Tensor, group_size: int):
+    return _formulas.quantize_channel_blocks(M, _widen(x), group_size, R3, 3, 4)
+
+
+def int2_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype)
+
+
 # ----------------------------------------------------------------- Runtime
 class TorchRuntime:
     """numr's ``Runtime`` for torch.Tensor: any device torch supports."""
@@ -626,7 +667,7 @@ class _Kernels(KernelSet):
     UNITS = {name: () for name in (
         "fp8_quantize_per_token", "_fp8_per_tensor_dynamic", "_fp8_per_tensor_static", "fp8_dequantize",
         "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize",
-        "fp8_scales_checked", "int4_params_checked")}
+        "fp8_scales_checked", "int4_params_checked") + CONTRACT_V11}
 
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:

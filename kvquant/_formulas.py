@@ -10,6 +10,13 @@ The namespace ``m`` provides:
     as a scalar for where(); reciprocal_rn(s): float32(1 / s) correctly rounded and
     flushed for positive normal s; and the constants ONE, ZERO, S_MIN, MIN_NORMAL,
     PRODUCT_FLUSH as exact float32 values.
+    For the asymmetric formats written once here (spec v1.1's INT2 and per-channel
+    formats): amin(v, axis), amax(v, axis) (NaN-propagating where the framework's
+    reductions are), poisoned_max(blocks, reduced, axis): ``reduced`` (a maximum over
+    ``axis``) made non-finite wherever that slice holds NaN or inf, for reductions that
+    drop NaN; codes(y, levels): uint8 round-half-even of y in [-tiny, levels * 1.000001];
+    stack(list, axis), as_float32(v) and canonical(p), the spec's reading of caller
+    scales and zeros (flushed, NaN canonical).
 
 Why these bits are safe under any compiler (section 9): every step is one multiply,
 subtract, max, min or select; the only division is reciprocal_rn's, per token or
@@ -54,7 +61,7 @@ def symmetric_scale(m, amax, reciprocal):
 
 
 def int4_params(m, mn, mx, reciprocal):
-    """INT4 per group, from the group's min and max: mn = flush(min) made +0.0 when
+    """INT4 (and every asymmetric format, with its own R(L)) per group, from the group's min and max: mn = flush(min) made +0.0 when
     zero, mx = flush(max), range = flush(mx - mn), scale = ONE if range == 0 else
     max(range * R(15), S_MIN), inv = ONE / scale, zero = flush_product(-(mn * inv)).
     A poisoned group (range not finite) gets NaN scale and zero, inv = 0 and mn = 0.
@@ -102,3 +109,74 @@ def apply_groups(m, t, params, group_size: int, fn):
         pieces.append(out.reshape(tuple(block.shape[:-2]) + (groups * out.shape[-1],)))
         start += groups
     return pieces[0] if len(pieces) == 1 else m.concat(pieces, axis=-1)
+
+
+# ----------------------------------------- asymmetric formats of spec v1.1
+def pack_codes(m, q, codes_per_byte: int):
+    """uint8 codes [..., n * k] (each below 2^(8/k)) to bytes [..., n]: element k*j + i
+    in bits (8/k)*i and up. ORs of shifted codes, which are exact integer operations."""
+    bits = 8 // codes_per_byte
+    lead, width = tuple(q.shape[:-1]), q.shape[-1]
+    parts = q.reshape(lead + (width // codes_per_byte, codes_per_byte))
+    out = parts[..., 0]
+    for i in range(1, codes_per_byte):
+        out = out | (parts[..., i] << (bits * i))
+    return out
+
+
+def unpack_codes(m, packed, codes_per_byte: int):
+    """The inverse of pack_codes: bytes [..., n] to uint8 codes [..., n * k]."""
+    bits = 8 // codes_per_byte
+    mask = (1 << bits) - 1
+    lead, width = tuple(packed.shape[:-1]), packed.shape[-1]
+    parts = [(packed >> (bits * i)) & mask for i in range(codes_per_byte)]
+    return m.stack(parts, -1).reshape(lead + (width * codes_per_byte,))
+
+
+def _codes_of_groups(m, x, mn, inv, poisoned, levels):
+    """q = clamp(round_half_even((x - mn) * inv), 0, L), 0 for a poisoned group; the
+    select stands between the product and the rounding, so no FMA can form."""
+    return m.codes(m.where(poisoned, m.ZERO, (x - mn) * inv), levels)
+
+
+def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes_per_byte: int):
+    """Groups of G elements inside each token (INT2; INT4's rules): float32 [..., head_dim]
+    to (packed codes [..., head_dim / k], scales, zeros [..., groups])."""
+    parts = split_groups(xf, group_size)
+    mn = m.concat([m.amin(p, -1) for p in parts], axis=-1)
+    mx = m.concat([m.poisoned_max(p, m.amax(p, -1), -1) for p in parts], axis=-1)
+    scale, inv, zero, mn, poisoned = int4_params(m, mn, mx, reciprocal)
+    q = apply_groups(m, xf, (mn, inv, poisoned), group_size,
+                     lambda b, mn_b, inv_b, bad_b: _codes_of_groups(m, b, mn_b, inv_b, bad_b, levels))
+    return pack_codes(m, q, codes_per_byte), scale, zero
+
+
+def quantize_channel_blocks(m, xf, group_size: int, reciprocal, levels: int, codes_per_byte: int):
+    """Per channel (spec v1.1): float32 [..., tokens, head_dim], tokens a multiple of G,
+    to (packed codes [..., tokens, head_dim / k], scales, zeros [..., tokens / G, head_dim]).
+    A reshape of the token axis into blocks: a sharded leading axis stays sharded."""
+    lead, (tokens, width) = tuple(xf.shape[:-2]), tuple(xf.shape[-2:])
+    blocks = xf.reshape(lead + (tokens // group_size, group_size, width))
+    mn = m.amin(blocks, -2)
+    mx = m.poisoned_max(blocks, m.amax(blocks, -2), -2)
+    scale, inv, zero, mn, poisoned = int4_params(m, mn, mx, reciprocal)
+    q = _codes_of_groups(m, blocks, mn[..., None, :], inv[..., None, :], poisoned[..., None, :], levels)
+    return pack_codes(m, q.reshape(lead + (tokens, width)), codes_per_byte), scale, zero
+
+
+def dequantize_token_groups(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
+    """float32 flush_product((q - zero) * scale) per group inside a token; NaN where a
+    scale or zero is (the backend writes its canonical bits when rounding the output)."""
+    q = m.as_float32(unpack_codes(m, packed, codes_per_byte))
+    scales, zeros = m.canonical(scales), m.canonical(zeros)
+    return apply_groups(m, q, (zeros, scales), group_size, lambda b, z, s: flush_product(m, (b - z) * s))
+
+
+def dequantize_channel_blocks(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
+    """The same per channel: packed [..., tokens, head_dim / k], params [..., tokens / G, head_dim]."""
+    q = m.as_float32(unpack_codes(m, packed, codes_per_byte))
+    lead, (tokens, width) = tuple(q.shape[:-2]), tuple(q.shape[-2:])
+    blocks = q.reshape(lead + (tokens // group_size, group_size, width))
+    scales, zeros = m.canonical(scales), m.canonical(zeros)
+    v = flush_product(m, (blocks - zeros[..., None, :]) * scales[..., None, :])
+    return v.reshape(lead + (tokens, width))
