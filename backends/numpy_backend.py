@@ -746,10 +746,12 @@ def _dequantize_channel_blocks(packed: np.ndarray, scales: np.ndarray, zeros: np
         _store_rows(out, start * group_size, stop * group_size, block)
 
     _each_chunk(blocks, group_size * width, chunk)
-    bad = ~(np.isfinite(scales) & np.isfinite(zeros))
-    if bad.any():
+    # Only a group with a non-finite scale or zero can hold a NaN from arithmetic (an
+    # infinite one may also give inf, which stays); its NaNs get the canonical bits.
+    suspects = ~(np.isfinite(scales) & np.isfinite(zeros))
+    if suspects.any():
         shaped = out.reshape(blocks, group_size, width)
-        shaped[np.broadcast_to(bad[:, None, :], shaped.shape)] = _canonical_nan(out_dtype)
+        shaped[np.isnan(shaped) & suspects[:, None, :]] = _canonical_nan(out_dtype)
     return out
 
 

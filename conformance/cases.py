@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from kvquant import _spec
+from kvquant._formats import FORMATS
 from kvquant._types import Format
 
 DTYPES = _spec.INPUT_DTYPES
@@ -34,9 +35,13 @@ class Spec:
     static_scale: Optional[float] = None
 
     @property
+    def info(self):
+        return FORMATS[self.format]
+
+    @property
     def label(self) -> str:
-        if self.format is Format.INT4:
-            return f"int4-g{self.group_size}"
+        if self.group_size is not None:
+            return f"{self.format.value}-g{self.group_size}"
         if self.static_scale is not None:
             return f"fp8_per_tensor-static={_scale_label(self.static_scale)}"
         return self.format.value
@@ -47,11 +52,43 @@ def _scale_label(scale: float) -> str:
     return f"2^{exponent - 1}" if mantissa == 0.5 else f"{scale:g}"
 
 
-def all_specs(static_scales: Tuple[float, ...] = ()) -> List[Spec]:
+V11_FORMATS = tuple(info.format for info in FORMATS.values() if info.spec_version == "1.1")
+
+
+# The large families (realistic, degenerate) check spec v1.1's formats at one group
+# size each, the one that exercises the most: INT2 at 64 (a short last group on
+# head_dim 96), per channel at 32 (the most blocks). Group size only decides where
+# groups start, which the other families sweep over every G; the suite's checks stay
+# about 1.6 times v1's rather than 2.4 times.
+V11_SAMPLED_GROUPS = {Format.INT2: 64, Format.INT4_PER_CHANNEL: 32, Format.INT2_PER_CHANNEL: 32}
+
+
+def all_specs(static_scales: Tuple[float, ...] = (), v11: str = "all") -> List[Spec]:
+    """Every format and group size of spec v1, then spec v1.1's (INT2, INT4 and INT2 per
+    channel) with every group size (``v11="all"``) or one (``"sampled"``)."""
     specs = [Spec(Format.FP8_PER_TOKEN), Spec(Format.FP8_PER_TENSOR), Spec(Format.INT8)]
     specs += [Spec(Format.INT4, g) for g in GROUP_SIZES]
     specs += [Spec(Format.FP8_PER_TENSOR, static_scale=s) for s in static_scales]
+    if v11 == "all":
+        specs += [Spec(f, g) for f in V11_FORMATS for g in GROUP_SIZES]
+    else:
+        specs += [Spec(f, V11_SAMPLED_GROUPS[f]) for f in V11_FORMATS]
     return specs
+
+
+def fit_input(x: np.ndarray, spec: Spec, token_axis: int = -2) -> Optional[np.ndarray]:
+    """x shaped for spec's format, or None where the format cannot take its head_dim
+    (INT2 packs four codes per byte). Per-channel formats quantize whole blocks of G
+    tokens: a token axis that is not a multiple of G is extended by repeating its
+    tokens cyclically, so each case's values (and edge cases) are all still there."""
+    info = spec.info
+    if x.shape[-1] % info.codes_per_byte:
+        return None
+    if info.per_channel:
+        tokens, g = x.shape[token_axis], spec.group_size
+        if tokens % g:
+            x = np.take(x, np.arange(-(-tokens // g) * g) % tokens, axis=token_axis)
+    return x
 
 
 @dataclass(frozen=True)
@@ -83,7 +120,11 @@ def _has_nonfinite(x: np.ndarray) -> bool:
         return not np.isfinite(x.astype(np.float32)).all()
 
 
-def _make(family, spec, dtype, name, x, flags, layout="contiguous") -> Case:
+def _make(family, spec, dtype, name, x, flags, layout="contiguous") -> Optional[Case]:
+    """The case, or None where the format cannot take x's head_dim (all_cases drops it)."""
+    x = fit_input(np.asarray(x), spec, 1 if layout == "swapaxes" else -2)
+    if x is None:
+        return None
     x = _cast(x, dtype)
     on_nonfinite = "propagate" if _has_nonfinite(x) or "RangeOverflow" in flags else "raise"
     return Case(
@@ -110,7 +151,7 @@ def exhaustive16_cases() -> Iterator[Case]:
             if spec.format is Format.FP8_PER_TENSOR:
                 data, name = x[finite], "all-finite-patterns"
             else:
-                data, name = x, "all-patterns"
+                data, name = x, "all-patterns"  # 512 tokens: whole blocks of every G
             yield Case(
                 id=f"exhaustive16/{spec.label}/{dtype}/{name}",
                 family="exhaustive16",
@@ -183,7 +224,30 @@ def rounding_tie_cases() -> Iterator[Case]:
         group = np.concatenate([[0.0], body, [15.0]]).astype(np.float32)  # mn 0, mx 15: scale 1
         x = np.tile(group, (4, 128 // g if g <= 128 else 1))
         yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "half-integers", x, ("RoundingTie",))
+    for spec in all_specs():
+        if spec.format not in V11_FORMATS:
+            continue
+        levels, g = spec.info.levels, spec.group_size
+        h = np.arange(0, levels, dtype=np.float32) + np.float32(0.5)
+        ties = np.concatenate([h, np.nextafter(h, np.float32(np.inf)), np.nextafter(h, np.float32(0))])
+        group = np.concatenate([[0.0], np.resize(ties, g - 2), [levels]]).astype(np.float32)  # scale 1
+        yield _make("rounding-ties", spec, "float32", "half-integers", lay_groups(np.stack([group] * 4), spec),
+                    ("RoundingTie",))
     yield from product_tie_cases()
+
+
+def lay_groups(groups: np.ndarray, spec: Spec, head_dim: int = 128) -> np.ndarray:
+    """Groups [n, G] (each one group's values) laid out as spec's format groups them:
+    side by side inside tokens of head_dim for formats grouped inside a token, or as
+    channels of one block of G tokens (group i in channel i, rolled one step per channel
+    so no two channels are equal) for per-channel formats."""
+    n, g = groups.shape
+    if spec.info.per_channel:
+        columns = [np.roll(groups[c % n], c) for c in range(head_dim)]
+        return np.stack(columns, axis=1)
+    per_token = max(1, head_dim // g)
+    rows = -(-n // per_token)
+    return np.resize(groups, (rows * per_token, g)).reshape(rows, per_token * g)
 
 
 def inexact_products_on(targets: np.ndarray, inv: np.float32, limit: np.float32) -> np.ndarray:
@@ -244,12 +308,23 @@ def product_tie_cases() -> Iterator[Case]:
             groups.append(np.concatenate([[0, mx], body, np.zeros(g - 2 - len(body))]).astype(np.float32))
         x = np.stack(groups)
         yield _make("rounding-ties", Spec(Format.INT4, g), "float32", "products-on-ties", np.tile(x, (1, 128 // g)), ("RoundingTie", "ProductTie"))
+    for spec in all_specs():
+        if spec.format not in V11_FORMATS:
+            continue
+        levels, g = spec.info.levels, spec.group_size
+        ties = np.arange(0, levels, dtype=np.float32) + np.float32(0.5)
+        groups = []
+        for mx in amaxes:
+            body = inexact_products_on(ties, _dynamic_inverse(mx, levels), mx)
+            groups.append(np.concatenate([[0, mx], np.resize(body, g - 2)]).astype(np.float32))
+        yield _make("rounding-ties", spec, "float32", "products-on-ties", lay_groups(np.stack(groups), spec),
+                    ("RoundingTie", "ProductTie"))
 
 
 def _dynamic_scale(amax: np.float32, n: int) -> np.float32:
     """The spec's scale = max(amax * R(n), S_MIN) for a token's amax (or an INT4 group's
     range, with n = 15), from the spec's bit patterns; amax here is normal and positive."""
-    r = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS}[n]
+    r = {448: _spec.R448_BITS, 127: _spec.R127_BITS, 15: _spec.R15_BITS, 3: _spec.R3_BITS}[n]
     f32 = lambda bits: np.float32(_spec.f32_from_bits(bits))  # noqa: E731
     return np.maximum(amax * f32(r), f32(_spec.S_MIN_BITS))
 
@@ -278,8 +353,19 @@ def realistic_cases() -> Iterator[Case]:
     for head_dim, named in inputs.items():
         for name, x in named.items():
             for dtype in DTYPES:
-                for spec in all_specs(static_scales=(0.05,)):
+                for spec in all_specs(static_scales=(0.05,), v11="sampled"):
                     yield _make("realistic", spec, dtype, f"{name}-d{head_dim}", x, ("Realistic",))
+    # Spec v1.1 on a longer history (256 tokens: whole blocks of every G, no repeats) of
+    # keys whose outlier channels differ per head, the data per-channel groups are for.
+    long_rng = np.random.default_rng(20261130)
+    keys = long_rng.standard_normal((1, 2, 256, 128))
+    for head in range(2):
+        channels = long_rng.choice(128, size=6, replace=False)
+        keys[0, head][:, channels] *= long_rng.uniform(10, 100, size=6)
+    for dtype in DTYPES:
+        for spec in all_specs():
+            if spec.format in V11_FORMATS:
+                yield _make("realistic", spec, dtype, "keys-outlier-channels-256-tokens", keys, ("Realistic", "OutlierChannels"))
 
 
 # --------------------------------------------------------------- degenerate
@@ -360,9 +446,20 @@ def degenerate_inputs(dtype: str) -> List[Tuple[str, np.ndarray, Tuple[str, ...]
 
 def degenerate_cases() -> Iterator[Case]:
     for dtype in DTYPES:
-        for name, x, flags in degenerate_inputs(dtype):
-            for spec in all_specs(static_scales=(1.0, 2.0**-120, 3.0e38)):
+        inputs = degenerate_inputs(dtype)
+        for name, x, flags in inputs:
+            for spec in all_specs(static_scales=(1.0, 2.0**-120, 3.0e38), v11="sampled"):
                 yield _make("degenerate", spec, dtype, name, x, flags)
+        # Per channel, a group is a channel of a block of tokens: the same inputs
+        # transposed, so each token above (all zero, constant, NaN...) is a channel of
+        # 128 tokens here.
+        for name, x, flags in inputs:
+            if x.ndim != 2 or x.shape[0] > 128:
+                continue
+            channels = np.resize(x, (128, 128)).T
+            for spec in all_specs(v11="sampled"):
+                if spec.info.per_channel:
+                    yield _make("degenerate", spec, dtype, f"{name}-as-channels", channels, flags + ("AsChannels",))
     yield from underflow_boundary_cases()
 
 
@@ -388,15 +485,21 @@ def underflow_boundary_cases() -> Iterator[Case]:
     x[1] *= np.float32(3)  # codes 3 * 2^-9 ...: products near 3 * 2^-126, normal
     yield _make("degenerate", Spec(Format.FP8_PER_TENSOR, static_scale=float(_SCALE_ONTO_TIE)), "float32",
                 "underflow-boundary", x, ("Subnormal", "UnderflowBoundary"))
-    top = _int4_top_for_boundary_tie()
-    for g in GROUP_SIZES:
+    for spec in all_specs():
+        if spec.info.levels == 0:
+            continue
+        g = spec.group_size
+        top = _int4_top_for_boundary_tie(spec.info.levels)
         group = np.linspace(0, top, g, dtype=np.float32)
         group[0], group[-1] = -tiny, top
-        yield _make("degenerate", Spec(Format.INT4, g), "float32", "underflow-boundary",
-                    np.tile(group, (2, 128 // g)), ("Subnormal", "UnderflowBoundary"))
+        if spec.format is Format.INT4:  # v1's case, as it was
+            x = np.tile(group, (2, 128 // g))
+        else:
+            x = lay_groups(np.stack([group, group]), spec)
+        yield _make("degenerate", spec, "float32", "underflow-boundary", x, ("Subnormal", "UnderflowBoundary"))
 
 
-def _int4_top_for_boundary_tie() -> np.float32:
+def _int4_top_for_boundary_tie(levels: int = 15) -> np.float32:
     """The first float32 M >= 1 for which a group [-2^-126, ..., M] has scale s and
     inverse inv (the spec's, from its bit patterns) with s * inv rounding to 1 - 2^-24, so
     that -(zero) * s = -(2^-126 * inv) * s is the tie (1 - 2^-24) * 2^-126. The range
@@ -404,7 +507,7 @@ def _int4_top_for_boundary_tie() -> np.float32:
     target = 1.0 - 2.0**-24
     m = np.float32(1.0)
     while True:
-        scale = _dynamic_scale(m, 15)
+        scale = _dynamic_scale(m, levels)
         inv = np.float32(1) / scale
         if float(np.float32(np.float64(scale) * np.float64(inv))) == target:  # the float64 product is exact
             return m

@@ -31,6 +31,8 @@ def pytest_addoption(parser):
     group.addoption("--kvquant-family", action="append", default=[], metavar="FAMILY",
                     help=f"only these case families: {', '.join(SUITE_FAMILIES)}")
     group.addoption("--kvquant-device", default=None, metavar="DEVICE", help="device to put inputs on (e.g. cuda:0)")
+    group.addoption("--kvquant-require", action="append", default=[], metavar="VERSION",
+                    help="fail on formats of this spec version the backend does not implement (default: skip them)")
     group.addoption("--kvquant-known-failures", action="append", default=[], metavar="FILE",
                     help="JSON file of checks this backend knowingly fails")
 
@@ -53,6 +55,8 @@ class KvquantCheckItem(pytest.Item):
 
     def runtest(self):
         mismatches = self.check.run()
+        if not mismatches and self.check.not_implemented:
+            pytest.skip(f"{self.check.label} is not implemented by this backend (spec {self.check.id.rsplit('/', 1)[-1]})")
         if mismatches:
             text = "\n".join(str(m) for m in mismatches[:5])
             if len(mismatches) > 5:
@@ -86,7 +90,8 @@ def pytest_collection_modifyitems(session, config, items):
     known = KnownFailures.load(config.getoption("--kvquant-known-failures") or default_known_failure_files(names))
     parent = KvquantSuite.from_parent(session, name="kvquant-conformance")
     new = []
-    for check in iter_checks(ops_list, families, config.getoption("--kvquant-device")):
+    for check in iter_checks(ops_list, families, config.getoption("--kvquant-device"),
+                             require=config.getoption("--kvquant-require")):
         item = KvquantCheckItem.from_parent(parent, name=check.id, check=check)
         reason = known.reason_for(check.id)
         if reason is not None:

@@ -86,12 +86,18 @@ def _input_context(case: Case, output: str, index: Tuple[int, ...]) -> str:
     if case.spec.format is Format.FP8_PER_TENSOR and output in ("scales",):
         flat = np.abs(x.astype(np.float32)).reshape(-1)
         return f"tensor amax element {_hex(x.reshape(-1)[int(np.nanargmax(flat))])}" if not np.isnan(flat).all() else "all NaN"
-    if output == "codes" and case.spec.format is Format.INT4:
-        j = index[-1]
-        return f"x{lead + (2 * j,)}={_hex(x[lead + (2 * j,)])}, x{lead + (2 * j + 1,)}={_hex(x[lead + (2 * j + 1,)])}"
+    info = FORMATS[case.spec.format]
+    if output == "codes" and info.codes_per_byte > 1:
+        k, j = info.codes_per_byte, index[-1]
+        return ", ".join(f"x{lead + (k * j + i,)}={_hex(x[lead + (k * j + i,)])}" for i in range(k))
     if output == "codes" or output.startswith("dequant"):
         return f"x{index}={_hex(x[index])}"
-    if case.spec.format is Format.INT4:  # scales / zeros: show the group's extremes
+    if info.per_channel:  # scales / zeros: show the (block, channel) group's extremes
+        g, (block, channel) = case.spec.group_size, index[-2:]
+        values = x[index[:-2]][block * g:(block + 1) * g, channel].astype(np.float32)
+        return (f"channel {channel} of token block {block}: min {_hex(np.float32(np.min(values)))}, "
+                f"max {_hex(np.float32(np.max(values)))}")
+    if info.has_zeros:  # scales / zeros: show the group's extremes
         token, group = index[:-1], index[-1]
         g = case.spec.group_size
         block = x[token][group * g:(group + 1) * g].astype(np.float32)
@@ -231,26 +237,47 @@ def _same(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Optional[str]:
     return None
 
 
-def invariance_inputs() -> Dict[str, np.ndarray]:
+def invariance_inputs(spec: Optional[Spec] = None) -> Dict[str, np.ndarray]:
+    """[12, 96] tokens with an outlier token and a zero one; for per-channel formats
+    [256, 96] (8 blocks of the smallest G, 2 of the largest) with outlier channels and a
+    zero channel, the shape per-channel groups are for."""
     rng = np.random.default_rng(99)
+    if spec is not None and FORMATS[spec.format].per_channel:
+        x = rng.standard_normal((256, 96)).astype(np.float32)
+        x[:, [3, 50]] *= 40
+        x[:, 7] = 0
+        x[70:90] *= 8
+        return {"float32": x}
     x = rng.standard_normal((12, 96)).astype(np.float32)
     x[3, :5] *= 50
     x[7] = 0
     return {"float32": x}
 
 
-def _per_token(arrays: Sequence[np.ndarray], spec: Spec) -> List[np.ndarray]:
-    """Outputs of any layout as [tokens, ...]: codes [T, D'], scales [T] or [T, groups]."""
+def _units(spec: Spec, tokens: int) -> List[Tuple[int, int]]:
+    """The token ranges quantized independently of each other: single tokens, or blocks
+    of G tokens for per-channel formats."""
+    step = spec.group_size if FORMATS[spec.format].per_channel else 1
+    return [(t, t + step) for t in range(0, tokens, step)]
+
+
+def _flat_layout(arrays: Sequence[np.ndarray], spec: Spec) -> List[np.ndarray]:
+    """Outputs of any layout as 2-D or 1-D: codes [T, D'], scales [T], [T, groups] or,
+    per channel, [blocks, head_dim]."""
     tokens = arrays[0].size // arrays[0].shape[-1] if arrays[0].ndim else 0
+    info = FORMATS[spec.format]
     out = [arrays[0].reshape(tokens, -1)]
     for a in arrays[1:]:
-        out.append(a.reshape(tokens, -1) if spec.format is Format.INT4 else a.reshape(tokens))
+        if info.per_channel:
+            out.append(a.reshape(-1, a.shape[-1]))
+        else:
+            out.append(a.reshape(tokens, -1) if info.has_zeros else a.reshape(tokens))
     return out
 
 
 def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
     """Properties every backend must have, beyond matching the reference."""
-    x_np = invariance_inputs()["float32"]
+    x_np = invariance_inputs(spec)["float32"]
     label = f"invariance/{spec.label}/float32/{check}"
     fail = lambda msg: [Mismatch(ops.name, ops.variant, label, FORMATS[spec.format].quantize_method, "*", msg)]  # noqa: E731
     on = "raise"
@@ -262,23 +289,28 @@ def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
     if check == "batch":
         if spec.format is Format.FP8_PER_TENSOR:
             return []  # one scale for the whole tensor: batch-dependent by definition
-        for t in (0, 5, 11):
-            alone = _as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[t:t + 1], device), on))
-            inside = [a[t:t + 1] for a in whole]
+        units = _units(spec, x_np.shape[0])
+        per_unit = spec.group_size if FORMATS[spec.format].per_channel else 1
+        for u in sorted({0, len(units) // 2, len(units) - 1}):
+            start, stop = units[u]
+            alone = _as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[start:stop], device), on))
+            inside = [whole[0][start:stop]] + [a[start // per_unit:stop // per_unit] for a in whole[1:]]
             problem = _same(inside, alone)
             if problem:
-                return fail(f"token {t} alone differs from token {t} inside the batch: {problem}")
-        batched = x_np.reshape(2, 3, 2, 96)
+                return fail(f"tokens {start}:{stop} alone differ from the same tokens inside the batch: {problem}")
+        batched = x_np.reshape(2, 3, 2, 96) if per_unit == 1 else x_np.reshape(2, 1, 128, 96)
         four = _as_np(ops, _quantize(ops, spec, to_backend(ops, batched, device), on))
-        problem = _same(_per_token(four, spec), _per_token(whole, spec))
+        problem = _same(_flat_layout(four, spec), _flat_layout(whole, spec))
         return fail(f"the 4-D layout differs from the same tokens in 2-D: {problem}") if problem else []
     if check == "streaming":
         if spec.format is Format.FP8_PER_TENSOR:
             return []
-        pieces = [_as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[t:t + 1], device), on)) for t in range(x_np.shape[0])]
+        pieces = [_as_np(ops, _quantize(ops, spec, to_backend(ops, x_np[a:b], device), on))
+                  for a, b in _units(spec, x_np.shape[0])]
         joined = [np.concatenate([p[i] for p in pieces], axis=0) for i in range(len(whole))]
         problem = _same(joined, whole)
-        return fail(f"appending tokens one at a time differs from quantizing all at once: {problem}") if problem else []
+        unit = "blocks of tokens" if FORMATS[spec.format].per_channel else "tokens"
+        return fail(f"appending {unit} one at a time differs from quantizing all at once: {problem}") if problem else []
     if check == "threads":
         set_threads = getattr(ops.runtime, "num_threads", None)
         if set_threads is None:
@@ -305,11 +337,14 @@ def raise_inputs(spec: Spec) -> List[Tuple[str, np.ndarray, Tuple[int, ...]]]:
     tokens poisoned by infinities alone (a backend that gives them an infinite scale
     instead of NaN would pass a NaN-only check while storing them silently), and both
     again in a cache-sized 4-D tensor, where reductions change implementation."""
-    x = invariance_inputs()["float32"]
+    x = invariance_inputs(spec)["float32"]
+    info = FORMATS[spec.format]
 
     def index(token: Tuple[int, ...], column: int) -> Tuple[int, ...]:
         if spec.format is Format.FP8_PER_TENSOR:
             return ()
+        if info.per_channel:  # the (block, channel) group in the scales' layout
+            return token[:-1] + (token[-1] // spec.group_size, column)
         return token + ((column // spec.group_size,) if spec.group_size else ())
 
     nan = x.copy()
@@ -317,7 +352,8 @@ def raise_inputs(spec: Spec) -> List[Tuple[str, np.ndarray, Tuple[int, ...]]]:
     inf = x.copy()
     inf[9, 3] = np.inf
     inf[10, 95] = -np.inf
-    cache = np.random.default_rng(5).standard_normal((2, 4, 160, 96)).astype(np.float32)
+    # 160 tokens per head; 256 per channel, whole blocks of every G.
+    cache = np.random.default_rng(5).standard_normal((2, 4, 256 if info.per_channel else 160, 96)).astype(np.float32)
     cache_inf = cache.copy()
     cache_inf[1, 2, 150, 64] = -np.inf
     cache_inf[1, 3, 7, 0] = np.inf
@@ -333,7 +369,7 @@ def raise_inputs(spec: Spec) -> List[Tuple[str, np.ndarray, Tuple[int, ...]]]:
 
 
 def _check_raise(ops, spec: Spec, label: str, device) -> List[Mismatch]:
-    if not ops.runtime.is_concrete(to_backend(ops, invariance_inputs()["float32"], device)):
+    if not ops.runtime.is_concrete(to_backend(ops, invariance_inputs(spec)["float32"], device)):
         return []
     found = []
     for what, bad, expected_index in raise_inputs(spec):
@@ -361,7 +397,7 @@ def _check_seed_types(ops, spec: Spec, label: str, device) -> List[Mismatch]:
     from kvquant._types import Int4GroupSize
 
     info = FORMATS[spec.format]
-    x_np = invariance_inputs()["float32"]
+    x_np = invariance_inputs(spec)["float32"]
     tokens, head_dim = x_np.shape
     group = Int4GroupSize(spec.group_size) if spec.group_size else None
     # One output dtype as a string, the others as framework dtype objects (and the
@@ -410,19 +446,28 @@ def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
     import ml_dtypes
 
     scales = np.array([1.0, 2.0**-118, 1e36, np.nan, np.inf, 0.0], np.float32)
-    if spec.format is Format.INT4:
-        packed = np.resize(np.arange(256, dtype=np.uint8), (11, 64))
-        groups = -(-128 // spec.group_size)
-        scale_g = np.resize(np.array([0.375, 2.0**-110, 1e30, 3.0, np.nan, 1.0, np.inf, 0.0], np.float32), (9, groups))
-        zeros_g = np.resize(np.array([7.5, -3.0, 0.0, 15.0, 2.0**-126, np.nan, 1e-3, np.inf, 4.0], np.float32), (9, groups))
+    info = FORMATS[spec.format]
+    if info.has_zeros:
+        # 11 tokens (128 per channel: whole blocks of every G) of head_dim 128, every byte.
+        rows = 128 if info.per_channel else 11
+        packed = np.resize(np.arange(256, dtype=np.uint8), (rows, 128 // info.codes_per_byte))
+        shape = info.param_shape((rows, 128), spec.group_size)
+        count = shape[0]
+        groups = shape[1]
+        scale_g = np.resize(np.array([0.375, 2.0**-110, 1e30, 3.0, np.nan, 1.0, np.inf, 0.0], np.float32), (count - 2 if count > 2 else count, groups))
+        zeros_g = np.resize(np.array([7.5, -3.0, 0.0, 15.0, 2.0**-126, np.nan, 1e-3, np.inf, 4.0], np.float32), scale_g.shape)
         # Two more rows: scales in the lowest normal binade with zeros that read as 0
         # (0, -0, a subnormal), so that q = 1 dequantizes to the scale itself, below
         # 2^-125, and must be flushed, while q >= 2 stays.
         lowest = np.array([2.0**-126, 1.5 * 2.0**-126, np.nextafter(np.float32(2.0**-125), np.float32(0))], np.float32)
         reads_as_zero = np.array([0.0, -0.0, 2.0**-127], np.float32)
-        scale_g = np.concatenate([scale_g, np.resize(lowest, (2, groups))])
-        zeros_g = np.concatenate([zeros_g, np.resize(reads_as_zero[::-1], (2, groups))])
-        return [packed, scale_g, zeros_g], (11, 128)
+        extra = 2 if count > 2 else 0
+        scale_g = np.concatenate([scale_g, np.resize(lowest, (extra, groups))])
+        zeros_g = np.concatenate([zeros_g, np.resize(reads_as_zero[::-1], (extra, groups))])
+        if count <= 2:  # one or two blocks per channel: the lowest binade in some channels
+            scale_g[:, ::5] = np.resize(lowest, scale_g[:, ::5].shape)
+            zeros_g[:, ::5] = np.resize(reads_as_zero, zeros_g[:, ::5].shape)
+        return [packed, scale_g, zeros_g], (rows, 128)
     if spec.format is Format.INT8:
         return [np.resize(np.arange(-128, 128).astype(np.int8), (6, 64)), scales], (6, 64)
     codes = np.resize(np.arange(256, dtype=np.uint8), (6, 64)).view(ml_dtypes.float8_e4m3fn)
@@ -459,11 +504,13 @@ def caller_param_inputs(spec: Spec, floor: Optional[float]) -> Tuple[List[np.nda
             s.reshape(-1)[rng.integers(s.size)] = floor
         return s
 
-    if spec.format is Format.INT4:
-        groups = -(-head_dim // spec.group_size)
-        packed = rng.integers(0, 256, (rows, head_dim // 2), dtype=np.uint8)
-        zeros = rng.choice(CALLER_PARAMS, size=(rows, groups)).astype(np.float32)
-        return [packed, scales((rows, groups)), zeros], (rows, head_dim)
+    info = FORMATS[spec.format]
+    if info.has_zeros:
+        rows = 128 if info.per_channel else rows  # whole blocks of every G
+        shape = info.param_shape((rows, head_dim), spec.group_size)
+        packed = rng.integers(0, 256, (rows, head_dim // info.codes_per_byte), dtype=np.uint8)
+        zeros = rng.choice(CALLER_PARAMS, size=shape).astype(np.float32)
+        return [packed, scales(shape), zeros], (rows, head_dim)
     if spec.format is Format.INT8:
         return [rng.integers(-128, 128, (rows, head_dim), dtype=np.int8), scales((rows,))], (rows, head_dim)
     codes = rng.integers(0, 256, (rows, head_dim), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
@@ -505,7 +552,7 @@ def _compare_dequantizations(ops, spec: Spec, label: str, inputs, shape, device,
         fields["message"] = context + fields["message"]
         if "index" in fields:
             first = int(np.ravel_multi_index(fields["index"], expected.shape))
-            code_bits = bits_of(inputs[0]).reshape(-1)[first // 2 if spec.format is Format.INT4 else first]
+            code_bits = bits_of(inputs[0]).reshape(-1)[first // FORMATS[spec.format].codes_per_byte]
             fields["input_hex"] = f"code byte 0x{int(code_bits):02x}"
         found.append(Mismatch(ops.name, ops.variant, label, dop, f"dequant[{dt}]", **fields))
     return found

@@ -32,6 +32,9 @@ CASE_FAMILIES = {
     "shapes": C.shape_cases,
 }
 SUITE_FAMILIES = tuple(CASE_FAMILIES) + ("property", "invariance")
+# Where a backend's kernels lack a format of a later spec version: one check per format,
+# reported as not implemented (a failure only for a version the caller requires).
+UNIMPLEMENTED = "unimplemented"
 KNOWN_FAILURES_DIR = Path(__file__).with_name("known_failures")
 REFERENCE_BACKEND = "numpy"
 
@@ -46,6 +49,7 @@ class Check:
     dtype: str
     run: Callable[[], List[Mismatch]]
     flags: Tuple[str, ...] = ()  # the edge cases its input covers (case families)
+    not_implemented: bool = False  # the backend lacks this format (family "unimplemented")
 
 
 def _variant_id(ops) -> str:
@@ -61,7 +65,8 @@ QUICK_PROPERTY_EXAMPLES = 3
 
 @functools.lru_cache(maxsize=4)
 def all_cases(families: Tuple[str, ...] = tuple(CASE_FAMILIES)) -> Tuple[C.Case, ...]:
-    cases = tuple(case for family in families for case in CASE_FAMILIES[family]())
+    # A family yields None where a format cannot take its input's head_dim.
+    cases = tuple(case for family in families for case in CASE_FAMILIES[family]() if case is not None)
     seen = set()
     for c in cases:
         if c.id in seen:
@@ -92,11 +97,39 @@ def sample_cases(cases: Sequence[C.Case], per_cell: int) -> List[C.Case]:
     return [c for c in cases if c.id in chosen]
 
 
+def implements(ops, spec: C.Spec) -> bool:
+    """Whether a backend's kernels have the functions of spec's format (the v1.1 formats
+    are optional: a backend written for v1 stays checkable)."""
+    from kvquant._ops import CONTRACT
+
+    info = spec.info
+    names = [f"{info.kernel}_quantize", f"{info.kernel}_dequantize"] if info.kernel else []
+    return all(n in CONTRACT or getattr(ops.kernels, n, None) is not None for n in names)
+
+
+def _unimplemented_check(ops, fmt, required: bool) -> Check:
+    from kvquant._formats import FORMATS
+
+    info = FORMATS[fmt]
+    cid = f"{_variant_id(ops)}/{UNIMPLEMENTED}/{fmt.value}/any/spec-v{info.spec_version}"
+
+    def run():
+        if not required:
+            return []
+        return [Mismatch(ops.name, ops.variant, cid, info.quantize_method, "*",
+                         f"{fmt.value} (spec v{info.spec_version}) is not implemented, and spec "
+                         f"v{info.spec_version} is required: its kernels lack {info.kernel}_quantize / _dequantize")]
+    return Check(cid, ops.name, ops.variant, UNIMPLEMENTED, fmt.value, "any", run, not_implemented=True)
+
+
 def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = None, device: Optional[str] = None,
-                property_examples: Optional[int] = None, profile: str = "full") -> Iterator[Check]:
+                property_examples: Optional[int] = None, profile: str = "full",
+                require: Iterable[str] = ()) -> Iterator[Check]:
     """Every check of the suite for each backend variant in ``ops_list``. ``profile``
     "full" runs every case; "quick" a sample of each family that still reaches every
-    format, dtype, variant and family (sample_cases) and fewer property draws."""
+    format, dtype, variant and family (sample_cases) and fewer property draws. A format
+    a backend does not implement gets one "unimplemented" check instead of its cases,
+    which fails only if its spec version is in ``require``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}")
     families = tuple(families) if families else SUITE_FAMILIES
@@ -109,17 +142,27 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
     cases = all_cases(case_families) if case_families else ()
     if profile == "quick":
         cases = sample_cases(cases, QUICK_CASES_PER_CELL)
+    require = {str(v) for v in require}
     for ops in ops_list:
         vid = _variant_id(ops)
+        missing = {spec.format for spec in C.all_specs() if not implements(ops, spec)}
+        for fmt in sorted(missing, key=lambda f: f.value):
+            yield _unimplemented_check(ops, fmt, C.FORMATS[fmt].spec_version in require)
         for case in cases:
+            if case.spec.format in missing:
+                continue
             yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
                         _bind_case(ops, case, device), case.flags)
         if "property" in families:
             for spec in C.all_specs():
+                if spec.format in missing:
+                    continue
                 yield Check(f"{vid}/property/{spec.label}/any/hypothesis", ops.name, ops.variant, "property",
                             spec.label, "any", _bind_property(ops, spec, device, property_examples))
         if "invariance" in families:
             for spec in C.all_specs():
+                if spec.format in missing:
+                    continue
                 for check in INVARIANCE_CHECKS:
                     yield Check(f"{vid}/invariance/{spec.label}/float32/{check}", ops.name, ops.variant,
                                 "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device))
@@ -211,6 +254,8 @@ class Outcome:
 
     @property
     def status(self) -> str:
+        if not self.mismatches and self.check.not_implemented:
+            return UNIMPLEMENTED
         if not self.mismatches:
             return "pass" if self.known_reason is None else "xpass"
         return "known" if self.known_reason is not None else "fail"
@@ -238,17 +283,19 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
     for o in outcomes:
         by_variant.setdefault(f"{o.check.backend} / {o.check.variant}", []).append(o)
     for variant, items in by_variant.items():
-        families = [f for f in SUITE_FAMILIES if any(o.check.family == f for o in items)]
+        families = [f for f in SUITE_FAMILIES + (UNIMPLEMENTED,) if any(o.check.family == f for o in items)]
         rows: Dict[tuple, Dict[str, List[int]]] = {}
         for o in items:
             cell = rows.setdefault((o.check.label, o.check.dtype), {}).setdefault(o.check.family, [0, 0])
             cell[1] += 1
-            cell[0] += o.status in ("pass", "known", "xpass")
+            cell[0] += o.status in ("pass", "known", "xpass", UNIMPLEMENTED)
         width = max([len(f) for f in families] + [9])
         label_width = max([len(label) for label, _ in rows] + [6]) + 2
         header = f"{'format':<{label_width}}{'dtype':<10}" + "".join(f"{f:>{width + 2}}" for f in families)
         total_fail = sum(o.status == "fail" for o in items)
-        lines.append(f"== {variant}: {len(items) - total_fail}/{len(items)} checks pass")
+        absent = sum(o.status == UNIMPLEMENTED for o in items)
+        lines.append(f"== {variant}: {len(items) - total_fail - absent}/{len(items) - absent} checks pass"
+                     + (f"; {absent} formats not implemented (n/i)" if absent else ""))
         if items[0].check.backend == REFERENCE_BACKEND:
             lines.append("   (the reference: outside the golden vectors its case checks compare it with itself;"
                          " the golden vectors and the spec transcription's row, the example backend, check it)")
@@ -256,7 +303,10 @@ def format_table(outcomes: Sequence[Outcome]) -> str:
         for (label, dtype), cells in sorted(rows.items()):
             row = f"{label:<{label_width}}{dtype:<10}"
             for f in families:
-                if f in cells:
+                if f == UNIMPLEMENTED and f in cells:
+                    ok, n = cells[f]
+                    text = "n/i" if ok == n else "n/i!"
+                elif f in cells:
                     ok, n = cells[f]
                     text = f"{ok}/{n}" + ("" if ok == n else "!")
                 else:

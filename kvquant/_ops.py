@@ -428,8 +428,8 @@ class BackendOps:
     def _check_packing(self, info, head_dim: int) -> None:
         per = info.codes_per_byte
         if head_dim % per:
-            raise ValueError(f"{info.format.value} packs {per} codes per byte, so head_dim must be a multiple "
-                             f"of {per}, got {head_dim}")
+            need = "even" if per == 2 else f"a multiple of {per}"
+            raise ValueError(f"{info.format.value} packs {per} codes per byte, so head_dim must be {need}, got {head_dim}")
 
     def _check_blocks(self, info, shape, group: int, what: str) -> None:
         """Per-channel formats: the token axis (-2) in whole blocks of G tokens."""

@@ -30,7 +30,10 @@ def quantize(
     """Quantize a KV tensor ``[..., head_dim]`` with the backend that owns ``x``.
 
     ``fmt``: "fp8" (per token), "fp8_per_tensor" (``scale`` for a static scale),
-    "int8" (per token) or "int4" (``group_size`` 32, 64 or 128, default 64).
+    "int8" (per token), "int4" or "int2" (groups of ``group_size`` 32, 64 or 128
+    elements inside a token, default 64), "int4_per_channel" or "int2_per_channel"
+    (spec v1.1: one scale and zero per channel and block of ``group_size`` tokens
+    along dimension -2, which must be a multiple of it).
     The codes, scales and zeros come back in x's framework, on x's device.
     """
     info = format_info(fmt)
@@ -43,7 +46,7 @@ def quantize(
     if scale is not None and not info.static_scale:
         raise ValueError(f"a static scale applies only to fp8_per_tensor, not {info.format.value}")
     if group_size is not None and not info.group_sizes:
-        raise ValueError(f"group_size applies only to int4, not {info.format.value}")
+        raise ValueError(f"group_size applies only to the grouped formats (int4, int2, int4_per_channel, int2_per_channel), not {info.format.value}")
     group = None
     if info.group_sizes:
         group = parse_group_size(Int4GroupSize.default() if group_size is None else group_size)

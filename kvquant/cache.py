@@ -74,7 +74,7 @@ class StoredFormat:
         if info.group_sizes:
             group = parse_group_size(Int4GroupSize.default() if group is None else group)
         elif group is not None:
-            raise ValueError(f"group_size applies only to int4, not {self.format.value}")
+            raise ValueError(f"group_size applies only to the grouped formats (int4, int2, int4_per_channel, int2_per_channel), not {self.format.value}")
         scale = self.scale
         if info.static_scale:
             if scale is None:
@@ -209,33 +209,44 @@ class _GrowingStore:
     def capacity(self) -> int:
         return 0 if self.arrays is None else self.arrays[0].shape[TOKEN_AXIS]
 
+    def _tokens_per_row(self, i: int) -> int:
+        """Tokens behind one row of part i along the token axis: 1, or G for the scales
+        and zeros of a per-channel format (one row per block of G tokens)."""
+        info = self.stored.info
+        return self.stored.group_size if i > 0 and info.per_channel else 1
+
     def write(self, ops, q: QuantizedKV) -> None:
         parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
         new = q.shape[TOKEN_AXIS]
         need = self.length + new
         if self.arrays is None or need > self.capacity():
-            grown = max(need, 2 * self.capacity(), 16)
+            # Per channel, capacities stay whole blocks: 2G at least, then doubled.
+            floor = 2 * self.stored.group_size if self.stored.info.per_channel else 16
+            grown = max(need, 2 * self.capacity(), floor)
             buffers = []
             for i, part in enumerate(parts):
                 if _per_tensor(part):  # one static scale for every token: kept as it is
                     buffers.append(part)
                     continue
-                shape = tuple(part.shape[:TOKEN_AXIS]) + (grown,) + tuple(part.shape[TOKEN_AXIS + 1:])
+                per = self._tokens_per_row(i)
+                shape = tuple(part.shape[:TOKEN_AXIS]) + (grown // per,) + tuple(part.shape[TOKEN_AXIS + 1:])
                 buf = ops.empty_like_shape(part, shape)
                 if self.arrays is not None and self.length:
-                    buf[:, :, :self.length] = self.arrays[i][:, :, :self.length]
+                    buf[:, :, :self.length // per] = self.arrays[i][:, :, :self.length // per]
                 buffers.append(buf)
             self.arrays = tuple(buffers)
-        for buf, part in zip(self.arrays, parts):
+        for i, (buf, part) in enumerate(zip(self.arrays, parts)):
             if not _per_tensor(part):
-                buf[:, :, self.length:need] = part
+                per = self._tokens_per_row(i)
+                buf[:, :, self.length // per:need // per] = part
         self.length = need
         self.shape = tuple(q.shape[:TOKEN_AXIS]) + (need,) + tuple(q.shape[TOKEN_AXIS + 1:])
 
     def view(self, source_dtype: str, backend: str) -> Optional[QuantizedKV]:
         if not self.length:
             return None
-        parts = [a if _per_tensor(a) else a[:, :, :self.length] for a in self.arrays]
+        parts = [a if _per_tensor(a) else a[:, :, :self.length // self._tokens_per_row(i)]
+                 for i, a in enumerate(self.arrays)]
         zeros = parts[2] if len(parts) == 3 else None
         return QuantizedKV(parts[0], parts[1], zeros, self.stored.format, self.stored.group_size,
                            self.shape, source_dtype, backend)
@@ -330,6 +341,10 @@ class LayerCache:
                 staged.append((window, None))
                 continue
             leaving = max(0, window.shape[TOKEN_AXIS] - self.residual)
+            if stored.info.per_channel:
+                # Whole blocks of G tokens only: the rest of the block waits, in full
+                # precision, until it fills (the window holds R to R + G - 1 tokens).
+                leaving -= leaving % stored.group_size
             q = None
             if leaving:
                 q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet
@@ -385,11 +400,12 @@ class LayerCache:
             _array_ops(signature[0])  # refuses JAX before anything is set
             head_dim = signature[5]
             for f in self.formats:
-                if f.group_size and f.group_size > head_dim:
-                    warnings.warn(f"{where}: INT4 groups of {f.group_size} on head_dim {head_dim}: every token is one "
-                                  f"group of {head_dim}, the same as group_size={head_dim}", stacklevel=3)
-                if f.info is not None and f.info.codes_per_byte == 2 and head_dim % 2:
-                    raise CacheInputError(f"{where}: {f.label()} packs two codes per byte; head_dim {head_dim} is odd")
+                if f.group_size and f.group_size > head_dim and not f.info.per_channel:
+                    warnings.warn(f"{where}: {f.format.value} groups of {f.group_size} on head_dim {head_dim}: every "
+                                  f"token is one group of {head_dim}, the same as group_size={head_dim}", stacklevel=3)
+                if f.info is not None and head_dim % f.info.codes_per_byte:
+                    raise CacheInputError(f"{where}: {f.label()} packs {f.info.codes_per_byte} codes per byte; "
+                                          f"head_dim {head_dim} is not a multiple of {f.info.codes_per_byte}")
         return signature
 
     def _side_index(self, side: str) -> int:
@@ -405,8 +421,9 @@ class LayerCache:
             max_length = self.seq_length + max_length
         if max_length >= self.seq_length:
             return
-        quantized = self._stores[0].length
-        if max_length < quantized and self.formats[0].format is not None:
+        quantized = max([store.length for store, f in zip(self._stores, self.formats) if f.format is not None],
+                        default=0)
+        if max_length < quantized:
             raise ValueError(f"cannot crop to {max_length} tokens: the first {quantized} are quantized; "
                              "crop inside the residual window only")
         for i in range(2):
@@ -473,6 +490,11 @@ class JaxLayerCache:
         dtype = canonical_dtype_name(dtype)
         formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         residual = _parse_residual(residual)
+        for f in formats:
+            if f.info is not None and f.info.per_channel:
+                raise ValueError(f"JaxLayerCache does not take per-channel formats ({f.format.value}) yet: its "
+                                 "fixed slots quantize every token as it leaves the window, and a block of G tokens "
+                                 "completes at a traced step; use LayerCache (NumPy, PyTorch) for per-channel keys")
         shape = (batch, kv_heads, capacity, head_dim)
         sample = jnp.zeros((batch, kv_heads, 0, head_dim), dtype)
         stores = []

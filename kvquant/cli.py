@@ -140,7 +140,8 @@ def _cmd_conformance(args) -> int:
     known = KnownFailures.load(args.known_failures or default_known_failure_files(names))
     profile = "full" if args.full else "quick"
     try:
-        per_variant = [list(iter_checks([ops], args.family or None, args.device, profile=profile)) for ops in ops_list]
+        per_variant = [list(iter_checks([ops], args.family or None, args.device, profile=profile, require=args.require))
+                       for ops in ops_list]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     warn_unmatched(known, (c.id for checks in per_variant for c in checks))
@@ -182,9 +183,11 @@ def _cmd_conformance(args) -> int:
     forget_reference_outputs()
     print()
     print(format_table(outcomes))
-    passed = sum(o.status != "fail" for o in outcomes)
+    passed = sum(o.status in ("pass", "known", "xpass") for o in outcomes)
+    absent = sum(o.status == "unimplemented" for o in outcomes)
     seconds = time.time() - started
-    print(f"{passed} passed, {len(failures)} failed in {seconds:.1f}s")
+    print(f"{passed} passed, " + (f"{absent} formats not implemented, " if absent else "")
+          + f"{len(failures)} failed in {seconds:.1f}s")
     if args.json:
         report = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -193,6 +196,7 @@ def _cmd_conformance(args) -> int:
             "device": args.device,
             "seconds": round(seconds, 1),
             "passed": passed,
+            "not_implemented": absent,
             "failed": len(failures),
             "checks": [
                 {"id": o.check.id, "status": o.status, "known_reason": o.known_reason,
@@ -215,6 +219,7 @@ def _cmd_eval(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kvquant._spec import SPEC_VERSIONS
     from kvquant.conformance.suite import SUITE_FAMILIES
 
     parser = argparse.ArgumentParser(prog="kvquant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--family", action="append", default=[], choices=SUITE_FAMILIES, metavar="FAMILY",
                       help="only these case families (repeatable): " + ", ".join(SUITE_FAMILIES))
     conf.add_argument("--full", action="store_true", help="every case of every family, not the quick profile's sample")
+    conf.add_argument("--require", action="append", default=[], choices=SPEC_VERSIONS, metavar="VERSION",
+                      help="fail on formats of this spec version that a backend does not implement (default: "
+                           "reported as not implemented); one of " + ", ".join(SPEC_VERSIONS))
     conf.add_argument("--device", default=None, help="device for inputs, e.g. cuda:0")
     conf.add_argument("--known-failures", action="append", default=[], help="JSON file of known failures")
     conf.add_argument("--json", default=None, help="write a machine-readable report here")

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 
 import kvquant_example_backend.kernels as spec_kernels
-from kvquant._ops import BackendOps
+from kvquant._ops import CONTRACT, CONTRACT_V11, BackendOps
 from kvquant.backends.numpy_backend import NumpyRuntime
 
 F32 = np.float32
@@ -98,6 +98,31 @@ def int4_groups_span_tokens(x, g):
     return packed.reshape(n, d // 2), s.astype(F32), z.astype(F32)
 
 
+def int4_channel_reshape_not_transpose(x, g):
+    """Each block [G, D] read as [D, G] and transposed: the classic reshape-for-transpose
+    bug. Every shape is right; the (block, channel) groups hold the wrong elements."""
+    n, d = x.shape
+    scrambled = np.asarray(x).reshape(n // g, d, g).transpose(0, 2, 1).reshape(n, d)
+    return k.int4_channel_quantize(scrambled, g)
+
+
+def int4_channel_whole_history(x, g):
+    """Per-channel statistics over every token at once, repeated for each block: right
+    shapes, and right whenever there is one block; streaming by blocks breaks it."""
+    n, d = x.shape
+    if n == 0:
+        return k.int4_channel_quantize(x, g)
+    packed, scales, zeros = k._channel_quantize(x, n, k.R15, 15, 2)
+    return packed, np.repeat(scales, n // g, axis=0), np.repeat(zeros, n // g, axis=0)
+
+
+def int2_packed_high_first(x, g):
+    """Element 4j in bits 6-7 instead of 0-1 (the order of some other libraries)."""
+    packed, scales, zeros = k.int2_quantize(x, g)
+    crumbs = [(packed >> (2 * i)) & 3 for i in range(4)]
+    return (crumbs[3] | (crumbs[2] << 2) | (crumbs[1] << 4) | (crumbs[0] << 6)).astype(np.uint8), scales, zeros
+
+
 BROKEN = {
     # name: (overrides, operation where it must show, output)
     "round-half-away": ({"int8_quantize": int8_round_half_away}, "quantize_kv_int8", "codes"),
@@ -108,14 +133,21 @@ BROKEN = {
     "int8-full-range": ({"int8_quantize": int8_full_range}, "quantize_kv_int8", "codes"),
     "groups-span-tokens": ({"int4_quantize": int4_groups_span_tokens}, "quantize_kv_int4", "codes"),
     "inf-scale-not-nan": ({"int8_quantize": int8_inf_scale}, "quantize_kv_int8", "scales"),
+    # spec v1.1
+    "channel-token-axes-swapped": ({"int4_channel_quantize": int4_channel_reshape_not_transpose},
+                                   "quantize_kv_int4_per_channel", "codes"),
+    "channel-stats-over-history": ({"int4_channel_quantize": int4_channel_whole_history},
+                                   "quantize_kv_int4_per_channel", "codes"),
+    "int2-packed-high-first": ({"int2_quantize": int2_packed_high_first}, "quantize_kv_int2", "codes"),
 }
 
 
-def make_broken(name: str) -> BackendOps:
-    overrides, _, _ = BROKEN[name]
-    kernels = types.SimpleNamespace(**{fn: getattr(k, fn) for fn in (
-        "fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_dequantize",
-        "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize")})
+def make_broken(name: str, versions=("1", "1.1")) -> BackendOps:
+    """The spec transcription with one bug (``name``; "none" for none), implementing
+    the kernels of the given spec versions only."""
+    overrides = BROKEN[name][0] if name != "none" else {}
+    names = CONTRACT + (CONTRACT_V11 if "1.1" in versions else ())
+    kernels = types.SimpleNamespace(**{fn: getattr(k, fn) for fn in names})
     for fn, impl in overrides.items():
         setattr(kernels, fn, impl)
 

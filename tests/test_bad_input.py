@@ -119,13 +119,13 @@ def test_static_scale_must_be_a_number(ops, scale):
 
 
 def test_unknown_format():
-    with pytest.raises(ValueError, match="unknown format 'int2'"):
-        kvquant.quantize(np.ones((2, 64), np.float32), "int2")
+    with pytest.raises(ValueError, match="unknown format 'int3'"):
+        kvquant.quantize(np.ones((2, 64), np.float32), "int3")
 
 
 def test_options_for_the_wrong_format():
     x = np.ones((2, 64), np.float32)
-    with pytest.raises(ValueError, match="group_size applies only to int4"):
+    with pytest.raises(ValueError, match="group_size applies only to the grouped formats"):
         kvquant.quantize(x, "int8", group_size=32)
     with pytest.raises(ValueError, match="static scale applies only"):
         kvquant.quantize(x, "fp8", scale=1.0)
@@ -286,3 +286,27 @@ def test_seed_group_size_enum_under_torch_compile():
     x = torch.randn(64, 128)
     for got, want in zip(f(x), ops.quantize_kv_int4(x, 64, 128, 64)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["int4_per_channel", "int2_per_channel"])
+def test_per_channel_needs_whole_blocks_of_tokens(fmt):
+    x = np.ones((2, 4, 40, 64), np.float32)  # 40 tokens: not a multiple of 32
+    with pytest.raises(ValueError, match=r"dimension -2\) of the input must be a multiple of 32, got shape \(2, 4, 40, 64\)"):
+        kvquant.quantize(x, fmt, group_size=32)
+    q = kvquant.quantize(x[:, :, :32], fmt, group_size=32)
+    with pytest.raises(ValueError, match="scales has shape"):
+        getattr(kvquant.get_backend("numpy"), f"dequantize_kv_{fmt}")(q.codes, q.scales[:, :, :0], q.zeros, 256, 64, 32)
+
+
+def test_int2_needs_head_dim_a_multiple_of_four():
+    with pytest.raises(ValueError, match="int2 packs 4 codes per byte, so head_dim must be a multiple of 4, got 66"):
+        kvquant.quantize(np.ones((2, 66), np.float32), "int2")
+
+
+def test_per_channel_raise_names_block_and_channel():
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 16)).astype(np.float32)
+    x[1, 2, 40, 9] = np.inf
+    with pytest.raises(kvquant.NonFiniteInputError) as info:
+        kvquant.quantize(x, "int4_per_channel", group_size=32)
+    assert info.value.index == (1, 2, 1, 9)
+    assert "channel 9 of token block 1" in str(info.value)

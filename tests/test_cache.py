@@ -9,8 +9,17 @@ from conftest import assert_same_bits
 from kvquant.cache import CacheInputError, LayerCache, StoredFormat, calibrate_fp8_scale
 
 FORMATS = ["fp8", "int8", {"format": "int4", "group_size": 32}, "int4", {"format": "int4", "group_size": 128},
-           {"format": "fp8_per_tensor", "scale": 0.0123}]
-IDS = ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "fp8_per_tensor-static"]
+           {"format": "fp8_per_tensor", "scale": 0.0123}, {"format": "int2", "group_size": 32},
+           {"format": "int4_per_channel", "group_size": 32}, {"format": "int2_per_channel", "group_size": 64}]
+IDS = ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "fp8_per_tensor-static", "int2-g32",
+       "int4_per_channel-g32", "int2_per_channel-g64"]
+
+
+def quantized_count(fmt, total, residual):
+    """Tokens a cache has quantized: all but the window, in whole blocks per channel."""
+    f = StoredFormat.parse(fmt)
+    leaving = max(0, total - residual)
+    return leaving - leaving % f.group_size if f.info.per_channel else leaving
 CHUNKS = [[1] * 9, [5, 1, 1, 3, 7, 1], [40, 1, 1, 1], [3, 17, 2, 11]]
 
 
@@ -34,6 +43,8 @@ def one_shot(x, fmt):
 @pytest.mark.parametrize("residual", [0, 4, 128])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_streaming_equals_one_shot(fmt, residual, chunks):
+    if StoredFormat.parse(fmt).info.per_channel:
+        chunks = chunks * 12  # enough tokens for whole blocks of 32 and 64 past the window
     keys, values = stream(total=sum(chunks))
     cache = LayerCache(keys=fmt, values=fmt, residual=residual)
     start = 0
@@ -41,7 +52,7 @@ def test_streaming_equals_one_shot(fmt, residual, chunks):
         k_all, v_all = cache.append(keys[:, :, start:start + n], values[:, :, start:start + n])
         start += n
         assert k_all.shape == keys[:, :, :start].shape == v_all.shape
-    quantized = max(0, start - residual)
+    quantized = quantized_count(fmt, start, residual)
     for side, x in (("keys", keys), ("values", values)):
         window = cache.window(side)
         assert_same_bits(x[:, :, quantized:], window, f"{side} residual window")
@@ -169,6 +180,10 @@ def test_numpy_torch_and_jax_caches_store_the_same_bits(fmt):
     jax = pytest.importorskip("jax")
     from kvquant.cache import JaxLayerCache
 
+    if StoredFormat.parse(fmt).info.per_channel:
+        with pytest.raises(ValueError, match="JaxLayerCache does not take per-channel formats"):
+            JaxLayerCache.create(2, 3, 64, capacity=32, keys=fmt, values="int8", residual=4)
+        return _numpy_and_torch_same_bits(fmt, torch)
     keys, values = stream(total=23, dtype=np.float32)
     chunks = [7, 1, 1, 5, 1, 8]
     R = 4
@@ -195,6 +210,25 @@ def test_numpy_torch_and_jax_caches_store_the_same_bits(fmt):
             assert_same_bits(a, kvquant.backend_for(b).runtime.to_numpy(b), f"torch stored {side}")
             c = np.asarray(c)
             assert_same_bits(a, c if c.ndim < 3 else c[:, :, :quantized], f"jax stored {side}")
+
+
+def _numpy_and_torch_same_bits(fmt, torch):
+    """Per-channel formats (NumPy and PyTorch caches only): blocks leave the window whole."""
+    chunks = [70, 1, 1, 5, 1, 60, 1]
+    keys, values = stream(total=sum(chunks))
+    caches = [LayerCache(keys=fmt, values="int8", residual=4) for _ in range(2)]
+    start = 0
+    for n in chunks:
+        k, v = keys[:, :, start:start + n], values[:, :, start:start + n]
+        np_out = caches[0].append(k, v)
+        t_out = caches[1].append(torch.from_numpy(k), torch.from_numpy(v))
+        start += n
+        assert_same_bits(np_out[0], t_out[0].numpy(), "torch history")
+    quantized = quantized_count(fmt, start, 4)
+    assert caches[0].quantized("keys").shape[2] == quantized > 0
+    assert caches[0].window("keys").shape[2] == start - quantized
+    for a, b in zip(parts(caches[0].quantized("keys")), parts(caches[1].quantized("keys"))):
+        assert_same_bits(a, b.numpy(), "torch stored keys")
 
 
 def test_jax_cache_compiles_once_per_new_token_count():

@@ -44,7 +44,7 @@ def test_progress_lines_and_versioned_report(tmp_path):
     assert "example/eager: " in out.stdout and " checks, 0 failed" in out.stdout
     data = json.loads(report.read_text())
     assert data["profile"] == "quick" and data["date"][:2] == "20"
-    assert data["versions"]["spec"] == "1" and "numpy" in data["versions"]["example"]["runtime"]
+    assert data["versions"]["spec"] == "1.1" and "numpy" in data["versions"]["example"]["runtime"]
     assert data["failed"] == 0 and data["passed"] == len(data["checks"])
 
 

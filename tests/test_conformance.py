@@ -117,7 +117,7 @@ def test_known_failures_mark_expected_and_warn_on_stale(tmp_path):
         stale = warn_unmatched(known, (c.id for c in checks))
     assert stale == ["broken-swapped-nibbles-eager/no-such-family/*"]
     outcomes = run_checks(checks, known)
-    assert {o.status for o in outcomes if "int4" in o.check.id} == {"known"}
+    assert {o.status for o in outcomes if "/int4-g" in o.check.id} == {"known"}
     assert {o.status for o in outcomes if "int8" in o.check.id} == {"pass"}
 
 
@@ -231,3 +231,33 @@ def test_quick_profile_reaches_every_format_dtype_and_family():
     for cell in cells(c for c in full if c.family not in ("property", "invariance")):
         most = max(len(c.flags) for c in full if (c.family, c.label, c.dtype) == cell)
         assert [len(c.flags) for c in quick if (c.family, c.label, c.dtype) == cell] == [most], cell
+
+
+# ------------------------------------------------------ spec v1 backends stay checkable
+def test_a_v1_only_backend_is_reported_as_not_implementing_v11():
+    ops = make_broken("none", versions=("1",))
+    checks = list(iter_checks([ops], families=("golden", "invariance")))
+    unimplemented = [c for c in checks if c.family == "unimplemented"]
+    assert sorted(c.label for c in unimplemented) == ["int2", "int2_per_channel", "int4_per_channel"]
+    assert not any(("int2" in c.label or "channel" in c.label) and c.family != "unimplemented" for c in checks)
+    outcomes = run_checks(checks)
+    assert {o.status for o in outcomes if o.check.family == "unimplemented"} == {"unimplemented"}
+    assert all(o.status == "pass" for o in outcomes if o.check.family != "unimplemented")
+    table = format_table(outcomes)
+    assert "3 formats not implemented (n/i)" in table and "n/i" in table
+
+
+def test_requiring_v11_fails_a_v1_only_backend():
+    ops = make_broken("none", versions=("1",))
+    outcomes = run_checks(iter_checks([ops], families=("golden",), require=("1.1",)))
+    failed = [o for o in outcomes if o.status == "fail"]
+    assert sorted(o.check.label for o in failed) == ["int2", "int2_per_channel", "int4_per_channel"]
+    assert "spec v1.1 is required" in failed[0].mismatches[0].message
+
+
+def test_calling_an_unimplemented_format_names_the_spec_version():
+    import numpy as np
+
+    ops = make_broken("none", versions=("1",))
+    with pytest.raises(NotImplementedError, match=r"int4_per_channel \(spec v1.1\)"):
+        ops.quantize_kv_int4_per_channel(np.zeros((32, 64), np.float32), 32, 64, 32)
