@@ -54,9 +54,22 @@ class Result:
     _seconds: float = field(default=0.0, repr=False)
 
 
+# KIVI (arXiv 2402.02750): keys per channel, values per token, a residual of 128; spec
+# v1.1's formats with groups of 32 tokens (keys) and 32 elements (values), as KIVI's.
+KIVI_CONFIGS = (
+    ("kivi-4: int4_per_channel-g32 keys, int4-g32 values r128",
+     {"format": "int4_per_channel", "group_size": 32}, {"format": "int4", "group_size": 32}),
+    ("kivi-2: int2_per_channel-g32 keys, int2-g32 values r128",
+     {"format": "int2_per_channel", "group_size": 32}, {"format": "int2", "group_size": 32}),
+    ("int2_per_channel-g32 keys, int4-g32 values r128",
+     {"format": "int2_per_channel", "group_size": 32}, {"format": "int4", "group_size": 32}),
+)
+
+
 def default_configs(quick: bool = False) -> List[Config]:
-    """Every kvquant format and INT4 group size with residual 0 and 128, and keys and
-    values in different formats; --quick keeps one of each kind."""
+    """Every kvquant format and INT4 group size with residual 0 and 128, keys and values
+    in different formats, and KIVI's configurations (spec v1.1); --quick keeps one of
+    each kind."""
     formats = [("fp8", "fp8"), ("int8", "int8"), ("int4-g32", {"format": "int4", "group_size": 32}),
                ("int4-g64", {"format": "int4", "group_size": 64}), ("int4-g128", {"format": "int4", "group_size": 128})]
     residuals = (128,) if quick else (0, 128)
@@ -67,6 +80,9 @@ def default_configs(quick: bool = False) -> List[Config]:
     if not quick:
         configs.append(Config("int4-g64 keys, int8 values r128", {"format": "int4", "group_size": 64}, "int8", 128))
         configs.append(Config("fp8_per_tensor (calibrated) r128", "fp8_per_tensor", "fp8_per_tensor", 128))
+        configs.append(Config("int2-g32 r128", {"format": "int2", "group_size": 32}, {"format": "int2", "group_size": 32}, 128))
+    kivi = KIVI_CONFIGS[:1] if quick else KIVI_CONFIGS
+    configs += [Config(name, keys, values, 128) for name, keys, values in kivi]
     return configs
 
 

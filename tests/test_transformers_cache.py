@@ -136,3 +136,33 @@ def test_batch_repeat_interleave_and_select(model, prompt):
     assert torch.equal(layer.kv.quantized("keys").codes, before.repeat_interleave(2, dim=0))
     cache.batch_select_indices(torch.tensor([0, 3]))
     assert layer.kv.batch_size == 2 and torch.equal(layer.kv.quantized("keys").codes, before)
+
+
+def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
+    """Spec v1.1 in generate: keys per channel (blocks of 32 tokens leave the window
+    whole), INT2 values per token; the stored bits are kvquant.quantize of the keys and
+    values the model produced."""
+    keys_fmt, values_fmt = {"format": "int4_per_channel", "group_size": 32}, {"format": "int2", "group_size": 32}
+    cache = KvquantCache(model.config, keys=keys_fmt, values=values_fmt, residual=5)
+    seen = {i: ([], []) for i in range(len(cache.layers))}
+    for i, layer in enumerate(cache.layers):
+        original = layer.update
+
+        def spy(k, v, *a, _i=i, _orig=original, **kw):
+            seen[_i][0].append(k.clone())
+            seen[_i][1].append(v.clone())
+            return _orig(k, v, *a, **kw)
+
+        layer.update = spy
+    long_prompt = prompt.repeat(1, 8)[:, :60]
+    greedy(model, long_prompt, cache, new=12)
+    total = long_prompt.shape[1] + 11
+    for i, kv in enumerate(cache.layer_caches()):
+        keys, values = (torch.cat(parts, dim=2) for parts in seen[i])
+        key_blocks = (total - 5) // 32 * 32
+        for side, x, fmt, quantized in (("keys", keys, keys_fmt, key_blocks), ("values", values, values_fmt, total - 5)):
+            want = kvquant.quantize(x[:, :, :quantized], fmt["format"], group_size=32, on_nonfinite="propagate")
+            got = kv.quantized(side)
+            for a, b in zip((want.codes, want.scales, want.zeros), (got.codes, got.scales, got.zeros)):
+                assert_same_bits(a.numpy(), b.numpy(), f"layer {i} {side}")
+            assert_same_bits(x[:, :, quantized:].numpy(), kv.window(side).numpy(), f"layer {i} {side} window")
