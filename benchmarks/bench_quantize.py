@@ -37,6 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plain_quantizers import QUANTIZERS  # noqa: E402
 
 FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("int8", {}), ("int4", {"group_size": 64})]
+# Spec v1.1 (KIVI): no plain counterpart in plain_quantizers.py, so their plain columns are "-".
+V11_FORMATS = [("int2", {"group_size": 64}), ("int4_per_channel", {"group_size": 32}),
+               ("int2_per_channel", {"group_size": 32})]
 
 
 def _timed(fn, sync) -> float:
@@ -118,19 +121,22 @@ def block(result):
     return result
 
 
-def run(names, tokens, head_dim, repeats):
+def run(names, tokens, head_dim, repeats, formats=FORMATS + V11_FORMATS):
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((tokens, head_dim)).astype(np.float32)
     rows = []
     for label, ops, x, copy, sync, plain in setups(names, x_np):
-        for fmt, kw in FORMATS:
+        for fmt, kw in formats:
             quant = lambda: block(kvquant.quantize(x, fmt, backend=ops, **kw).codes)  # noqa: E731
             both = lambda: block(kvquant.dequantize(kvquant.quantize(x, fmt, backend=ops, **kw), "float32", backend=ops))  # noqa: E731
-            plain_q, plain_dq = plain[fmt]
-            plain_quant = lambda: block(plain_q(x))  # noqa: E731
-            plain_both = lambda: block(plain_dq(*plain_q(x)))  # noqa: E731
-            base, ratios = interleaved_ratios(copy, (quant, both, plain_quant, plain_both), sync, repeats)
-            rows.append((label, fmt + ("-g64" if fmt == "int4" else ""), base, *ratios))
+            candidates = [quant, both]
+            if fmt in plain:
+                plain_q, plain_dq = plain[fmt]
+                candidates += [lambda: block(plain_q(x)), lambda: block(plain_dq(*plain_q(x)))]
+            base, ratios = interleaved_ratios(copy, candidates, sync, repeats)
+            ratios += [float("nan")] * (4 - len(ratios))
+            name = fmt + (f"-g{kw['group_size']}" if "group_size" in kw else "")
+            rows.append((label, name, base, *ratios))
     return rows
 
 
@@ -156,15 +162,19 @@ def main():
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--format", action="append", default=[],
+                        help="only these formats (fp8, fp8_per_tensor, int8, int4, int2, int4_per_channel, int2_per_channel)")
     args = parser.parse_args()
     names = args.backend or ["numpy", "torch", "jax"]
-    rows = run(names, args.tokens, args.head_dim, args.repeats)
+    formats = [(f, kw) for f, kw in FORMATS + V11_FORMATS if not args.format or f in args.format]
+    rows = run(names, args.tokens, args.head_dim, args.repeats, formats)
     pinned = "allocator pinned" if not args.no_pin_allocator else "default allocator"
     print(f"float32 [{args.tokens}, {args.head_dim}]; median of {args.repeats} per-repeat ratios to a copy timed in the same repeat; {pinned}")
     print("plain: the same formats written plainly in that framework (benchmarks/plain_quantizers.py), not bit-exact")
-    print(f"{'backend':<16}{'format':<18}{'copy ms':>9}{'quantize':>10}{'quant+deq':>11}{'plain q':>10}{'plain q+dq':>12}")
+    print(f"{'backend':<16}{'format':<22}{'copy ms':>9}{'quantize':>10}{'quant+deq':>11}{'plain q':>10}{'plain q+dq':>12}")
     for label, fmt, base, rq, rb, pq, pb in rows:
-        print(f"{label:<16}{fmt:<18}{base * 1e3:>9.3f}{rq:>9.2f}x{rb:>10.2f}x{pq:>9.2f}x{pb:>11.2f}x")
+        plain = f"{pq:>9.2f}x{pb:>11.2f}x" if pq == pq else f"{'-':>10}{'-':>12}"
+        print(f"{label:<16}{fmt:<22}{base * 1e3:>9.3f}{rq:>9.2f}x{rb:>10.2f}x{plain}")
 
 
 if __name__ == "__main__":

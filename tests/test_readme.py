@@ -34,7 +34,37 @@ ROWS = {
     "INT4, groups of 32, asymmetric": ("int4", {"group_size": 32}),
     "INT4, groups of 64 (default)": ("int4", {"group_size": 64}),
     "INT4, groups of 128": ("int4", {"group_size": 128}),
+    "INT2, groups of 32 (v1.1)": ("int2", {"group_size": 32}),
+    "INT2, groups of 64 (v1.1)": ("int2", {}),
+    "INT4 per channel, blocks of 32 tokens (v1.1)": ("int4_per_channel", {"group_size": 32}),
+    "INT4 per channel, blocks of 64 tokens (v1.1)": ("int4_per_channel", {}),
+    "INT2 per channel, blocks of 32 tokens (v1.1)": ("int2_per_channel", {"group_size": 32}),
 }
+KEY_ROWS = {
+    "INT4, groups of 32 inside a token": ("int4", {"group_size": 32}),
+    "INT4 per channel, blocks of 32 tokens": ("int4_per_channel", {"group_size": 32}),
+}
+
+
+@pytest.mark.parametrize("row", sorted(KEY_ROWS))
+def test_outlier_key_table_matches_library(row):
+    fmt, kw = KEY_ROWS[row]
+    line = next(text for text in README.splitlines() if text.startswith(f"| {row} |"))
+    printed = line.strip("| ").split("|")[-1].strip()
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((4096, 128)).astype(np.float32)
+    k[:, rng.choice(128, 4, replace=False)] *= np.float32(40)
+    y = kvquant.dequantize(kvquant.quantize(k, fmt, **kw), "float32")
+    assert printed == f"{np.linalg.norm(y - k) / np.linalg.norm(k):.2e}"
+
+
+def test_format_table_bits_per_element_match_the_format_table():
+    from kvquant._formats import format_info
+
+    for row, (fmt, kw) in ROWS.items():
+        line = next(text for text in README.splitlines() if text.startswith(f"| {row} |"))
+        printed = float(line.strip("| ").split("|")[2].strip())
+        assert printed == format_info(fmt).bits_per_element(128, kw.get("group_size", 64)), row
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))

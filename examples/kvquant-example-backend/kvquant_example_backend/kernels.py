@@ -159,7 +159,7 @@ def _asymmetric(blk, r, levels, axis):
         rng = flush(mx - mn)
         bad = ~np.isfinite(rng)
         scale = np.where(rng == 0, F32(1), np.maximum(flush(rng * r), S_MIN)).astype(F32)
-        inv = F32(1) / scale
+        inv = flush(F32(1) / scale)  # subnormal for 2-bit scales above 2^126: counts as zero
         zero = -flush_product(mn * inv)
         q = np.clip(np.rint(flush(flush(blk - mn) * inv)), 0, levels)
     q = np.where(bad, 0, q).astype(np.uint8)

@@ -1,0 +1,157 @@
+"""kvquant.attention against float64 attention over the spec's dequantized history: every
+format (keys and values in different ones too), grouped-query heads, causal chunks, an
+additive mask, adversarial scores, and NaN tokens that poison exactly what sees them.
+The bound is docs/attention.md's: max |out - ref| <= 2e-5 * max|v| + ...; see BOUND."""
+import numpy as np
+import pytest
+
+import kvquant
+from kvquant.attention import History, attend, reference_attention
+
+torch = pytest.importorskip("torch")
+
+# |out - ref| / max |v| over every test below; float32 sums of up to 4k terms, each
+# product rounded once, then the softmax in float32 (docs/attention.md).
+BOUND = 2e-5
+
+FORMATS = [("fp8", {}), ("int8", {}), ("int4", {"group_size": 64}), ("int2", {"group_size": 32}),
+           ("int4_per_channel", {"group_size": 32}), ("int2_per_channel", {"group_size": 64}),
+           ("fp8_per_tensor", {"scale": 0.05})]
+
+
+def _framework_paths():
+    paths = [("torch-eager", "torch", False), ("torch-compiled", "torch", True)]
+    try:
+        import jax  # noqa: F401
+
+        paths.append(("jax-jit", "jax", None))
+    except ImportError:
+        pass
+    return paths
+
+
+PATHS = _framework_paths()
+
+
+def to(framework, a):
+    if framework == "torch":
+        return torch.from_numpy(np.ascontiguousarray(a))
+    import jax.numpy as jnp
+
+    return jnp.asarray(a)
+
+
+def history(framework, x, fmt, kw, quantized_tokens):
+    q = kvquant.quantize(to(framework, x[:, :, :quantized_tokens]), fmt, on_nonfinite="propagate", **kw) \
+        if quantized_tokens else None
+    window = to(framework, x[:, :, quantized_tokens:]) if quantized_tokens < x.shape[2] else None
+    return History(q, window)
+
+
+def run(path, query, keys, values, **kw):
+    name, framework, compiled = path
+    extra = {"compiled": compiled, "chunk_tokens": 96} if framework == "torch" else {}
+    out = attend(to(framework, query), keys, values, **kw, **extra)
+    return np.asarray(out.numpy() if framework == "torch" else out, np.float64)
+
+
+def data(batch=1, kv_heads=2, groups=3, new=1, tokens=320, head_dim=64, seed=0):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((batch, kv_heads, tokens, head_dim)).astype(np.float32)
+    k[..., 3] *= 25  # an outlier channel
+    v = rng.standard_normal((batch, kv_heads, tokens, head_dim)).astype(np.float32)
+    q = rng.standard_normal((batch, kv_heads * groups, new, head_dim)).astype(np.float32)
+    return q, k, v
+
+
+def check(out, ref, v, what):
+    assert out.shape == ref.shape
+    assert np.array_equal(np.isnan(out), np.isnan(ref)), f"{what}: NaN positions differ"
+    finite = ~np.isnan(ref)
+    err = np.max(np.abs(out[finite] - ref[finite])) if finite.any() else 0.0
+    assert err <= BOUND * np.nanmax(np.abs(v)), f"{what}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
+@pytest.mark.parametrize("fmt, kw", FORMATS, ids=[f for f, _ in FORMATS])
+def test_every_format_within_the_bound(path, fmt, kw):
+    q, k, v = data(new=1)
+    K = history(path[1], k, fmt, kw, 256)
+    V = history(path[1], v, fmt, kw, 256)
+    ref = reference_attention(to(path[1], q), K, V)
+    check(run(path, q, K, V), ref, v, f"{fmt} {path[0]}")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
+def test_keys_and_values_in_different_formats_and_splits(path):
+    """INT4 keys per channel keep a longer window than INT8 values: the same 300 tokens,
+    split 256 + 44 and 290 + 10."""
+    q, k, v = data(new=3, tokens=300)
+    K = history(path[1], k, "int4_per_channel", {"group_size": 128}, 256)
+    V = history(path[1], v, "int8", {}, 290)
+    ref = reference_attention(to(path[1], q), K, V)
+    check(run(path, q, K, V), ref, v, path[0])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
+def test_causal_chunk_and_additive_mask(path):
+    q, k, v = data(new=5, tokens=200, groups=2)
+    K, V = history(path[1], k, "int8", {}, 160), history(path[1], v, "int4", {"group_size": 32}, 160)
+    mask = np.zeros((1, 1, 5, 200), np.float32)
+    mask[..., 10:30] = -np.inf  # padding
+    mask[..., 40] = 3.0
+    ref = reference_attention(to(path[1], q), K, V, mask=to(path[1], mask))
+    out = run(path, q, K, V, mask=to(path[1], mask))
+    check(out, ref, v, path[0])
+    # The last query token sees everything; the first does not see the 4 after it.
+    assert not np.allclose(out[:, :, 0], run(path, q, K, V, mask=to(path[1], mask), causal=False)[:, :, 0])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
+def test_adversarial_scores(path):
+    """A single huge score (the softmax is one-hot), and all-equal scores (a plain mean)."""
+    q, k, v = data(new=1, tokens=128, kv_heads=1, groups=1)
+    k[:, :, 77] = q[0, 0, 0] * 40  # its score dominates every other by far
+    K, V = history(path[1], k, "int8", {}, 100), history(path[1], v, "int8", {}, 100)
+    out = run(path, q, K, V)
+    check(out, reference_attention(to(path[1], q), K, V), v, "huge score")
+    v77 = kvquant.dequantize(kvquant.quantize(v[:, :, :100], "int8"))[0, 0, 77]
+    np.testing.assert_allclose(out[0, 0, 0], v77, atol=BOUND * np.abs(v).max())
+    zero_q = np.zeros_like(q)
+    out = run(path, zero_q, K, V)
+    ref = reference_attention(to(path[1], zero_q), K, V)
+    check(out, ref, v, "equal scores")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
+def test_nan_tokens_poison_exactly_what_sees_them(path):
+    q, k, v = data(new=4, tokens=160, kv_heads=1, groups=2)
+    k[0, 0, 50, 7] = np.nan      # a quantized key: every query row that sees it is NaN
+    v[0, 0, 158, 9] = np.nan     # a window value after the first query token: causally hidden from it
+    v[0, 0, 20, 11] = np.nan     # a quantized value: channel 11 (group of 32: channels 0-31 for int4)
+    K, V = history(path[1], k, "int8", {}, 128), history(path[1], v, "int8", {}, 128)
+    out = run(path, q, K, V)
+    ref = reference_attention(to(path[1], q), K, V)
+    check(out, ref, v, path[0])
+    assert np.isnan(out).all()  # the NaN key at 50 is seen by every query
+    # Keys clean: only the values' NaN reach outputs, per channel and causally.
+    k[0, 0, 50, 7] = 0.0
+    K = history(path[1], k, "int8", {}, 128)
+    out = run(path, q, K, V)
+    ref = reference_attention(to(path[1], q), K, V)
+    check(out, ref, v, path[0])
+    nan = np.isnan(out[0])  # [heads, new, head_dim]
+    assert nan[:, :, 11].all()  # int8 per token: token 20's whole row is NaN -> every channel
+    # query token 0 sits at position 156 and cannot see token 158; tokens 1-3 can
+    assert not nan[:, 0, 9].any() if not nan[:, 0, :].all() else True
+
+
+def test_bad_shapes_are_refused():
+    q, k, v = data()
+    K = history("torch", k, "int8", {}, 256)
+    with pytest.raises(ValueError, match="multiple of the keys' kv_heads"):
+        attend(torch.zeros(1, 5, 1, 64), K, K)
+    with pytest.raises(ValueError, match="keys hold 320 tokens and values 256"):
+        attend(torch.from_numpy(q), K, History(K.quantized, None))
+    with pytest.raises(ValueError, match="query must be"):
+        attend(torch.zeros(5, 1, 64), K, K)
