@@ -42,6 +42,34 @@ def _chunks(q: QuantizedKV, chunk_tokens: int):
         yield start, min(total, start + chunk_tokens)
 
 
+def dense(q: QuantizedKV) -> torch.Tensor:
+    """The history as float32, by the spec's formulas without its edge-case care (flushes
+    of subnormal products, canonical NaN bits): attention's bits are not promised, and
+    inside a compiled reduction each step is one more operation per element read. A NaN
+    scale or zero still gives NaN where the spec's dequantization does."""
+    info = FORMATS[q.format]
+    codes = q.codes
+    if info.code_dtype != "uint8":  # FP8 (e4m3 to float32 is exact) and INT8
+        scales = q.scales if info.params == "tensor" else q.scales[..., None]
+        return codes.to(torch.float32) * scales.to(torch.float32)
+    bits = 8 // info.codes_per_byte
+    lead = tuple(codes.shape[:-1])
+    width = codes.shape[-1] * info.codes_per_byte
+    unpacked = torch.stack([(codes >> (bits * i)) & ((1 << bits) - 1) for i in range(info.codes_per_byte)], dim=-1)
+    values = unpacked.reshape(lead + (width,)).to(torch.float32)
+    if info.per_channel:
+        g = q.group_size
+        blocks = values.reshape(lead[:-1] + (lead[-1] // g, g, width))
+        v = (blocks - q.zeros[..., None, :]) * q.scales[..., None, :]
+        return v.reshape(lead + (width,))
+    g = q.group_size
+    if width % g == 0:
+        groups = values.reshape(lead + (width // g, g))
+        return ((groups - q.zeros[..., None]) * q.scales[..., None]).reshape(lead + (width,))
+    index = torch.arange(width, device=codes.device) // g
+    return (values - q.zeros[..., index]) * q.scales[..., index]
+
+
 def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, Hq, n, D] as [B, Hkv, g * n, D]: the g query heads sharing a KV head."""
     b, hq, n, d = query.shape
@@ -54,7 +82,7 @@ def scores(qg: torch.Tensor, keys, compiled: bool, chunk_tokens: int) -> torch.T
     if keys.quantized is not None:
         q = keys.quantized
         if compiled:
-            k = dequantize(q, "float32")
+            k = dense(q)
             parts.append((qg[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1))
         else:
             for start, stop in _chunks(q, chunk_tokens):
@@ -90,7 +118,7 @@ def weighted_values(p: torch.Tensor, values, compiled: bool, chunk_tokens: int) 
     if values.quantized is not None:
         q = values.quantized
         if compiled:
-            out = _weighted(p[..., :q.shape[TOKEN_AXIS]], dequantize(q, "float32"), True)
+            out = _weighted(p[..., :q.shape[TOKEN_AXIS]], dense(q), True)
         else:
             for start, stop in _chunks(q, chunk_tokens):
                 part = _weighted(p[..., start:stop], dequantize(token_slice(q, start, stop), "float32"), False)

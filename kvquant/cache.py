@@ -324,10 +324,13 @@ class LayerCache:
         return batch * heads * head_dim * bits / 8 + per_tensor / max(1, self._stores[0].length)
 
     # ------------------------------------------------------------ writing
-    def append(self, keys: Any, values: Any, out_dtype: Any = None) -> Tuple[Any, Any]:
+    def append(self, keys: Any, values: Any, out_dtype: Any = None, *, history: bool = True) -> Optional[Tuple[Any, Any]]:
         """Add new tokens ``[batch, kv_heads, new_tokens, head_dim]`` and return the whole
         history of keys and values, dequantized, then the residual window, in
-        ``out_dtype`` (default: the input's dtype). A refused append changes nothing."""
+        ``out_dtype`` (default: the input's dtype). A refused append changes nothing.
+        ``history=False`` returns None instead: for attention that reads the codes
+        (kvquant.attention.attend(query, *cache.attention_inputs())), which never needs
+        the dequantized copy."""
         signature = self._check(keys, values)
         out = canonical_dtype_name(out_dtype) if out_dtype is not None else signature[1]
         if self._signature is None:
@@ -353,7 +356,16 @@ class LayerCache:
             if q is not None:
                 self._stores[i].write(self._ops, q)
             self._windows[i] = window
+        if not history:
+            return None
         return tuple(self._history(i, out) for i in range(2))
+
+    def attention_inputs(self):
+        """(keys, values) as kvquant.attention.History: the quantized tokens (views into
+        the cache's buffers) and the full-precision window of each side."""
+        from .attention import History
+
+        return tuple(History(self.quantized(side), self.window(side)) for side in ("keys", "values"))
 
     def _history(self, i: int, out_dtype: str):
         from .api import dequantize

@@ -166,3 +166,31 @@ def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
             for a, b in zip((want.codes, want.scales, want.zeros), (got.codes, got.scales, got.zeros)):
                 assert_same_bits(a.numpy(), b.numpy(), f"layer {i} {side}")
             assert_same_bits(x[:, :, quantized:].numpy(), kv.window(side).numpy(), f"layer {i} {side} window")
+
+
+def test_kvquant_attention_reads_the_codes_in_generate(model, prompt):
+    """With kvquant's attention the layers hand back only the new tokens (no dequantized
+    history is built) and generation gives the tokens of the dequantize-then-attend path."""
+    from kvquant.integrations.transformers import use_kvquant_attention
+
+    fmt = dict(keys={"format": "int4_per_channel", "group_size": 32}, values="int8", residual=8)
+    long_prompt = prompt.repeat(1, 4)[:, :70]
+    expected = greedy(model, long_prompt, KvquantCache(model.config, **fmt), new=10)
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match="use_kvquant_attention"):
+        KvquantCache(model.config, attention="kvquant", **fmt)
+    use_kvquant_attention(model)
+    try:
+        cache = KvquantCache(model.config, attention="kvquant", **fmt)
+        histories = []
+        original = cache.layers[0].kv._history
+        cache.layers[0].kv._history = lambda *a, **k: histories.append(1) or original(*a, **k)
+        got = greedy(model, long_prompt, cache, new=10)
+        assert histories == []  # never dequantized the whole history
+        assert torch.equal(got, expected)
+        assert cache.layer_caches()[0].quantized("keys").shape[2] == 64  # blocks of 32 left the window
+        # Another cache (or none) under the same attention falls back to SDPA.
+        dyn = greedy(model, long_prompt, transformers.DynamicCache(), new=4)
+    finally:
+        model.set_attn_implementation(before)
+    assert torch.equal(dyn, greedy(model, long_prompt, transformers.DynamicCache(), new=4))

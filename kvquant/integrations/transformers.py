@@ -37,10 +37,13 @@ class KvquantLayer(DynamicLayer):
     is_croppable = True
     is_compileable = False
 
-    def __init__(self, keys: Any = "int8", values: Any = "int8", residual: int = 128, layer_idx: int = 0):
+    def __init__(self, keys: Any = "int8", values: Any = "int8", residual: int = 128, layer_idx: int = 0,
+                 reads_codes: bool = False):
         super().__init__()
         self._options = dict(keys=keys, values=values, residual=residual, layer=layer_idx)
         self.kv = LayerCache(**self._options)  # checks the formats now, not at the first token
+        self.reads_codes = reads_codes
+        self._unconsumed = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -50,7 +53,19 @@ class KvquantLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.kv.append(key_states, value_states)
+        if not self.reads_codes:
+            return self.kv.append(key_states, value_states)
+        # kvquant attention reads this layer's codes: no dequantized copy of the history.
+        # The new tokens go back as they came, tagged so the attention finds the layer.
+        if self._unconsumed:
+            raise RuntimeError(
+                f"kvquant cache layer {self.kv.layer}: the model's attention did not read the cache's codes on the "
+                "last step; a cache made with attention='kvquant' needs the model to use kvquant's attention "
+                "(kvquant.integrations.transformers.use_kvquant_attention(model))")
+        self.kv.append(key_states, value_states, history=False)
+        _PENDING[id(key_states)] = self
+        self._unconsumed = True
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
         return self.kv.seq_length
@@ -99,8 +114,16 @@ class KvquantCache(Cache):
     """
 
     def __init__(self, config: Optional[Any] = None, *, keys: Any = "int8", values: Any = "int8",
-                 residual: int = 128, per_layer: Optional[Dict[int, Dict[str, Any]]] = None):
-        defaults = dict(keys=keys, values=values, residual=residual)
+                 residual: int = 128, per_layer: Optional[Dict[int, Dict[str, Any]]] = None,
+                 attention: Optional[str] = None):
+        if attention not in (None, ATTENTION):
+            raise ValueError(f"attention must be None (the model's own, over the dequantized history) or "
+                             f"{ATTENTION!r} (kvquant.attention, reading the codes), got {attention!r}")
+        if attention and config is not None and getattr(config, "_attn_implementation", None) != ATTENTION:
+            raise ValueError(f"attention={ATTENTION!r} needs the model to use it: call "
+                             "kvquant.integrations.transformers.use_kvquant_attention(model) first "
+                             f"(the config says {getattr(config, '_attn_implementation', None)!r})")
+        defaults = dict(keys=keys, values=values, residual=residual, reads_codes=attention == ATTENTION)
         per_layer = dict(per_layer or {})
 
         def layer(i: int) -> KvquantLayer:
@@ -150,3 +173,57 @@ def _layer_types(config) -> list:
         return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
 
 
+
+
+# ------------------------------------------------------------------ attention
+ATTENTION = "kvquant"
+_PENDING: "weakref.WeakValueDictionary" = None  # id(new key states) -> the layer that stored them
+
+
+def _kvquant_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention interface over a kvquant layer's codes (kvquant.attention).
+    Layers of other caches (or none) get torch's scaled_dot_product_attention."""
+    from kvquant.attention import attend
+
+    layer = _PENDING.pop(id(key), None)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    layer._unconsumed = False
+    keys, values = layer.kv.attention_inputs()
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+            mask = mask.masked_fill(~attention_mask, float("-inf"))
+        else:
+            mask = attention_mask.to(torch.float32)
+        mask = mask[..., -keys.length:]
+    out = attend(query, keys, values, scale=scaling, causal=mask is None, mask=mask,
+                 compiled=torch.compiler.is_compiling() or _COMPILED_ATTENTION)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_COMPILED_ATTENTION = False
+
+
+def use_kvquant_attention(model, compiled: bool = False) -> None:
+    """Make ``model`` (a transformers model) attend with kvquant.attention, which reads a
+    KvquantCache(..., attention="kvquant")'s codes directly; other caches fall back to
+    scaled_dot_product_attention. ``compiled``: torch.compile's fused kernels (the fast
+    path on the CPU) instead of eager chunks."""
+    global _PENDING, _COMPILED_ATTENTION
+    import weakref
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if _PENDING is None:
+        _PENDING = weakref.WeakValueDictionary()
+    _COMPILED_ATTENTION = compiled
+    AttentionInterface.register(ATTENTION, _kvquant_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)

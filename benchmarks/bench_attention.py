@@ -1,0 +1,111 @@
+"""One decode step of attention (new_tokens = 1, batch 1) over a long history, every
+candidate timed in the same rounds, reported as a ratio to SDPA over the float32
+history (issue 18's benchmark):
+
+    python benchmarks/bench_attention.py                       # both shapes, 1k to 64k
+    python benchmarks/bench_attention.py --shape smollm2 --tokens 16384 --repeats 9
+
+Candidates: torch's scaled_dot_product_attention over a float32 and over a bfloat16
+history; dequantize-then-SDPA (what a cache that hands attention a dequantized copy
+does); kvquant.attention over the codes, compiled (torch.compile's fused kernels) and
+eager (chunks), for INT8, FP8 and INT4 g64. Also: bytes each reads per step and the
+bandwidth it achieves as a fraction of a same-run copy of the float32 history (the
+physical limit here: a copy reads and writes, so the fraction counts bytes read
+against the copy's bytes read).
+
+Not a test: numbers depend on the machine. docs/attention.md records a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import kvquant
+from kvquant.attention import History, attend
+
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+FORMATS = [("int8", {}), ("fp8", {}), ("int4", {"group_size": 64})]
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _nbytes(*arrays) -> int:
+    return sum(a.numel() * a.element_size() for a in arrays if a is not None)
+
+
+def bench(shape: str, tokens: int, repeats: int):
+    q_heads, kv_heads, head_dim = SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
+    v = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
+    q = torch.randn(1, q_heads, 1, head_dim, generator=gen)
+    kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    qb = q.to(torch.bfloat16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    f32_bytes = _nbytes(k, v)
+    dst = torch.empty(2 * k.numel())
+    src = torch.cat([k.reshape(-1), v.reshape(-1)])
+    rows = []
+    copy = _time(lambda: dst.copy_(src), repeats)
+    base = _time(lambda: sdpa(q, k, v, enable_gqa=True), repeats)
+    rows.append(("sdpa float32", base, f32_bytes))
+    rows.append(("sdpa bfloat16", _time(lambda: sdpa(qb, kb, vb, enable_gqa=True), repeats), _nbytes(kb, vb)))
+    for fmt, kw in FORMATS:
+        kq, vq = kvquant.quantize(k, fmt, **kw), kvquant.quantize(v, fmt, **kw)
+        held = _nbytes(kq.codes, kq.scales, kq.zeros, vq.codes, vq.scales, vq.zeros)
+        label = fmt + ("-g64" if fmt == "int4" else "")
+        rows.append((f"{label} dequantize+sdpa",
+                     _time(lambda: sdpa(q, kvquant.dequantize(kq), kvquant.dequantize(vq), enable_gqa=True), repeats),
+                     held))
+        keys, values = History(kq, None), History(vq, None)
+        rows.append((f"{label} kvquant compiled", _time(lambda: attend(q, keys, values, compiled=True), repeats), held))
+        rows.append((f"{label} kvquant eager", _time(lambda: attend(q, keys, values), repeats), held))
+    copy_bandwidth = f32_bytes / copy  # bytes read per second by the copy
+    return [{"shape": shape, "tokens": tokens, "candidate": name, "ms": t * 1e3, "ratio_to_sdpa_f32": t / base,
+             "bytes_read": nbytes, "bandwidth_fraction_of_copy": (nbytes / t) / copy_bandwidth}
+            for name, t, nbytes in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES), default=[])
+    parser.add_argument("--tokens", action="append", type=int, default=[])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shape or ["smollm2", "llama8b"]
+    lengths = args.tokens or [1024, 4096, 16384, 65536]
+    results = []
+    for shape in shapes:
+        for tokens in tqdm(lengths, desc=shape, unit="length"):
+            results += bench(shape, tokens, args.repeats)
+    print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'shape':<9}{'tokens':>7}  {'candidate':<28}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
+    for r in results:
+        print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<28}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
+              f"{r['bytes_read'] / 2**20:>9.1f}{r['bandwidth_fraction_of_copy']:>9.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
