@@ -589,6 +589,22 @@ class JaxLayerCache:
         return QuantizedKV(store[0], store[1], store[2] if len(store) == 3 else None, f.format, f.group_size,
                            shape, self.dtype, "jax")
 
+    def attention_inputs(self):
+        """(keys, values, mask) for kvquant.attention.attend(q, keys, values, mask=mask,
+        causal=False): every slot, quantized then window, and an additive mask that hides
+        the empty ones (slot order is not token order, so causality is the caller's: a
+        decode step of one new token needs none)."""
+        import jax.numpy as jnp
+
+        from .attention import History
+
+        sides = tuple(History(self.quantized(side), self.windows[i]) for i, side in enumerate(("keys", "values")))
+        R = self.residual
+        Q = jnp.maximum(self.length - R, 0)
+        slots = jnp.arange(self.capacity + R)
+        valid = jnp.where(slots < self.capacity, slots < Q, slots - self.capacity < self.length - Q)
+        return sides[0], sides[1], jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)
+
     def history(self, i: int, out_dtype: str):
         import jax.numpy as jnp
 

@@ -155,3 +155,20 @@ def test_bad_shapes_are_refused():
         attend(torch.from_numpy(q), K, History(K.quantized, None))
     with pytest.raises(ValueError, match="query must be"):
         attend(torch.zeros(5, 1, 64), K, K)
+
+
+def test_jax_cache_attention_inputs_hide_empty_slots():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from kvquant.cache import JaxLayerCache
+
+    q, k, v = data(new=1, tokens=40, kv_heads=2, groups=2)
+    cache = JaxLayerCache.create(1, 2, 64, capacity=64, keys="int4", values="int8", residual=8)
+    cache, *_ = jax.jit(JaxLayerCache.append)(cache, jnp.asarray(k), jnp.asarray(v))
+    keys, values, mask = cache.attention_inputs()
+    out = np.asarray(attend(jnp.asarray(q), keys, values, mask=mask, causal=False), np.float64)
+    # The same 40 tokens: 32 quantized, 8 in the window.
+    ref = reference_attention(jnp.asarray(q), History(kvquant.quantize(jnp.asarray(k[:, :, :32]), "int4"), jnp.asarray(k[:, :, 32:])),
+                              History(kvquant.quantize(jnp.asarray(v[:, :, :32]), "int8"), jnp.asarray(v[:, :, 32:])))
+    check(out, ref, v, "jax cache")
