@@ -214,7 +214,7 @@ def _cmd_eval(args) -> int:
 
     try:
         return evaluate_main(args)
-    except (FileNotFoundError, ImportError) as exc:
+    except (FileNotFoundError, ImportError, LookupError) as exc:  # no model, no extra, no such --config
         raise UsageError(str(exc)) from None
 
 
@@ -260,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk", type=int, default=16)
     ev.add_argument("--scored", type=int, default=1280, help="tokens scored per window, after the prefill")
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--config", action="append", default=[], metavar="TEXT",
+                    help="only configurations whose name contains TEXT (repeatable), e.g. --config kivi")
     ev.add_argument("--json", default="kvquant-eval.json")
     ev.add_argument("--plot", default="kvquant-eval.png")
     ev.set_defaults(func=_cmd_eval)

@@ -303,10 +303,22 @@ def plot(report: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def select_configs(quick: bool, wanted: Sequence[str]) -> List[Config]:
+    """The default configurations whose names contain any of ``wanted`` (all if empty)."""
+    configs = default_configs(quick)
+    if not wanted:
+        return configs
+    chosen = [c for c in configs if any(w in c.name for w in wanted)]
+    if not chosen:
+        raise LookupError(f"no configuration matches {list(wanted)}; they are: {', '.join(c.name for c in configs)}")
+    return chosen
+
+
 def main(args) -> int:
     text = open(args.text).read() if args.text else None
+    configs = select_configs(args.quick, getattr(args, "config", None) or [])
     report = evaluate(args.model, text, quick=args.quick, windows=args.windows, prefill=args.prefill,
-                      chunk=args.chunk, scored=args.scored, threads=args.threads)
+                      chunk=args.chunk, scored=args.scored, threads=args.threads, configs=configs)
     print(markdown_table(report))
     print(f"\n{report['peers']}")
     if args.json:
