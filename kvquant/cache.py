@@ -263,9 +263,15 @@ class LayerCache:
     """
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", *, residual: int = 128, layer: Any = 0,
-                 on_nonfinite: str = "propagate"):
+                 on_nonfinite: str = "propagate", quantize_every: int = 1):
         self.formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         self.residual = _parse_residual(residual)
+        if isinstance(quantize_every, bool) or not isinstance(quantize_every, int) or quantize_every < 1:
+            raise ValueError(f"quantize_every must be a positive int, got {quantize_every!r}")
+        # Tokens leave the window in batches of this many (the window holds residual to
+        # residual + quantize_every - 1 tokens): one quantize call per batch instead of
+        # one per decode step, the same stored bits (tokens are quantized independently).
+        self.quantize_every = quantize_every
         self.layer = layer
         self.on_nonfinite = parse_on_nonfinite(on_nonfinite)
         self._stores = tuple(_GrowingStore(f) for f in self.formats)
@@ -348,6 +354,8 @@ class LayerCache:
                 # Whole blocks of G tokens only: the rest of the block waits, in full
                 # precision, until it fills (the window holds R to R + G - 1 tokens).
                 leaving -= leaving % stored.group_size
+            elif leaving < self.quantize_every:
+                leaving = 0
             q = None
             if leaving:
                 q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet

@@ -267,3 +267,26 @@ def test_torch_cache_keeps_its_device_and_never_reads_values_on_append():
     k_all, v_all = cache.append(k, k)
     assert k_all.device.type == "meta" and k_all.shape == (1, 2, 5, 64)
     assert cache.quantized("keys").codes.device.type == "meta"
+
+
+@pytest.mark.parametrize("fmt", ["int8", {"format": "int4", "group_size": 32}], ids=["int8", "int4-g32"])
+def test_quantize_every_batches_the_leaving_tokens_with_the_same_bits(fmt):
+    keys, values = stream(total=90)
+    cache = LayerCache(keys=fmt, values=fmt, residual=16, quantize_every=8)
+    calls = []
+    import kvquant.cache as cache_module
+    original = cache_module._quantize_dense
+    cache_module._quantize_dense = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        for t in range(90):
+            k_all, _ = cache.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+            assert 16 <= cache.window("keys").shape[2] <= 16 + 7 or t < 16
+    finally:
+        cache_module._quantize_dense = original
+    quantized = cache.quantized("keys").shape[2]
+    assert quantized == 72 and len(calls) == 2 * 9  # 9 batches of 8, keys and values
+    for got, want in zip(parts(cache.quantized("keys")), parts(one_shot(keys[:, :, :quantized], fmt))):
+        assert_same_bits(want, np.asarray(got), "stored keys")
+    assert_same_bits(keys[:, :, quantized:], k_all[:, :, quantized:], "window")
+    with pytest.raises(ValueError, match="quantize_every must be a positive int"):
+        LayerCache(quantize_every=0)

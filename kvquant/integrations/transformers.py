@@ -38,9 +38,10 @@ class KvquantLayer(DynamicLayer):
     is_compileable = False
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", residual: int = 128, layer_idx: int = 0,
-                 reads_codes: bool = False):
+                 reads_codes: bool = False, quantize_every: int = 1):
         super().__init__()
-        self._options = dict(keys=keys, values=values, residual=residual, layer=layer_idx)
+        self._options = dict(keys=keys, values=values, residual=residual, layer=layer_idx,
+                             quantize_every=quantize_every)
         self.kv = LayerCache(**self._options)  # checks the formats now, not at the first token
         self.reads_codes = reads_codes
         self._unconsumed = False
@@ -109,13 +110,15 @@ class KvquantCache(Cache):
 
     ``config``: the model's config (layers are made up front and the model's layer
     types checked); without one, layers are added as the model reaches them.
-    ``keys``, ``values``, ``residual``: the defaults for every layer (see
-    kvquant.cache.LayerCache); ``per_layer``: {layer index: overrides}.
+    ``keys``, ``values``, ``residual``, ``quantize_every``: the defaults for every layer
+    (see kvquant.cache.LayerCache); ``per_layer``: {layer index: overrides};
+    ``attention="kvquant"``: the layers hand their codes to kvquant.attention (after
+    use_kvquant_attention(model)) instead of a dequantized history.
     """
 
     def __init__(self, config: Optional[Any] = None, *, keys: Any = "int8", values: Any = "int8",
                  residual: int = 128, per_layer: Optional[Dict[int, Dict[str, Any]]] = None,
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, quantize_every: int = 1):
         if attention not in (None, ATTENTION):
             raise ValueError(f"attention must be None (the model's own, over the dequantized history) or "
                              f"{ATTENTION!r} (kvquant.attention, reading the codes), got {attention!r}")
@@ -123,7 +126,8 @@ class KvquantCache(Cache):
             raise ValueError(f"attention={ATTENTION!r} needs the model to use it: call "
                              "kvquant.integrations.transformers.use_kvquant_attention(model) first "
                              f"(the config says {getattr(config, '_attn_implementation', None)!r})")
-        defaults = dict(keys=keys, values=values, residual=residual, reads_codes=attention == ATTENTION)
+        defaults = dict(keys=keys, values=values, residual=residual, reads_codes=attention == ATTENTION,
+                        quantize_every=quantize_every)
         per_layer = dict(per_layer or {})
 
         def layer(i: int) -> KvquantLayer:
