@@ -1,7 +1,6 @@
 """kvquant.attention for JAX, under jax.jit: element-wise products and reductions over
 the dequantized history, which XLA fuses into loops over the codes (nothing full-size
-is written). Same function names as torch_attention.py: attend, token_slice, scores,
-weighted_values.
+is written). Same function names as torch_attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
@@ -10,27 +9,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvquant._formats import FORMATS
-from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
 
 TOKEN_AXIS = -2
 F32 = jnp.float32
-
-
-def token_slice(q: QuantizedKV, start: int, stop: int) -> QuantizedKV:
-    """Tokens start:stop of a quantized history (per channel: whole blocks)."""
-    info = FORMATS[q.format]
-    per = q.group_size if info.per_channel else 1
-    if info.params == "tensor":
-        scales, zeros = q.scales, q.zeros
-    elif info.params == "token":
-        scales, zeros = q.scales[..., start:stop], None
-    else:
-        scales, zeros = q.scales[..., start // per:stop // per, :], q.zeros[..., start // per:stop // per, :]
-    shape = tuple(q.shape[:-2]) + (stop - start, q.shape[-1])
-    return QuantizedKV(q.codes[..., start:stop, :], scales, zeros, q.format, q.group_size, shape, q.source_dtype,
-                       q.backend)
 
 
 def scores(qg, keys):

@@ -2,35 +2,21 @@
 compiled (element-wise products and reductions that Inductor fuses with the
 dequantization, so the codes are read once and nothing full-size is written).
 
-Same function names as jax_attention.py: attend, token_slice, scores, weighted_values.
+Same function names as jax_attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
 import types
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import torch
 
 from kvquant._formats import FORMATS
 from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
+from kvquant.attention import token_slice
 
 TOKEN_AXIS = -2
-
-
-def token_slice(q: QuantizedKV, start: int, stop: int) -> QuantizedKV:
-    """Tokens start:stop of a quantized history (per channel: whole blocks)."""
-    info = FORMATS[q.format]
-    per = q.group_size if info.per_channel else 1
-    codes = q.codes[..., start:stop, :]
-    if info.params == "tensor":
-        scales, zeros = q.scales, q.zeros
-    elif info.params == "token":
-        scales, zeros = q.scales[..., start:stop], None
-    else:
-        scales, zeros = q.scales[..., start // per:stop // per, :], q.zeros[..., start // per:stop // per, :]
-    shape = tuple(q.shape[:-2]) + (stop - start, q.shape[-1])
-    return QuantizedKV(codes, scales, zeros, q.format, q.group_size, shape, q.source_dtype, q.backend)
 
 
 def _chunks(q: QuantizedKV, chunk_tokens: int):

@@ -57,6 +57,24 @@ class History:
         return n + (0 if self.window is None else self.window.shape[TOKEN_AXIS])
 
 
+def token_slice(q: QuantizedKV, start: int, stop: int) -> QuantizedKV:
+    """Tokens start:stop (along dimension -2) of a quantized history, any framework's
+    arrays; for a per-channel format start and stop are whole blocks."""
+    from ._formats import FORMATS
+
+    info = FORMATS[q.format]
+    per = q.group_size if info.per_channel else 1
+    if info.params == "tensor":
+        scales, zeros = q.scales, q.zeros
+    elif info.params == "token":
+        scales, zeros = q.scales[..., start:stop], None
+    else:
+        scales, zeros = q.scales[..., start // per:stop // per, :], q.zeros[..., start // per:stop // per, :]
+    shape = tuple(q.shape[:-2]) + (stop - start, q.shape[-1])
+    return QuantizedKV(q.codes[..., start:stop, :], scales, zeros, q.format, q.group_size, shape, q.source_dtype,
+                       q.backend)
+
+
 def _as_history(side: Any) -> History:
     if isinstance(side, History):
         return side
