@@ -447,19 +447,16 @@ class BackendOps:
         shape = self._check_input(input, num_tokens, head_dim)
         self._check_packing(info, head_dim)
         kernel = self._kernel(info, "quantize")
-        rt = self.runtime
-        lead = shape[:-1]
-        x = self._detached(input)
         if info.per_channel:
             self._check_blocks(info, shape, group, "input")
-            packed, scales, zeros = kernel(self._view(x, lead, (head_dim,)), group)
-            param_shape = info.param_shape(shape, group)
+        rt = self.runtime
+        lead = shape[:-1]
+        packed, scales, zeros = kernel(self._view(self._detached(input), lead, (head_dim,)), group)
+        param_shape = info.param_shape(shape, group)
+        if info.per_channel:  # the first poisoned (block, channel), in the scales' layout
             self._finish_nonfinite(scales, on_nonfinite, param_shape, None, info)
         else:
-            packed, scales, zeros = kernel(self._view(x, lead, (head_dim,)), group)
-            groups = num_groups(head_dim, group)
-            param_shape = lead + (groups,)
-            self._finish_nonfinite(scales, on_nonfinite, lead, groups, info)
+            self._finish_nonfinite(scales, on_nonfinite, lead, param_shape[-1], info)
         return (rt.reshape(packed, lead + (head_dim // info.codes_per_byte,)),
                 rt.reshape(scales, param_shape), rt.reshape(zeros, param_shape))
 
