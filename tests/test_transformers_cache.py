@@ -30,6 +30,21 @@ def greedy(model, prompt, cache, new=16):
         return model.generate(prompt, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
 
 
+def record_updates(cache):
+    """{layer: ([keys], [values])}: every key and value tensor the model hands each layer."""
+    seen = {i: ([], []) for i in range(len(cache.layers))}
+    for i, layer in enumerate(cache.layers):
+        original = layer.update
+
+        def spy(k, v, *a, _i=i, _orig=original, **kw):
+            seen[_i][0].append(k.clone())
+            seen[_i][1].append(v.clone())
+            return _orig(k, v, *a, **kw)
+
+        layer.update = spy
+    return seen
+
+
 def test_int8_with_residual_128_generates_the_unquantized_tokens(model, prompt):
     baseline = greedy(model, prompt, transformers.DynamicCache(config=model.config))
     ours = greedy(model, prompt, KvquantCache(model.config, keys="int8", values="int8", residual=128))
@@ -46,16 +61,7 @@ def test_int4_without_residual_is_on_the_path(model, prompt):
 
 def test_stored_bits_are_kvquant_quantize_of_what_the_model_produced(model, prompt):
     cache = KvquantCache(model.config, keys="int4", values={"format": "int8"}, residual=5)
-    seen = {i: ([], []) for i in range(2)}
-    for i, layer in enumerate(cache.layers):
-        original = layer.update
-
-        def spy(k, v, *a, _i=i, _orig=original, **kw):
-            seen[_i][0].append(k.clone())
-            seen[_i][1].append(v.clone())
-            return _orig(k, v, *a, **kw)
-
-        layer.update = spy
+    seen = record_updates(cache)
     greedy(model, prompt, cache, new=6)
     total = prompt.shape[1] + 5  # the last generated token is never fed back
     assert cache.get_seq_length() == total
@@ -144,16 +150,7 @@ def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
     values the model produced."""
     keys_fmt, values_fmt = {"format": "int4_per_channel", "group_size": 32}, {"format": "int2", "group_size": 32}
     cache = KvquantCache(model.config, keys=keys_fmt, values=values_fmt, residual=5)
-    seen = {i: ([], []) for i in range(len(cache.layers))}
-    for i, layer in enumerate(cache.layers):
-        original = layer.update
-
-        def spy(k, v, *a, _i=i, _orig=original, **kw):
-            seen[_i][0].append(k.clone())
-            seen[_i][1].append(v.clone())
-            return _orig(k, v, *a, **kw)
-
-        layer.update = spy
+    seen = record_updates(cache)
     long_prompt = prompt.repeat(1, 8)[:, :60]
     greedy(model, long_prompt, cache, new=12)
     total = long_prompt.shape[1] + 11
