@@ -554,10 +554,10 @@ def _asymmetric_params(mn: np.ndarray, mx: np.ndarray, reciprocal: np.float32):
         scale = np.where(rng < MIN_NORMAL, ONE, np.maximum(rng * reciprocal, S_MIN))  # flush(rng) == 0
         with np.errstate(divide="ignore"):
             inv = ONE / scale
-        if reciprocal == R3:
-            # 2-bit scales reach range * R(3) > 2^126, whose reciprocal is subnormal and
-            # counts as zero (spec section 12); INT4's stay below 2^125 (section 8, item 11).
-            inv = np.where(inv < MIN_NORMAL, F32(0), inv)
+        # A reciprocal below 2^-126 counts as zero (spec section 1). 2-bit scales reach
+        # range * R(3) > 2^126 (section 12); INT4's stay below 2^125, so for them this
+        # changes nothing (section 8, item 11).
+        inv = np.where(inv < MIN_NORMAL, F32(0), inv)
         zero = flush_product(-(mn * inv))
     if poisoned.any():
         scale = np.where(poisoned, NAN, scale)
