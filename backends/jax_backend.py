@@ -135,10 +135,9 @@ def reciprocal_rn(s):
     checks it under jit on 300,000 scales); its rewrite into a multiplication by a
     reciprocal applies to a broadcast divisor, and here the divisor is the scale array
     itself. Elsewhere by integer long division: XLA on GPUs divides float32
-    approximately (measured on an H100: 1 ulp off, which moved INT4 zeros and FP8
-    codes). The choice is made when lowering, per platform; the long division took
-    0.2 ms for 65,536 INT4 groups on the CPU, a fifth of a quantization, the division
-    0.05 ms.
+    approximately (1 ulp off on an H100, which moved INT4 zeros and FP8 codes). The
+    choice is made when lowering, per platform; on the CPU the long division would cost
+    a fifth of a quantization (docs/performance.md).
     """
     return jax.lax.platform_dependent(s, cpu=_reciprocal_by_division, default=reciprocal_by_long_division)
 
@@ -199,8 +198,8 @@ SUBNORMAL_E4M3_SHIFTER = _f32(_spec.E4M3_SUBNORMAL_SHIFTER_BITS)
 def encode_e4m3(y):
     """e4m3fn codes of float32 values of magnitude below 464 by the integer method of
     _spec.e4m3_code_words, shared with the compiled torch backend: no float rewrite or
-    flush can touch it, and it ran 2.6 times faster than XLA's own float8 convert on
-    the CPU (its float add replaced jnp.round, a quarter of the time)."""
+    flush can touch it, and it is faster than XLA's own float8 convert on the CPU
+    (docs/performance.md)."""
     bits = jax.lax.bitcast_convert_type(y, I32)
     words = _spec.e4m3_code_words(bits, _add_subnormal_shifter, jnp.where)
     return jax.lax.bitcast_convert_type(words.astype(jnp.uint8), jnp.float8_e4m3fn)
@@ -252,7 +251,7 @@ def _absmax(xf, per_token: bool):
     _poison_nonfinite).
 
     Per token as max(x) and -min(x): XLA on the CPU reduces both in one pass faster
-    than it reduces |x| (per-token INT8 quantize 0.58 -> 0.51 ms, FP8 0.85 -> 0.72).
+    than it reduces |x|.
     Over the whole tensor, the maximum of those per-token values: one global maximum,
     so a sharded cache needs one all-reduce, not two."""
     if not per_token:
@@ -267,10 +266,10 @@ def _poison_nonfinite(x, reduced):
     XLA on the CPU hands max and min reductions of more than a few dozen rows to
     YNNPACK, whose reductions drop NaN (jax 0.10.2: every row of [32768, 128] holding
     one NaN came back finite, one even -inf; openxla/xla#21461 is the same bug), and a
-    select on x in front of them is computed as a pass of its own (0.37 -> 0.75 ms).
+    select on x in front of them is computed as a pass of its own.
     A product with a vector of zeros is NaN exactly where the slice holds NaN or +-inf
     (NaN * 0 and inf * 0 are NaN, every finite * 0 is +-0, and sums of zeros cannot
-    overflow): a matrix-vector product reads x once, 0.13 ms for [32768, 128]. +inf
+    overflow): a matrix-vector product reads x once. +inf
     rather than NaN: FP8 per tensor then takes the maximum of these values through the
     same reductions, which keep infinities. Elsewhere XLA's reductions propagate NaN,
     and the values pass through."""
@@ -315,8 +314,7 @@ def fp8_quantize_per_tensor(x, static_scale: Optional[float]):
 
 def _static_scale_args(static_scale: float):
     """_spec.static_scale_parts, scale and reciprocal as float32 NumPy scalars (jit
-    takes them as arrays). Traced, the division was redone per element (static-scale
-    quantize 1.35 ms against 0.67 for a dynamic scale)."""
+    takes them as arrays). Traced, the division was redone per element."""
     scale, inv, flush_input = _spec.static_scale_parts(static_scale)
     return np.float32(scale), np.float32(inv), flush_input
 
@@ -345,8 +343,8 @@ def fp8_dequantize(codes, scales, out_dtype: str, scales_checked: bool = False):
 
     scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked).
     Then a nonzero e4m3 magnitude (>= 2^-9) times the scale is >= 2^-125, so the flush
-    changes nothing, and only a NaN code can give a NaN: dequantization 0.49 -> 0.34 ms
-    for [32768, 128] on the CPU, the same bits. Such scales are already canonical."""
+    changes nothing, and only a NaN code can give a NaN: a faster dequantization with
+    the same bits. Such scales are already canonical."""
     value, nan_code = decode_e4m3(codes)
     if scales_checked:
         return _to_output_nan_where(value * scales.astype(F32), nan_code, out_dtype)
@@ -365,8 +363,7 @@ def fp8_scales_checked(scales):
 # -------------------------------------------------------------------- INT8
 # Rounding to integers, ties to even, by one float add: y + 1.5*2^23 (|y| <= 127) or
 # y + 2^23 (0 <= y <= 15) has ulp 1, so the sum is the rounded integer plus the magic
-# number, read back from its bits. jnp.round is not vectorised by XLA on the CPU (INT8
-# quantize 0.96 -> 0.69 ms). The operand is a minimum's output, never a product, so
+# number, read back from its bits. jnp.round is not vectorised by XLA on the CPU. The operand is a minimum's output, never a product, so
 # there is no multiply-add for XLA to contract. The spec's clamps cannot act (docs/spec.md,
 # section 10: y >= -127.00004, or >= -tiny for INT4, rounds to the bound or to 0), so
 # only the upper one is kept, as that barrier: without it XLA fuses product and add into
@@ -424,7 +421,7 @@ def int4_quantize(x, group_size: int):
 def pack_nibbles(q):
     """uint8 codes [..., 2n] (each below 16) to bytes [..., n], element 2j in the low
     nibble. Reading each pair as one little-endian uint16 w = lo + 256 hi, the byte is the
-    low 8 bits of w | w >> 4. A bitcast, where slicing the pairs apart ran 4 times slower."""
+    low 8 bits of w | w >> 4. A bitcast, where slicing the pairs apart is slower."""
     pairs = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (q.shape[-1] // 2, 2)), jnp.uint16)
     return ((pairs | (pairs >> 4)) & 0xFF).astype(jnp.uint8)
 
@@ -434,9 +431,8 @@ def unpack_nibbles(packed):
 
     Four bytes at a time when n allows: as one little-endian uint32 word, code k of the
     word's eight is (word >> 4k) & 15, a broadcast over k that XLA fuses into the
-    dequantization loop. Unpacking uint8 or uint16 lanes on their own took 0.5 ms for
-    2 MiB on the CPU, as long as the float arithmetic after it; INT4 dequantize went
-    from 1.1 to 0.5 ms."""
+    dequantization loop. Unpacking uint8 or uint16 lanes on their own took as long as
+    the float arithmetic after it (docs/performance.md)."""
     lead, n = packed.shape[:-1], packed.shape[-1]
     if n % 4 == 0:
         words = jax.lax.bitcast_convert_type(packed.reshape(lead + (n // 4, 4)), U32)
@@ -455,9 +451,8 @@ def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, para
 
     params_checked: every scale and zero is known to be finite, and no group at risk of a
     value below 2^-125 (int4_params_checked). Then the flush changes nothing and no value
-    is NaN, and of the reading rules only the flush of subnormal zeros can act:
-    dequantization 0.63 -> 0.33-0.41 ms for [32768, 128] on the CPU (canonicalising the
-    scales too, which XLA redid per element, left it at 0.62)."""
+    is NaN, and of the reading rules only the flush of subnormal zeros can act (the
+    scales are not canonicalised either: XLA redid that per element)."""
     q = unpack_nibbles(packed).astype(F32)
     if params_checked:
         zeros, scales = flush(zeros.astype(F32)), scales.astype(F32)
@@ -662,8 +657,7 @@ def _eager_kernels():
 
 def create_backend() -> BackendOps:
     """The jitted kernels by default, the op-by-op ones as the "eager" variant (which
-    the conformance suite holds to the same bits). Op by op, a [32768, 128] quantize
-    + dequantize took 28 copies' time against 2.7, and a first call on a new shape
-    1.3 s against 0.15 (100 tokens): every one of some fifty operations compiled on
-    its own for the shape."""
+    the conformance suite holds to the same bits). Op by op is about ten times slower,
+    and a first call on a new shape compiles every one of some fifty operations on its
+    own for the shape (docs/performance.md)."""
     return BackendOps(NAME, runtime, _Kernels(jit=True), variant="jit")

@@ -132,10 +132,9 @@ def _widen(x: torch.Tensor) -> torch.Tensor:
 def _absmax(t: torch.Tensor, dim) -> torch.Tensor:
     """max |x| along dim without materialising |x|; NaN if the slice holds a NaN.
 
-    amax and amin separately: on the CPU torch.aminmax along a short axis is about
-    12 times slower than the two reductions together (measured, torch 2.13). Compiled,
-    |x| costs nothing (fused), and a whole-tensor maximum by rows first then over the
-    rows was 1.7 times faster than Inductor's single full reduction.
+    amax and amin separately: on the CPU torch.aminmax along a short axis is much
+    slower. Compiled, |x| costs nothing (fused), and a whole-tensor maximum by rows
+    first then over the rows beat Inductor's single full reduction (docs/performance.md).
     """
     if torch.compiler.is_compiling():
         rows = t.abs().amax(-1)  # kernels hand in [rows, head_dim]; dim is -1 or None
@@ -152,11 +151,11 @@ def reciprocal_rn(s: torch.Tensor) -> torch.Tensor:
     On the CPU a plain division: IEEE in eager mode and in Inductor's C++, which is
     built without -freciprocal-math (tests/test_reciprocal.py checks it compiled).
     Elsewhere by integer long division on the significand: Triton (torch.compile on
-    CUDA) divides float32 approximately (measured on an H100: 1 ulp off, which moved
-    INT4 zeros and FP8 codes). Its digits are exact integer quotients, not the float
-    guesses JAX corrects: Inductor inlines each digit's remainder into the next, and
-    with a guess (five uses per digit) one quantize kernel grew to 176,000 generated
-    operations and took 40 s to compile; integer division costs O(tokens or groups).
+    CUDA) divides float32 approximately (1 ulp off on an H100, which moved INT4 zeros
+    and FP8 codes). Its digits are exact integer quotients, not the float guesses JAX
+    corrects: Inductor inlines each digit's remainder into the next, and with a guess
+    (five uses per digit) the generated kernel exploded (docs/performance.md); integer
+    division costs O(tokens or groups).
     """
     if s.device.type == "cpu":
         return flush(1.0 / s)
@@ -170,9 +169,8 @@ def _materialized(*params: torch.Tensor):
     Speed only, no bits change; the counterpart of jax_backend._materialize. Compiled,
     Inductor otherwise inlines the cheap per-token values (1 / scale, the poisoned flag,
     INT4's flushed minimum) into the element loop and redoes them for every 16 elements
-    or every group: FP8 quantize took 0.93 ms against 0.65, and INT4's loop carried 30
-    scalar operations per group of 64. An opaque custom op is a buffer Inductor cannot
-    see through; one call for all of them."""
+    or every group (docs/performance.md). An opaque custom op is a buffer Inductor
+    cannot see through; one call for all of them."""
     if not torch.compiler.is_compiling():
         return params if len(params) > 1 else params[0]
     stacked = torch.ops.kvquant.materialize(torch.stack([p.to(torch.float32) for p in params]))
@@ -205,8 +203,7 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
 def _zero_poisoned(y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     """Scaled values of poisoned tokens or groups become +0.0, hence code 0, before the
     cast. ``poisoned`` broadcasts against y. Masking float32 here, rather than the
-    integer codes after the cast, keeps Inductor's loop vectorised (an int8 select
-    ran 20 times slower, torch 2.13 CPU)."""
+    integer codes after the cast, keeps Inductor's loop vectorised."""
     if _host_checks_allowed(y) and not bool(poisoned.any()):
         return y
     return torch.where(poisoned, torch.zeros((), dtype=y.dtype, device=y.device), y)
@@ -242,7 +239,7 @@ def _to_output_nan_where(v: torch.Tensor, nan: torch.Tensor, out_dtype: str) -> 
 
 def _canonical_params(*params: torch.Tensor):
     """Read scales/zeros as the spec does: subnormals flushed, any NaN made canonical.
-    (Materialising them for the compiled element loop measured no faster.)"""
+    (Materialising them for the compiled element loop is no faster.)"""
     canonical = [torch.where(torch.isnan(p), _nan_like(p), flush(p)) for p in params]
     return tuple(canonical) if len(canonical) > 1 else canonical[0]
 
@@ -269,8 +266,8 @@ SUBNORMAL_E4M3_SHIFTER = _f32(_spec.E4M3_SUBNORMAL_SHIFTER_BITS)
 def encode_e4m3_words(y: torch.Tensor) -> torch.Tensor:
     """int32 words whose low byte is the e4m3fn code of float32 values of magnitude below
     464 (clamped to 448, or bounded by section 10): _spec.e4m3_code_words, the integer
-    method JAX uses, here when compiling. Inductor's float8 conversion ran at 3.4 copies
-    against 1.1 for this (torch 2.13 CPU)."""
+    method JAX uses, here when compiling: faster than Inductor's float8 conversion
+    (docs/performance.md)."""
     return _spec.e4m3_code_words(y.view(torch.int32), _add_subnormal_shifter, torch.where)
 
 
@@ -281,7 +278,7 @@ def _add_subnormal_shifter(magnitude_bits: torch.Tensor) -> torch.Tensor:
 def _narrow_zeroing_poisoned(words: torch.Tensor, poisoned: torch.Tensor, dtype) -> torch.Tensor:
     """int32 codes narrowed to dtype, 0 where ``poisoned`` (broadcast) holds: compiled, a
     select on int32 words kept Inductor's loop vectorised and cost less than the float
-    select of _zero_poisoned (FP8 quantize 0.85 -> 0.66 ms, INT8 0.62 -> 0.53 ms)."""
+    select of _zero_poisoned."""
     return torch.where(poisoned, torch.zeros((), dtype=words.dtype, device=words.device), words).to(dtype)
 
 
@@ -299,8 +296,7 @@ def fp8_quantize_per_tensor(x: torch.Tensor, static_scale: Optional[float]):
 
 def _static_scale_args(static_scale: float, device):
     """_spec.static_scale_parts as tensors on the input's device. Divided in the
-    compiled kernel, Inductor redid the division and flush for every 16 elements
-    (1.27 ms against 0.52 for a dynamic scale)."""
+    compiled kernel, Inductor redid the division and flush for every 16 elements."""
     scale, inv, flush_input = _spec.static_scale_parts(static_scale)
     tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
     return tensor(scale), tensor(inv), flush_input
@@ -338,11 +334,10 @@ def decode_e4m3_scaled(codes: torch.Tensor):
     20 and masked, its 7 magnitude bits sit at float32 bits 20-26, which reads as
     2^(e-127)(1 + m/8) for e > 0 and the subnormal m * 2^-129 for e = 0: the e4m3 value
     times 2^-120 either way (torch keeps float32 subnormals on the CPU and CUDA).
-    torch's own float8 -> float32 conversion is scalar code on the CPU (10 to 16 ms for
-    a [32768, 128] cache, eager), and compiled it ran at 1.9 copies against 0.6 here.
-    The NaN codes 0x7F/0xFF would read as 480: compiled, they are flagged from the same
-    integers (a test on the uint8 codes kept Inductor's loop from vectorising: 4 times
-    slower); eagerly, from the bytes, a quarter of the traffic of the int32 words.
+    torch's own float8 -> float32 conversion is scalar code on the CPU, eager and
+    compiled. The NaN codes 0x7F/0xFF would read as 480: compiled, they are flagged from
+    the same integers (a test on the uint8 codes kept Inductor's loop from vectorising);
+    eagerly, from the bytes, a quarter of the traffic of the int32 words.
     """
     w = codes.view(torch.int8).to(torch.int32)
     if not _host_checks_allowed(codes):
@@ -361,8 +356,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked),
     as jax_backend.fp8_dequantize: then no product falls below 2^-125 or is NaN, so only
     NaN codes need the canonical NaN, and such scales are already canonical. The
-    compiled kernels take it on the CPU (0.50 -> 0.27 ms for [32768, 128]); eager mode
-    makes the same checks inside."""
+    compiled kernels take it on the CPU; eager mode makes the same checks inside."""
     scaled, nan_codes = decode_e4m3_scaled(codes)
     if scales_checked:
         v = scaled * _TWO_TO_120 * scales.to(torch.float32)
@@ -446,7 +440,7 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     v = _apply_groups(xf, (mn, inv, poisoned), group_size,
                       lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
     # Through int8 (the same bytes for codes 0-15): ATen's float32 -> uint8 conversion
-    # took 0.55 ms for [32768, 128] on the CPU, -> int8 0.21.
+    # is slower on the CPU.
     codes = _clamp_proven(v.round_(), 0.0, 15.0).to(torch.int8).view(torch.uint8)
     return pack_nibbles(codes), scale, zero
 
@@ -454,8 +448,8 @@ def int4_quantize(x: torch.Tensor, group_size: int):
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [rows, 2n] (each below 16) to bytes [rows, n], element 2j in the low
     nibble. Each pair read as one little-endian int16 w = lo + 256 hi gives the byte as
-    the low 8 bits of w | w >> 4: two eager passes, where slicing the pairs apart ran 3
-    to 7 times slower."""
+    the low 8 bits of w | w >> 4: two eager passes, where slicing the pairs apart is
+    several times slower."""
     pairs = q.contiguous().view(torch.int16)
     return ((pairs | (pairs >> 4)) & 0xFF).to(torch.uint8)
 
@@ -465,8 +459,8 @@ def pack_rounded_pairs(q: torch.Tensor) -> torch.Tensor:
     [rows, groups, size]: byte j is the pair's weighted sum q[2j] + 16 q[2j+1], exact in
     float32 (at most 255), returned as float32 [rows, groups, size / 2]. Inductor
     vectorises this sum over pairs inside the loop that computes the codes; packing
-    uint8 codes took a kernel of its own (0.27 ms for 2 MiB of output, scalar), and the
-    same sum over the whole row, or slicing the pairs apart, 10 ms (scalar again)."""
+    uint8 codes took a scalar kernel of its own, as did the same sum over the whole
+    row, or slicing the pairs apart."""
     rows, groups, size = q.shape
     weights = torch.tensor([1.0, 16.0], dtype=torch.float32, device=q.device)
     return (q.reshape(rows, groups, size // 2, 2) * weights).sum(-1)
@@ -475,10 +469,10 @@ def pack_rounded_pairs(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_nibbles: bytes [rows, n] to uint8 codes [rows, 2n].
 
-    Compiled, four bytes at a time: Inductor left the int16 loop below scalar (0.5 ms
-    for 2 MiB, as long as the float arithmetic after it), and spreading each int32
-    word's two halves into two words of four codes (_spread_nibbles) ran in 0.18 ms;
-    INT4 dequantize 0.98 -> 0.8 ms. Eagerly its seven small passes cost more."""
+    Compiled, four bytes at a time: Inductor left the int16 loop below scalar (as long
+    as the float arithmetic after it), and spreading each int32 word's two halves into
+    two words of four codes (_spread_nibbles) vectorises. Eagerly its seven small
+    passes cost more."""
     rows, width = packed.shape
     if torch.compiler.is_compiling() and width % 4 == 0:
         words = packed.contiguous().view(torch.int32)
@@ -501,8 +495,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
     params_checked: every scale and zero is known to be finite and no group at risk of
     a value below 2^-125 (int4_params_checked): no flush, no NaN, and of the reading
-    rules only the flush of subnormal zeros can act. Compiled on the CPU, 0.65 -> 0.41 ms
-    for [32768, 128]."""
+    rules only the flush of subnormal zeros can act. Compiled kernels take it on the CPU."""
     q = unpack_nibbles(packed).to(torch.float32)
     if params_checked:
         zeros, scales = flush(zeros.to(torch.float32)), scales.to(torch.float32)
@@ -676,8 +669,7 @@ class _Kernels(KernelSet):
 
     # Compiled kernels on the CPU get the host-side look at the parameters that eager
     # mode takes inside them (_host_checks_allowed); elsewhere a look would synchronise.
-    # The look is compiled too: eagerly, INT4's took 0.34 ms for 65,536 groups, compiled
-    # 0.07 (FP8's 0.04 and 0.02), against 0.3 ms saved by the shortcut.
+    # The look is compiled too: eagerly it cost about what the shortcut saves.
     def fp8_dequantize(self, codes, scales, out_dtype):
         checked = self.wrapped and _host_checks_allowed(scales) and bool(self.units["fp8_scales_checked"](scales))
         return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
@@ -712,14 +704,13 @@ COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False, "options": {"cpp.dynamic
 def _compile(fn):
     """torch.compile(fullgraph=True) with only the token dimension dynamic.
 
-    Fully dynamic shapes (dynamic=True) made Inductor's INT4 loops 10 times slower
+    Fully dynamic shapes (dynamic=True) made Inductor's INT4 loops many times slower
     (the group reshape loses its static width), and fully static ones recompile for
     every token count; so shapes are static except dimension 0 of every input.
 
     Inductor decides whether a CPU loop runs in parallel from the first call's token
     count and keeps that code for every later one, on disk too: a kernel first compiled
-    for a few tokens ran serially on 32768 (FP8 dequantize 0.96 against 0.52 ms, INT4
-    quantize 1.39 against 0.76, 2 threads). dynamic_threads always emits the parallel
+    for a few tokens ran serially on 32768 (docs/performance.md). dynamic_threads always emits the parallel
     loop and lets OpenMP pick the thread count per call; a few tokens cost the same.
     The bits cannot depend on it: the reductions are max, min and exact pair sums.
     """
