@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from . import cases as C
+from .bundles import SharedRun, bundleable, make_bundles
 from .runner import INVARIANCE_CHECKS, Mismatch, run_case, run_invariance
 from .vectors import golden_cases
 
@@ -61,6 +62,7 @@ PROFILES = ("quick", "full")
 # many cases, chosen to cover the cell's edge-case flags first; fewer property draws.
 QUICK_CASES_PER_CELL = 1
 QUICK_PROPERTY_EXAMPLES = 3
+QUICK_INT4_GROUP = 64  # the property draws and invariances of the quick profile take INT4 at this G
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,30 +142,43 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
         property_examples = QUICK_PROPERTY_EXAMPLES if profile == "quick" else 25
     case_families = tuple(f for f in CASE_FAMILIES if f in families)
     cases = all_cases(case_families) if case_families else ()
+    bundled: Sequence[C.Case] = ()
     if profile == "quick":
-        cases = sample_cases(cases, QUICK_CASES_PER_CELL)
+        # Every case that can share a call with others runs as rows of a bundle
+        # (conformance/bundles.py); of the rest, a sample runs case by case.
+        bundled = [c for c in cases if bundleable(c)]
+        cases = sample_cases([c for c in cases if not bundleable(c)], QUICK_CASES_PER_CELL)
     require = {str(v) for v in require}
+    family_specs = C.all_specs(v11="sampled")
+    if profile == "quick":  # one group size per format; the case families sweep every G
+        family_specs = [s for s in family_specs if s.format is not C.Format.INT4 or s.group_size == QUICK_INT4_GROUP]
     for ops in ops_list:
         vid = _variant_id(ops)
         missing = {spec.format for spec in C.all_specs() if not implements(ops, spec)}
         for fmt in sorted(missing, key=lambda f: f.value):
             yield _unimplemented_check(ops, fmt, C.FORMATS[fmt].spec_version in require)
+        for bundle in make_bundles([c for c in bundled if c.spec.format not in missing]):
+            shared = SharedRun(ops, bundle, device)
+            for case in bundle.cases:
+                yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
+                            functools.partial(shared.mismatches, case), case.flags)
         for case in cases:
             if case.spec.format in missing:
                 continue
             yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
                         _bind_case(ops, case, device), case.flags)
         # Property draws and invariances take spec v1.1's formats at one group size each
-        # (cases.V11_SAMPLED_GROUPS): under torch.compile every draw's shape is compiled
-        # anew, 45 s per format here; the other group sizes are swept by the case families.
+        # (cases.V11_SAMPLED_GROUPS), and in the quick profile INT4 too: under
+        # torch.compile every draw's shape is compiled anew, 45 s per format here; the
+        # other group sizes are swept by the case families.
         if "property" in families:
-            for spec in C.all_specs(v11="sampled"):
+            for spec in family_specs:
                 if spec.format in missing:
                     continue
                 yield Check(f"{vid}/property/{spec.label}/any/hypothesis", ops.name, ops.variant, "property",
                             spec.label, "any", _bind_property(ops, spec, device, property_examples))
         if "invariance" in families:
-            for spec in C.all_specs(v11="sampled"):
+            for spec in family_specs:
                 if spec.format in missing:
                     continue
                 for check in INVARIANCE_CHECKS:

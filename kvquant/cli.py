@@ -228,14 +228,15 @@ def _parser() -> argparse.ArgumentParser:
     conf = sub.add_parser(
         "conformance", help="check backends bit for bit against the reference",
         description="Check backends bit for bit against the reference (docs/conformance.md). The default, "
-                    "quick profile runs every format, dtype, variant and family on a sample of each family's "
-                    "cases; --full runs every case.",
+                    "quick profile runs every format, dtype, variant and family: nearly every case as rows of "
+                    "calls it shares with others of its format and dtype, the shapes family sampled; --full "
+                    "runs every case on its own.",
     )
     conf.add_argument("--backend", action="append", default=[], help="backend name (repeatable); default: every installed backend")
     conf.add_argument("--variant", action="append", default=[], help="only these variants (eager, compile, jit, ...)")
     conf.add_argument("--family", action="append", default=[], choices=SUITE_FAMILIES, metavar="FAMILY",
                       help="only these case families (repeatable): " + ", ".join(SUITE_FAMILIES))
-    conf.add_argument("--full", action="store_true", help="every case of every family, not the quick profile's sample")
+    conf.add_argument("--full", action="store_true", help="every case on its own, in its own shape and layout")
     conf.add_argument("--require", action="append", default=[], choices=SPEC_VERSIONS, metavar="VERSION",
                       help="fail on formats of this spec version that a backend does not implement (default: "
                            "reported as not implemented); one of " + ", ".join(SPEC_VERSIONS))

@@ -25,9 +25,10 @@ BUILTIN = [n for n in ("numpy", "torch", "jax") if n == "numpy" or __import__("i
 # the reference with itself outside the golden vectors, so only this row holds the
 # reference to the spec there (a zero point left unflushed failed nothing else).
 # The variants that compile every shape anew (torch.compile, jax.jit, JAX op by op)
-# check spec v1.1's formats on the quick profile's sample (every family, format, dtype
-# and edge-case flag) and v1's on everything; the eager variants, the reference and the
-# spec transcription check everything. With everything on every variant the suite took
+# check spec v1.1's cases as the quick profile does (every case that can share a call as
+# rows of a bundle, conformance/bundles.py; the shapes family and the others sampled,
+# one per cell) and v1's case by case; the eager variants, the reference and the spec
+# transcription check everything case by case. With everything on every variant the suite took
 # 26 minutes of pytest on 2 cores, with only torch.compile and JAX op by op sampled
 # still 27. `kvquant conformance --full` runs all of it on every variant.
 SAMPLED_V11 = {("torch", "compile"), ("jax", "eager"), ("jax", "jit")}
@@ -47,8 +48,11 @@ def _checks():
         if (ops.name, ops.variant) not in SAMPLED_V11:
             checks += full
             continue
-        sampled = {c.id for c in iter_checks([ops], profile="quick")}
-        checks += [c for c in full if not _is_v11(c) or c.id in sampled]
+        # v1.1's cases as the quick profile runs them (bundled, the shapes sampled);
+        # its property draws and invariances as the full profile does.
+        own = ("property", "invariance")
+        checks += [c for c in full if not _is_v11(c) or c.family in own]
+        checks += [c for c in iter_checks([ops], profile="quick") if _is_v11(c) and c.family not in own]
     return checks
 
 
@@ -251,15 +255,60 @@ def test_reference_row_says_how_it_is_checked():
 
 
 def test_quick_profile_reaches_every_format_dtype_and_family():
+    from kvquant.conformance.bundles import bundleable
+    from kvquant.conformance.suite import CASE_FAMILIES, all_cases
+
     quick = list(iter_checks([kvquant.get_backend("numpy")], profile="quick"))
     full = list(iter_checks([kvquant.get_backend("numpy")], profile="full"))
     cells = lambda checks: {(c.family, c.label, c.dtype) for c in checks}  # noqa: E731
-    assert cells(quick) == cells(full)
-    assert len(quick) < len(full) / 3
-    # Where a cell has several cases, the one with the most edge-case flags stands for it.
-    for cell in cells(c for c in full if c.family not in ("property", "invariance")):
-        most = max(len(c.flags) for c in full if (c.family, c.label, c.dtype) == cell)
-        assert [len(c.flags) for c in quick if (c.family, c.label, c.dtype) == cell] == [most], cell
+    formats = lambda checks: {(c.family, c.label.split("-g")[0], c.dtype) for c in checks}  # noqa: E731
+    assert formats(quick) == formats(full)
+    # The property draws and invariances take one group size per format; the case
+    # families reach every group size.
+    in_cases = lambda checks: cells(c for c in checks if c.family not in ("property", "invariance"))  # noqa: E731
+    assert in_cases(quick) == in_cases(full)
+    # Every case that can share a bundle is checked; of the others, per cell the one
+    # with the most edge-case flags stands for it.
+    cases = all_cases(tuple(CASE_FAMILIES))
+    quick_ids = {c.id.split("/", 1)[1] for c in quick}
+    assert {c.id for c in cases if bundleable(c)} <= quick_ids
+    alone = [c for c in cases if not bundleable(c)]
+    assert len([c for c in alone if c.id in quick_ids]) < len(alone) / 3
+    for cell in {(c.family, c.spec.label, c.dtype) for c in alone}:
+        members = [c for c in alone if (c.family, c.spec.label, c.dtype) == cell]
+        assert [len(c.flags) for c in members if c.id in quick_ids] == [max(len(c.flags) for c in members)], cell
+
+
+# Bugs that read across tokens, channels or blocks: in a bundle they read the padding or
+# the other cases' rows too, so a case fails there with a different first difference
+# (or, under "raise" alone, raises where the bundle's "propagate" returns codes).
+MIXES_NEIGHBOURS = {"groups-span-tokens", "channel-token-axes-swapped", "channel-stats-over-history"}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_bundles_fail_every_case_that_fails_alone(name):
+    """The quick profile's bundles (rows of many cases in one call) hide no failure: each
+    bundled case the broken backend fails case by case also fails in its bundle, in the
+    same operation and output, with the index in the case's own coordinates."""
+    from kvquant.conformance.bundles import bundleable
+    from kvquant.conformance.suite import all_cases
+
+    families = ("golden", "fp8-boundary", "rounding-ties", "degenerate")
+    ops = make_broken(name)
+    ids = {f"broken-{name}-eager/{c.id}" for c in all_cases(families) if bundleable(c)}
+    alone = {o.check.id: o for o in run_checks(iter_checks([ops], families=families, profile="full"))}
+    bundled = {o.check.id: o for o in run_checks(iter_checks([ops], families=families, profile="quick"))
+               if o.check.id in ids}
+    assert len(bundled) == len(ids)
+    missed = [cid for cid, o in alone.items() if o.status == "fail" and cid in bundled and bundled[cid].status != "fail"]
+    assert not missed, f"{len(missed)} cases fail alone but pass in their bundle, e.g. {missed[:3]}"
+    for cid, o in bundled.items():
+        if o.status == "fail" and alone[cid].status == "fail":
+            first, same = o.mismatches[0], alone[cid].mismatches[0]
+            if name not in MIXES_NEIGHBOURS:  # elementwise bugs: the same first difference
+                assert (first.operation, first.output, first.index, first.expected_hex, first.actual_hex,
+                        first.input_hex) == (same.operation, same.output, same.index, same.expected_hex,
+                                             same.actual_hex, same.input_hex), cid
 
 
 # ------------------------------------------------------ spec v1 backends stay checkable

@@ -1,0 +1,229 @@
+"""How the quick profile checks every case in few calls: the cases of one format,
+parameters and input dtype are laid out as the rows of one input, quantized and
+dequantized once, and each case's rows of the outputs are compared with that case's
+own expected bits.
+
+That is the same check because quantization never looks across a token (per-token
+formats) or across a block of G tokens (per-channel formats): docs/spec.md defines
+each scale from its own token, group or (block, channel), and the invariance family
+checks on every backend that a token alone and inside a batch give the same bits.
+Columns are padded with zeros only where that adds no element to an existing group:
+a zero never raises a token's amax, and a padded INT4/INT2 token gains whole groups
+of its own. What a bundle does not exercise, each case's own shape and layout, is
+what the shapes family (run case by case in every profile) and ``--full`` are for.
+
+Compiled variants (torch.compile, jax.jit, JAX op by op) specialise per shape: case
+by case, the quick profile's 211 cases cost some 800 compilations per variant; as
+bundles, all 1,300 cases of the bundled families cost about 60 calls of a few
+shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from kvquant._formats import FORMATS
+from kvquant._spec import OUTPUT_DTYPES
+from kvquant._types import Format
+
+from .cases import NP_DTYPES, Case, Spec
+from .reference import dequantize_with, output_names, quantize_with, reference_backend, reference_outputs
+from .runner import Mismatch, _with_arbiter, compare, to_backend
+
+WIDTHS = (256,)  # row widths; the case families' head_dims reach 256
+CHUNK_ROWS = 512  # a multiple of every G, so per-channel blocks never straddle a call
+
+
+def bundleable(case: Case) -> bool:
+    """Whether a case's bits can be checked as rows of a bundle: not the shapes family
+    (its own shape and layout are what it checks), not an empty input, and per tensor
+    only with a static scale and an input the whole tensor does not answer for (a
+    dynamic scale comes from the whole input; a NaN or an out-of-range element makes
+    every code of a per-tensor call NaN, which only "raise" cases are free of)."""
+    if case.family == "shapes" or case.x.size == 0 or case.x.shape[-1] > WIDTHS[-1]:
+        return False
+    if case.spec.format is Format.FP8_PER_TENSOR:
+        return case.spec.static_scale is not None and case.on_nonfinite == "raise"
+    return True
+
+
+def _width(case: Case) -> int:
+    """The bundle's row width for a case: the narrowest of WIDTHS that holds it, where
+    zero columns join no group of the case's own; else the case's head_dim (a short last
+    group, e.g. G = 64 on 96)."""
+    info, head_dim = case.spec.info, case.x.shape[-1]
+    if info.params == "group" and head_dim % case.spec.group_size:
+        return head_dim
+    return next(w for w in WIDTHS if w >= head_dim)
+
+
+@dataclass
+class Bundle:
+    """Cases of one spec and input dtype as rows of one [rows, width] input, quantized
+    in calls of CHUNK_ROWS rows: every call of every bundle of a width has one shape,
+    so compiled variants compile once per (format, dtype, width) and JAX op by op
+    shares its compilations across formats."""
+
+    spec: Spec
+    dtype: str
+    width: int
+    cases: List[Case] = field(default_factory=list)
+    starts: List[int] = field(default_factory=list)  # each case's first row
+    used: int = 0  # rows the cases fill
+
+    @property
+    def rows(self) -> int:
+        return -(-self.used // CHUNK_ROWS) * CHUNK_ROWS
+
+    def add(self, case: Case) -> None:
+        self.cases.append(case)
+        self.starts.append(self.used)
+        self.used += case.x.size // case.x.shape[-1]
+
+    def input(self) -> np.ndarray:
+        x = np.zeros((self.rows, self.width), NP_DTYPES[self.dtype])
+        for case, start in zip(self.cases, self.starts):
+            rows = case.logical_input.reshape(-1, case.x.shape[-1])
+            x[start:start + len(rows), :rows.shape[1]] = rows
+        return x
+
+    def rows_of(self, output: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop (multiples of G for per-channel formats) of a bundle output in
+        its 2-D rows layout; a per-tensor scale is one per call."""
+        info = self.spec.info
+        if output == "codes" or output.startswith("dequant") or info.params in ("token", "group"):
+            return array[start:stop]
+        if info.params == "channel":
+            return array[start // self.spec.group_size:stop // self.spec.group_size]
+        call = start // CHUNK_ROWS  # a view, so that expected bits can be written in
+        return array[call:call + 1].reshape(())
+
+    def region(self, case: Case, output: str, array: np.ndarray) -> np.ndarray:
+        """The part of a bundle output that belongs to ``case``: a view, for reading the
+        backend's bits and for writing the case's expected ones."""
+        info = self.spec.info
+        start = self.starts[self.cases.index(case)]
+        rows = self.rows_of(output, array, start, start + case.x.size // case.x.shape[-1])
+        head_dim = case.x.shape[-1]
+        if output == "codes":
+            return rows[:, :head_dim // info.codes_per_byte]
+        if output.startswith("dequant") or info.params == "channel":
+            return rows[:, :head_dim]
+        if info.params == "group":
+            return rows[:, :-(-head_dim // self.spec.group_size)]
+        return rows
+
+    def calls(self, output: str, array: np.ndarray) -> List[np.ndarray]:
+        """A bundle output cut into its calls' parts."""
+        return [self.rows_of(output, array, lo, lo + CHUNK_ROWS) for lo in range(0, self.rows, CHUNK_ROWS)]
+
+    def join(self, output: str, parts: Sequence[np.ndarray]) -> np.ndarray:
+        if self.spec.info.params == "tensor" and output not in ("codes",) and not output.startswith("dequant"):
+            return np.stack(parts)
+        return np.concatenate(parts)
+
+
+def make_bundles(cases: Sequence[Case]) -> List[Bundle]:
+    """The bundleable cases grouped by (spec, input dtype, row width), in first-seen order."""
+    bundles: Dict[Tuple, Bundle] = {}
+    for case in cases:
+        key = (case.spec, case.dtype, _width(case))
+        if key not in bundles:
+            bundles[key] = Bundle(case.spec, case.dtype, key[2])
+        bundles[key].add(case)
+    return list(bundles.values())
+
+
+def _dequantize_inputs(bundle: Bundle) -> List[np.ndarray]:
+    """What dequantization is fed: each case's expected outputs in its own rows (as case
+    by case, a quantize bug cannot hide a dequantize one), the reference's bits for zeros
+    in the padding."""
+    ref = reference_backend()
+    zeros = np.zeros((CHUNK_ROWS, bundle.width), NP_DTYPES[bundle.dtype])
+    one_call = [np.array(a) for a in quantize_with(ref, bundle.spec, zeros, "propagate")]
+    calls = bundle.rows // CHUNK_ROWS
+    base = [bundle.join(name, [a] * calls) for name, a in zip(output_names(bundle.spec), one_call)]
+    for case in bundle.cases:
+        expected = reference_outputs(case)
+        for name, array in zip(output_names(bundle.spec), base):
+            region = bundle.region(case, name, array)
+            region[...] = expected[name].reshape(region.shape)
+    return base
+
+
+def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
+    """Each case's mismatches (by case id) from the bundle's quantize calls and its
+    dequantize calls in each output dtype. Cases run with on_nonfinite="propagate":
+    inputs of "raise" cases are finite, where the two agree bit for bit."""
+    rt = ops.runtime
+    found: Dict[str, List[Mismatch]] = {case.id: [] for case in bundle.cases}
+    info = FORMATS[bundle.spec.format]
+    names = output_names(bundle.spec)
+    where = f"as rows of a [{bundle.rows}, {bundle.width}] bundle of {len(bundle.cases)} cases"
+
+    def crashed(operation: str, output: str, exc: Exception) -> None:
+        for case in bundle.cases:
+            found[case.id].append(Mismatch(ops.name, ops.variant, case.id, operation, output,
+                                           f"{where}: raised {type(exc).__name__}: {exc}"))
+
+    def check(operation: str, output: str, array: np.ndarray, expected_key: str) -> None:
+        for case in bundle.cases:
+            expected = reference_outputs(case)[expected_key]
+            actual = np.ascontiguousarray(bundle.region(case, output, array)).reshape(expected.shape)
+            m = compare(case, operation, output, expected, actual, ops.name, ops.variant)
+            if m:
+                m.message += f" ({where}; --full runs it alone)"
+                found[case.id].append(_with_arbiter(m, ops, case, expected_key))
+
+    def on_backend(outs, in_device):
+        for arr in outs:
+            if rt.device(arr) != in_device:
+                raise RuntimeError(f"returned on {rt.device(arr)}, input was on {in_device}")
+        return [rt.to_numpy(arr) for arr in outs]
+
+    shape = (CHUNK_ROWS, bundle.width)
+    try:
+        parts = []
+        for x in np.split(bundle.input(), bundle.rows // CHUNK_ROWS):
+            x = to_backend(ops, x, device)
+            parts.append(on_backend(quantize_with(ops, bundle.spec, x, "propagate"), rt.device(x)))
+    except Exception as exc:  # a crash is a finding, reported on every case it hides
+        crashed(info.quantize_method, "*", exc)
+    else:
+        for i, name in enumerate(names):
+            check(info.quantize_method, name, bundle.join(name, [p[i] for p in parts]), name)
+    inputs = [bundle.calls(name, a) for name, a in zip(names, _dequantize_inputs(bundle))]
+    for dt in OUTPUT_DTYPES:
+        try:
+            parts = []
+            for call in zip(*inputs):
+                args = [to_backend(ops, a, device) for a in call]
+                parts += on_backend([dequantize_with(ops, bundle.spec, args, shape, dt)], rt.device(args[0]))
+        except Exception as exc:
+            crashed(info.dequantize_method, f"dequant[{dt}]", exc)
+            continue
+        check(info.dequantize_method, f"dequant[{dt}]", np.concatenate(parts), "dequant:" + dt)
+    return found
+
+
+class SharedRun:
+    """One bundle on one backend variant, run by whichever of its cases' checks comes
+    first and dropped once each has taken its mismatches (memory stays flat)."""
+
+    def __init__(self, ops, bundle: Bundle, device=None):
+        self.ops, self.bundle, self.device = ops, bundle, device
+        self._results = None
+        self._left: set = set()
+
+    def mismatches(self, case: Case) -> List[Mismatch]:
+        if self._results is None:
+            with np.errstate(all="ignore"):
+                self._results = run_bundle(self.ops, self.bundle, self.device)
+            self._left = set(self._results)
+        found = self._results[case.id]
+        self._left.discard(case.id)
+        if not self._left:
+            self._results = None
+        return found
