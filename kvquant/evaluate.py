@@ -32,6 +32,14 @@ class Config:
     keys: Any
     values: Any
     residual: int
+    peer_bits: Optional[int] = None  # HF's QuantizedCache (quanto) with this many bits
+
+
+# HF transformers' own QuantizedCache with optimum-quanto, at its defaults (groups of 64
+# along axis 0, a 128-token residual that is requantized with the whole history at each
+# flush), run on the same tokens as the peer when optimum-quanto is installed.
+PEER_CONFIGS = tuple(Config(f"HF QuantizedCache quanto int{n} (its defaults: g64, r128)", f"quanto qint{n}",
+                            f"quanto qint{n}", 128, peer_bits=n) for n in (4, 2))
 
 
 @dataclass
@@ -83,7 +91,13 @@ def default_configs(quick: bool = False) -> List[Config]:
         configs.append(Config("int2-g32 r128", {"format": "int2", "group_size": 32}, {"format": "int2", "group_size": 32}, 128))
     kivi = KIVI_CONFIGS[:1] if quick else KIVI_CONFIGS
     configs += [Config(name, keys, values, 128) for name, keys, values in kivi]
+    if quanto_installed():
+        configs += PEER_CONFIGS[:1] if quick else PEER_CONFIGS
     return configs
+
+
+def quanto_installed() -> bool:
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 
 
 def smollm2_path() -> str:
@@ -134,6 +148,22 @@ def _label(spec: Any) -> str:
     return StoredFormat.parse(spec).label()
 
 
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of every tensor inside a tensor subclass (quanto's)."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def _peer_held(layer) -> tuple:
+    """(bytes held, bytes and elements of the quantized part) of one QuantizedCache layer."""
+    quantized = [q for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None))
+                 if q is not None]
+    q_bytes = sum(_tensor_bytes(q) for q in quantized)
+    window = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None and t.dim() >= 3)
+    return q_bytes + window, q_bytes, sum(q.numel() for q in quantized)
+
+
 def _held_bytes(layer_cache) -> int:
     """Bytes of the history one layer holds for its tokens (no spare capacity)."""
     total = 0
@@ -170,8 +200,9 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
     starts = [i * (ids.numel() - span) // max(1, windows - 1) for i in range(windows)] if windows > 1 else [0]
     configs = list(configs or default_configs(quick))
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
-    results = {c.name: Result(c.name, _label(_calibrated(c.keys, 1.0)), _label(_calibrated(c.values, 1.0)), c.residual,
-                              (_bits(_calibrated(c.keys, 1.0), head_dim) + _bits(_calibrated(c.values, 1.0), head_dim)) / 2)
+    results = {c.name: Result(c.name, c.keys, c.values, c.residual, float("nan"), peer=True) if c.peer_bits else
+               Result(c.name, _label(_calibrated(c.keys, 1.0)), _label(_calibrated(c.values, 1.0)), c.residual,
+                      (_bits(_calibrated(c.keys, 1.0), head_dim) + _bits(_calibrated(c.values, 1.0), head_dim)) / 2)
                for c in configs}
     baseline = Result("unquantized (DynamicCache)", "float32", "float32", 0, 32.0)
     steps = windows * (1 + math.ceil(scored / chunk))
@@ -182,6 +213,9 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
             caches = {"base": transformers.DynamicCache(config=lm.config)}
             calibration = None
             for c in configs:
+                if c.peer_bits:
+                    caches[c.name] = transformers.QuantizedCache(backend="quanto", config=lm.config, nbits=c.peer_bits)
+                    continue
                 if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
                     calibration = _calibration_scales(lm, window[:, :prefill])
                 caches[c.name] = KvquantCache(lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
@@ -207,6 +241,12 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
                 for name, logp in logits.items():
                     _score(results[name], logp, base, targets)
             for c in configs:
+                if c.peer_bits:  # bits per element measured from what quanto holds
+                    held = [_peer_held(layer) for layer in caches[c.name].layers]
+                    results[c.name].cache_bytes_per_token_per_layer = (
+                        sum(h[0] for h in held) / len(held) / (prefill + scored))
+                    results[c.name].bits_per_element = 8 * sum(h[1] for h in held) / max(1, sum(h[2] for h in held))
+                    continue
                 layers = caches[c.name].layer_caches()
                 results[c.name].cache_bytes_per_token_per_layer = (
                     sum(_held_bytes(layer) for layer in layers) / len(layers) / (prefill + scored))
@@ -263,9 +303,9 @@ def _calibration_scales(lm, ids):
 
 
 def _peer_note() -> str:
-    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+    if not quanto_installed():
         return "HF QuantizedCache (quanto) not run: optimum-quanto is not installed"
-    return "HF QuantizedCache (quanto) not run by this version of kvquant eval"
+    return "HF QuantizedCache (quanto): run on the same tokens, rows marked as peers"
 
 
 def markdown_table(report: Dict[str, Any]) -> str:

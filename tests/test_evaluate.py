@@ -64,3 +64,25 @@ def test_outputs_table_json_and_plot(report, tmp_path):
     json.dumps(report)
     plot(report, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quanto_peer_runs_on_the_same_tokens():
+    """HF's QuantizedCache with optimum-quanto, where installed (CI has no quanto: the
+    real-model rows are in docs/quality.md): scored on the same tokens, its bits per
+    element measured from what it holds (4-bit codes, a float32 scale and shift per
+    group of 64: 5 bits), and a short window that quanto never flushed costs nothing."""
+    pytest.importorskip("optimum.quanto")
+    from kvquant.evaluate import PEER_CONFIGS
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    report = evaluate(text=text, windows=1, prefill=160, chunk=8, scored=80, configs=[PEER_CONFIGS[0]], progress=False,
+                      loaded=(lm, ByteTokenizer(), "tiny-llama"))
+    peer = by_name(report)[PEER_CONFIGS[0].name]
+    assert peer["peer"] and peer["scored_tokens"] == 80
+    assert peer["bits_per_element"] == 4 + 64 / 64
+    assert peer["kl"] > 0  # the 160-token prefill passed quanto's 128-token residual
+    assert "run on the same tokens" in report["peers"]
