@@ -21,6 +21,10 @@ from typing import List, Optional
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RELEASE_ABOVE_BYTES = 1 << 30
+# After a release, the next one waits until memory has grown this much past what the
+# release left: what a release cannot free (the cases, the expected bits, the libraries)
+# must not make every later check release and compile again.
+RELEASE_HEADROOM_BYTES = 256 << 20
 
 
 class UsageError(Exception):
@@ -152,16 +156,19 @@ def _cmd_conformance(args) -> int:
     started = time.time()
     failures, outcomes = [], []
     bar = not args.no_progress and sys.stderr.isatty()
+    release_above = RELEASE_ABOVE_BYTES
     for ops, checks in zip(ops_list, per_variant):
         progress = Progress(f"{ops.name}/{ops.variant}", len(checks), sys.stderr if bar else sys.stdout, bar)
 
         def report(outcome):
             # Compiled kernels are cached per shape and dtype (JAX op by op: every
-            # operation, per shape), and most cases bring shapes of their own: past
+            # operation, per shape), and many checks bring shapes of their own: past
             # the budget the variant drops them and compiles again as needed.
+            nonlocal release_above
             rss = resident_bytes()
-            if rss is not None and rss > RELEASE_ABOVE_BYTES:
+            if rss is not None and rss > release_above:
                 release_compiled(ops)
+                release_above = max(RELEASE_ABOVE_BYTES, (resident_bytes() or 0) + RELEASE_HEADROOM_BYTES)
             failed = outcome.status == "fail"
             progress.update(failed)
             if failed:

@@ -84,3 +84,19 @@ def test_table_widens_for_long_labels():
 def test_unknown_variant_is_a_usage_error(tmp_path, argv):
     out = kvquant(*argv, cwd=tmp_path)
     assert out.returncode == 2 and "nosuch" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_memory_release_does_not_repeat_while_memory_stays_high(monkeypatch, capsys):
+    """Past the memory budget the command drops the variant's compiled kernels; when
+    what remains is still above it (the cases, the expected bits, the libraries), it
+    must not drop them again after every check: that made each check compile anew and
+    jax.jit's quick run several times slower."""
+    from kvquant import cli
+    from kvquant.conformance import runner
+
+    released = []
+    monkeypatch.setattr(runner, "resident_bytes", lambda: 2 << 30)
+    monkeypatch.setattr(runner, "release_compiled", lambda ops: released.append(ops.name))
+    assert cli.main(["conformance", "--backend", "numpy", "--family", "golden", "--no-progress"]) == 0
+    assert "passed" in capsys.readouterr().out
+    assert released == ["numpy", "numpy"]  # once past the budget, once at the variant's end
