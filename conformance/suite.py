@@ -128,8 +128,10 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                 property_examples: Optional[int] = None, profile: str = "full",
                 require: Iterable[str] = ()) -> Iterator[Check]:
     """Every check of the suite for each backend variant in ``ops_list``. ``profile``
-    "full" runs every case; "quick" a sample of each family that still reaches every
-    format, dtype, variant and family (sample_cases) and fewer property draws. A format
+    "full" runs every case on its own; "quick" every case that can share a call as rows
+    of a bundle (conformance/bundles.py), a sample of the others that still reaches
+    every cell (sample_cases), fewer property draws, and property draws and
+    invariances at one group size per format. A format
     a backend does not implement gets one "unimplemented" check instead of its cases,
     which fails only if its spec version is in ``require``."""
     if profile not in PROFILES:
