@@ -164,12 +164,19 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
     names = output_names(bundle.spec)
     where = f"as rows of a [{bundle.rows}, {bundle.width}] bundle of {len(bundle.cases)} cases"
 
-    def crashed(operation: str, output: str, exc: Exception) -> None:
+    def fail_all(operation: str, output: str, message: str) -> None:
         for case in bundle.cases:
-            found[case.id].append(Mismatch(ops.name, ops.variant, case.id, operation, output,
-                                           f"{where}: raised {type(exc).__name__}: {exc}"))
+            found[case.id].append(Mismatch(ops.name, ops.variant, case.id, operation, output, f"{where}: {message}"))
 
-    def check(operation: str, output: str, array: np.ndarray, expected_key: str) -> None:
+    def crashed(operation: str, output: str, exc: Exception) -> None:
+        fail_all(operation, output, f"raised {type(exc).__name__}: {exc}")
+
+    def check(operation: str, output: str, array: np.ndarray, expected_key: str, shape: Tuple[int, ...]) -> None:
+        # The whole output's shape first: a case's rows are a slice of it, and a slice
+        # would not see extra columns.
+        if tuple(array.shape) != tuple(shape):
+            fail_all(operation, output, f"output shape {tuple(array.shape)}, expected {tuple(shape)}")
+            return
         for case in bundle.cases:
             expected = reference_outputs(case)[expected_key]
             actual = np.ascontiguousarray(bundle.region(case, output, array)).reshape(expected.shape)
@@ -185,6 +192,7 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
         return [rt.to_numpy(arr) for arr in outs]
 
     shape = (CHUNK_ROWS, bundle.width)
+    expected_inputs = _dequantize_inputs(bundle)  # the reference's outputs: their shapes are the expected ones
     try:
         parts = []
         for x in np.split(bundle.input(), bundle.rows // CHUNK_ROWS):
@@ -194,8 +202,9 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
         crashed(info.quantize_method, "*", exc)
     else:
         for i, name in enumerate(names):
-            check(info.quantize_method, name, bundle.join(name, [p[i] for p in parts]), name)
-    inputs = [bundle.calls(name, a) for name, a in zip(names, _dequantize_inputs(bundle))]
+            joined = bundle.join(name, [p[i] for p in parts])
+            check(info.quantize_method, name, joined, name, expected_inputs[i].shape)
+    inputs = [bundle.calls(name, a) for name, a in zip(names, expected_inputs)]
     for dt in OUTPUT_DTYPES:
         try:
             parts = []
@@ -205,7 +214,7 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
         except Exception as exc:
             crashed(info.dequantize_method, f"dequant[{dt}]", exc)
             continue
-        check(info.dequantize_method, f"dequant[{dt}]", np.concatenate(parts), "dequant:" + dt)
+        check(info.dequantize_method, f"dequant[{dt}]", np.concatenate(parts), "dequant:" + dt, (bundle.rows, bundle.width))
     return found
 
 

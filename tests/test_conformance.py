@@ -339,3 +339,29 @@ def test_calling_an_unimplemented_format_names_the_spec_version():
     ops = make_broken("none", versions=("1",))
     with pytest.raises(NotImplementedError, match=r"int4_per_channel \(spec v1.1\)"):
         ops.quantize_kv_int4_per_channel(np.zeros((32, 64), np.float32), 32, 64, 32)
+
+
+def test_bundles_check_the_whole_output_shape():
+    """A case's rows are a slice of the bundle's output, which would not see columns a
+    backend added: the bundle checks the whole output's shape first (a backend built on
+    BackendOps fails earlier, where it reshapes; this one returns what it likes)."""
+    import numpy as np
+
+    reference = kvquant.get_backend("numpy")
+
+    class WideCodes:
+        name, variant = "wide-codes", "eager"
+
+        def __getattr__(self, attr):
+            return getattr(reference, attr)
+
+        def quantize_kv_int8(self, *args, **kwargs):
+            codes, scales = reference.quantize_kv_int8(*args, **kwargs)
+            return np.pad(codes, ((0, 0), (0, 4))), scales
+
+    outcomes = run_checks(c for c in iter_checks([WideCodes()], families=("golden",), profile="quick")
+                          if "/int8/" in c.id and "/golden/" in c.id)
+    assert outcomes and all(o.status == "fail" for o in outcomes)
+    bundled = [o.mismatches[0].message for o in outcomes if "bundle of" in o.mismatches[0].message]
+    assert len(bundled) > len(outcomes) / 2  # the others (an empty input) run alone
+    assert all("output shape" in m and "expected (512, 256)" in m for m in bundled)
