@@ -31,7 +31,7 @@ from kvquant._types import Format
 
 from .cases import NP_DTYPES, Case, Spec
 from .reference import dequantize_with, output_names, quantize_with, reference_backend, reference_outputs
-from .runner import Mismatch, _with_arbiter, compare, to_backend
+from .runner import Mismatch, with_arbiter, compare, to_backend
 
 WIDTHS = (256,)  # row widths; the case families' head_dims reach 256
 CHUNK_ROWS = 512  # a multiple of every G, so per-channel blocks never straddle a call
@@ -183,7 +183,7 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
             m = compare(case, operation, output, expected, actual, ops.name, ops.variant)
             if m:
                 m.message += f" ({where}; --full runs it alone)"
-                found[case.id].append(_with_arbiter(m, ops, case, expected_key))
+                found[case.id].append(with_arbiter(m, ops, case, expected_key))
 
     def on_backend(outs, in_device):
         for arr in outs:

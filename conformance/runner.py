@@ -168,7 +168,7 @@ def run_case(ops, case: Case, device=None) -> CaseResult:
                 continue
             m = compare(case, op, name, expected[name], rt.to_numpy(arr), ops.name, ops.variant)
             if m:
-                add(_with_arbiter(m, ops, case, name))
+                add(with_arbiter(m, ops, case, name))
     dop = FORMATS[case.spec.format].dequantize_method
     ref_outs = [to_backend(ops, expected[n], device) for n in _names(case.spec)]
     for dt in OUTPUT_DTYPES:
@@ -179,14 +179,14 @@ def run_case(ops, case: Case, device=None) -> CaseResult:
             continue
         m = compare(case, dop, f"dequant[{dt}]", expected["dequant:" + dt], rt.to_numpy(out), ops.name, ops.variant)
         if m:
-            add(_with_arbiter(m, ops, case, "dequant:" + dt))
+            add(with_arbiter(m, ops, case, "dequant:" + dt))
     return result
 
 
 TRANSCRIPTION = "kvquant_example_backend"  # docs/spec.md transcribed line by line
 
 
-def _with_arbiter(m: Mismatch, ops, case: Case, output: str) -> Mismatch:
+def with_arbiter(m: Mismatch, ops, case: Case, output: str) -> Mismatch:
     """A disagreement with the reference may be the reference's bug: say what the
     independent transcription of the spec gives at the first differing element, when
     it is installed and the case is not a golden vector (whose bits are checked in)."""
