@@ -33,7 +33,7 @@ from .cases import NP_DTYPES, Case, Spec
 from .reference import dequantize_with, output_names, quantize_with, reference_backend, reference_outputs
 from .runner import Mismatch, with_arbiter, compare, to_backend
 
-WIDTHS = (256,)  # row widths; the case families' head_dims reach 256
+WIDTH = 256  # the row width: the case families' head_dims reach 256
 CHUNK_ROWS = 512  # a multiple of every G, so per-channel blocks never straddle a call
 
 
@@ -43,7 +43,7 @@ def bundleable(case: Case) -> bool:
     only with a static scale and an input the whole tensor does not answer for (a
     dynamic scale comes from the whole input; a NaN or an out-of-range element makes
     every code of a per-tensor call NaN, which only "raise" cases are free of)."""
-    if case.family == "shapes" or case.x.size == 0 or case.x.shape[-1] > WIDTHS[-1]:
+    if case.family == "shapes" or case.x.size == 0 or case.x.shape[-1] > WIDTH:
         return False
     if case.spec.format is Format.FP8_PER_TENSOR:
         return case.spec.static_scale is not None and case.on_nonfinite == "raise"
@@ -51,13 +51,17 @@ def bundleable(case: Case) -> bool:
 
 
 def _width(case: Case) -> int:
-    """The bundle's row width for a case: the narrowest of WIDTHS that holds it, where
-    zero columns join no group of the case's own; else the case's head_dim (a short last
-    group, e.g. G = 64 on 96)."""
-    info, head_dim = case.spec.info, case.x.shape[-1]
-    if info.params == "group" and head_dim % case.spec.group_size:
+    """The bundle's row width for a case: WIDTH where zero columns join no group of the
+    case's own; else the case's head_dim (a short last group, e.g. G = 64 on 96)."""
+    head_dim = case.x.shape[-1]
+    if case.spec.info.params == "group" and head_dim % case.spec.group_size:
         return head_dim
-    return next(w for w in WIDTHS if w >= head_dim)
+    return WIDTH
+
+
+def _rows(case: Case) -> int:
+    """How many rows (tokens of every leading index) a case fills."""
+    return case.x.size // case.x.shape[-1]
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Bundle:
     dtype: str
     width: int
     cases: List[Case] = field(default_factory=list)
-    starts: List[int] = field(default_factory=list)  # each case's first row
+    starts: Dict[str, int] = field(default_factory=dict)  # each case's first row, by case id
     used: int = 0  # rows the cases fill
 
     @property
@@ -80,23 +84,31 @@ class Bundle:
 
     def add(self, case: Case) -> None:
         self.cases.append(case)
-        self.starts.append(self.used)
-        self.used += case.x.size // case.x.shape[-1]
+        self.starts[case.id] = self.used
+        self.used += _rows(case)
 
     def input(self) -> np.ndarray:
         x = np.zeros((self.rows, self.width), NP_DTYPES[self.dtype])
-        for case, start in zip(self.cases, self.starts):
-            rows = case.logical_input.reshape(-1, case.x.shape[-1])
-            x[start:start + len(rows), :rows.shape[1]] = rows
+        for case in self.cases:
+            start = self.starts[case.id]
+            x[start:start + _rows(case), :case.x.shape[-1]] = case.logical_input.reshape(-1, case.x.shape[-1])
         return x
+
+    def _indexed_by(self, output: str) -> str:
+        """What a bundle output's first axis counts: "rows" (codes, dequantized values,
+        per-token and per-group parameters), "blocks" of G rows (per-channel ones) or
+        "calls" (a per-tensor scale, one per call)."""
+        if output == "codes" or output.startswith("dequant"):
+            return "rows"
+        return {"token": "rows", "group": "rows", "channel": "blocks", "tensor": "calls"}[self.spec.info.params]
 
     def rows_of(self, output: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Rows start:stop (multiples of G for per-channel formats) of a bundle output in
-        its 2-D rows layout; a per-tensor scale is one per call."""
-        info = self.spec.info
-        if output == "codes" or output.startswith("dequant") or info.params in ("token", "group"):
+        its 2-D rows layout."""
+        kind = self._indexed_by(output)
+        if kind == "rows":
             return array[start:stop]
-        if info.params == "channel":
+        if kind == "blocks":
             return array[start // self.spec.group_size:stop // self.spec.group_size]
         call = start // CHUNK_ROWS  # a view, so that expected bits can be written in
         return array[call:call + 1].reshape(())
@@ -105,8 +117,8 @@ class Bundle:
         """The part of a bundle output that belongs to ``case``: a view, for reading the
         backend's bits and for writing the case's expected ones."""
         info = self.spec.info
-        start = self.starts[self.cases.index(case)]
-        rows = self.rows_of(output, array, start, start + case.x.size // case.x.shape[-1])
+        start = self.starts[case.id]
+        rows = self.rows_of(output, array, start, start + _rows(case))
         head_dim = case.x.shape[-1]
         if output == "codes":
             return rows[:, :head_dim // info.codes_per_byte]
@@ -121,9 +133,8 @@ class Bundle:
         return [self.rows_of(output, array, lo, lo + CHUNK_ROWS) for lo in range(0, self.rows, CHUNK_ROWS)]
 
     def join(self, output: str, parts: Sequence[np.ndarray]) -> np.ndarray:
-        if self.spec.info.params == "tensor" and output not in ("codes",) and not output.startswith("dequant"):
-            return np.stack(parts)
-        return np.concatenate(parts)
+        """The calls' parts of one output as one bundle output."""
+        return np.stack(parts) if self._indexed_by(output) == "calls" else np.concatenate(parts)
 
 
 def make_bundles(cases: Sequence[Case]) -> List[Bundle]:
