@@ -124,3 +124,12 @@ def test_transformers_snippet_runs():
     with torch.no_grad():
         exec(python_blocks()[4], scope)
     assert scope["out"].shape[1] > 8 and scope["cache"].get_seq_length() == scope["out"].shape[1] - 1
+
+
+@pytest.mark.parametrize("page", ["README.md"] + sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_markdown_tables_have_one_row_per_line(page):
+    # A table pasted from a Python repr keeps its "\n" escapes and renders as one line
+    # of pipes; docs/attention.md's benchmark tables did.
+    path = ROOT / page if page == "README.md" else ROOT / "docs" / page
+    bad = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith("|") and "|\\n|" in line]
+    assert not bad, f"{page}: table rows joined by a literal \\n on lines {bad}"
