@@ -242,9 +242,16 @@ def _flat(side):
     format, not on the history's length (a QuantizedKV's shape is a Python tuple, which
     torch.compile would specialise on, recompiling at every decode step)."""
     q = side.quantized
-    parts = None if q is None else (q.codes, q.scales, q.zeros)
+    parts = None if q is None else tuple(_unviewed(t) for t in (q.codes, q.scales, q.zeros))
     meta = None if q is None else (q.format, q.group_size, q.source_dtype, q.backend)
-    return parts, side.window, meta
+    return parts, _unviewed(side.window), meta
+
+
+def _unviewed(t):
+    """The same tensor (storage, strides, offset) without its view relation: torch.compile
+    traces a view through its base and guards on the base's size, so a cache's views
+    into a growing buffer recompiled the attention whenever the capacity changed."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 def _unflat(parts, window, meta, head_dim: int):
@@ -279,10 +286,13 @@ def _compiled_attend(k_meta, v_meta, scale: float, causal: bool):
 
 
 def _mark_token_axes(*tensors):
-    """The history's length changes every decode step: dynamic from the first compile."""
+    """The history's length changes every decode step: dynamic from the first compile.
+    Axis 2 of [B, H, T, D] codes and windows and of [B, H, T(, groups)] scales and zeros
+    (a per-tensor scale has none). Counting from the end marked the heads of INT8's
+    [B, H, T] scales instead, and the codes' length was then fixed to the scales'."""
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.dim() >= 2:
-            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2)
+        if isinstance(t, torch.Tensor) and t.dim() >= 3:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
 
 
 def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
@@ -292,7 +302,9 @@ def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool
         token_major = [t for t in (k_window, v_window) if t is not None]
         for parts in (k_parts, v_parts):
             if parts is not None:
-                token_major += [parts[0]] + [p for p in parts[1:] if p is not None and p.dim() >= 2]
+                token_major += [p for p in parts if p is not None]
         _mark_token_axes(*token_major)
+        if query.shape[TOKEN_AXIS] > 1:  # prefill chunks of any length share a graph; one token has its own
+            _mark_token_axes(query)
         return _compiled_attend(k_meta, v_meta, scale, causal)(query, k_parts, k_window, v_parts, v_window, mask)
     return _attend(query, keys, values, scale, causal, mask, compiled or torch.compiler.is_compiling(), chunk_tokens)

@@ -131,17 +131,33 @@ def _quantize_dense(x: Any, stored: StoredFormat, on_nonfinite: str = "propagate
 
 
 # --------------------------------------------------------------- array ops
+def _token_first(shape):
+    """A store's buffer shape with the token axis moved to the front. The buffer is
+    allocated that way and seen through a permuted view, so the first L tokens are a
+    view whose strides do not depend on the capacity: torch.compile guards on strides,
+    and a [batch, heads, capacity, ...] buffer recompiled the attention every time the
+    capacity doubled (about 3 s each on the development VM)."""
+    return (shape[TOKEN_AXIS],) + tuple(shape[:TOKEN_AXIS]) + tuple(shape[TOKEN_AXIS + 1:])
+
+
+def _token_back(ndim: int):
+    return tuple(range(1, TOKEN_AXIS + 1)) + (0,) + tuple(range(TOKEN_AXIS + 1, ndim))
+
+
 class _NumpyOps:
     def __init__(self):
         import numpy as np
 
         self.np = np
 
-    def empty_like_shape(self, like, shape, dtype=None):
-        return self.np.empty(shape, like.dtype if dtype is None else dtype)
+    def empty_token_major(self, like, shape):
+        return self.np.empty(_token_first(shape), like.dtype).transpose(_token_back(len(shape)))
 
     def concat(self, arrays, axis):
         return self.np.concatenate(arrays, axis=axis)
+
+    def contiguous(self, arr):
+        return self.np.ascontiguousarray(arr)
 
     def take(self, arr, index, axis):
         return self.np.take(arr, self.np.asarray(index), axis=axis)
@@ -159,11 +175,15 @@ class _TorchOps:
 
         self.torch = torch
 
-    def empty_like_shape(self, like, shape, dtype=None):
-        return self.torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+    def empty_token_major(self, like, shape):
+        base = self.torch.empty(_token_first(shape), dtype=like.dtype, device=like.device)
+        return base.permute(_token_back(len(shape)))
 
     def concat(self, arrays, axis):
         return self.torch.cat(arrays, dim=axis)
+
+    def contiguous(self, arr):
+        return arr.contiguous()
 
     def take(self, arr, index, axis):
         index = self.torch.as_tensor(index, device=arr.device)
@@ -230,7 +250,7 @@ class _GrowingStore:
                     continue
                 per = self._tokens_per_row(i)
                 shape = tuple(part.shape[:TOKEN_AXIS]) + (grown // per,) + tuple(part.shape[TOKEN_AXIS + 1:])
-                buf = ops.empty_like_shape(part, shape)
+                buf = ops.empty_token_major(part, shape)
                 if self.arrays is not None and self.length:
                     buf[:, :, :self.length // per] = self.arrays[i][:, :, :self.length // per]
                 buffers.append(buf)
@@ -359,7 +379,9 @@ class LayerCache:
             q = None
             if leaving:
                 q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet
-            staged.append((window[:, :, leaving:], q))
+            # A sliced window is copied once, to stay contiguous: strides that follow its
+            # length keep compiled attention from recompiling as the window shifts.
+            staged.append((self._ops.contiguous(window[:, :, leaving:]) if leaving else window, q))
         for i, (window, q) in enumerate(staged):
             if q is not None:
                 self._stores[i].write(self._ops, q)
@@ -451,11 +473,17 @@ class LayerCache:
                 keep = max_length - self._stores[i].length
                 self._windows[i] = self._windows[i][:, :, :keep]
 
+    def _token_major(self, arr):
+        buf = self._ops.empty_token_major(arr, tuple(arr.shape))
+        buf[...] = arr
+        return buf
+
     def reorder(self, beam_index: Any) -> None:
         """Reorder the batch (beam search): every stored array takes ``beam_index``."""
         for store in self._stores:
             if store.arrays is not None:
-                store.arrays = tuple(a if _per_tensor(a) else self._ops.take(a, beam_index, 0) for a in store.arrays)
+                store.arrays = tuple(a if _per_tensor(a) else self._token_major(self._ops.take(a, beam_index, 0))
+                                     for a in store.arrays)
                 store.shape = (len(beam_index),) + store.shape[1:]
         self._windows = [None if w is None else self._ops.take(w, beam_index, 0) for w in self._windows]
         if self._signature is not None:

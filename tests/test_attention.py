@@ -172,3 +172,29 @@ def test_jax_cache_attention_inputs_hide_empty_slots():
     ref = reference_attention(jnp.asarray(q), History(kvquant.quantize(jnp.asarray(k[:, :, :32]), "int4"), jnp.asarray(k[:, :, 32:])),
                               History(kvquant.quantize(jnp.asarray(v[:, :, :32]), "int8"), jnp.asarray(v[:, :, 32:])))
     check(out, ref, v, "jax cache")
+
+
+@pytest.mark.parametrize("keys, values, every", [("int8", "int8", 1), ("int4", "fp8", 32)], ids=["int8-int8", "int4-fp8-q32"])
+def test_compiled_attention_compiles_once_for_prefill_and_once_for_decode(keys, values, every):
+    # Over a cache that grows (its buffers double at 256 and 512 tokens, the window is
+    # sliced when tokens leave it) and prefills of two lengths, torch.compile must not
+    # recompile: each recompile cost about 3 s per format on the development VM, inside
+    # the decode loop. Found by profiling bench_generate at a 512-token prompt.
+    from torch._dynamo.utils import counters
+
+    from kvquant.cache import LayerCache
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    cache = LayerCache(keys, values, residual=128, quantize_every=every)
+    want = []
+    for new in [300] + [1] * 230 + [77] + [1] * 3:
+        k, v = (torch.randn(1, 2, new, 64, generator=g) for _ in range(2))
+        q = torch.randn(1, 6, new, 64, generator=g)
+        cache.append(k, v, history=False)
+        out = attend(q, *cache.attention_inputs(), compiled=True)
+        want.append(out.shape == q.shape)
+    assert all(want)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2, f"{graphs} graphs compiled; one for the prefills and one for decode expected"
