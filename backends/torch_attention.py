@@ -295,7 +295,45 @@ def _mark_token_axes(*tensors):
             torch._dynamo.maybe_mark_dynamic(t, 2)
 
 
+def _dense_history(side) -> torch.Tensor:
+    parts = []
+    if side.quantized is not None:
+        parts.append(dense(side.quantized))
+    if side.window is not None and side.window.shape[TOKEN_AXIS]:
+        parts.append(side.window.to(torch.float32))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=TOKEN_AXIS)
+
+
+def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
+    """Several query tokens at once (a prompt, a chunk): the history dequantized once,
+    for this call only, and torch's scaled_dot_product_attention. The reductions over
+    the codes are built for decode's single query row: a 2048-token prefill through
+    them took 1.1 s (INT8) to 1.7 s (INT4) per layer here, and through eager chunks
+    0.4 s, against 0.04 s for SDPA. None where the history holds a NaN: SDPA lets a NaN
+    reach rows that never see it (a masked score, a zero weight times NaN), and the
+    chunked paths keep the spec's rule (see _weighted)."""
+    k, v = _dense_history(keys), _dense_history(values)
+    if bool(torch.isnan(k).any()) or bool(torch.isnan(v).any()):
+        return None
+    b, hq, n, d = query.shape
+    total = k.shape[TOKEN_AXIS]
+    bias = None
+    if mask is not None:
+        bias = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
+    if causal:
+        visible = torch.arange(total, device=k.device)[None, :] <= (total - n + torch.arange(n, device=k.device))[:, None]
+        hidden = torch.where(visible, torch.zeros((), device=k.device), torch.full((), float("-inf"), device=k.device))
+        bias = hidden if bias is None else bias + hidden
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.to(torch.float32), k, v, attn_mask=bias, scale=scale, enable_gqa=hq != k.shape[1])
+    return out.to(query.dtype)
+
+
 def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
+    if query.shape[TOKEN_AXIS] > 1 and not torch.compiler.is_compiling():
+        out = prefill(query, keys, values, scale, causal, mask)
+        if out is not None:
+            return out
     if compiled and not torch.compiler.is_compiling():
         k_parts, k_window, k_meta = _flat(keys)
         v_parts, v_window, v_meta = _flat(values)

@@ -9,12 +9,22 @@ Caches: DynamicCache; kvquant INT8 and INT4 g64 with residual 128, with the mode
 own attention over the dequantized history (the default) and with kvquant's attention
 reading the codes (use_kvquant_attention, eager chunks and torch.compile's fused
 kernels), and with the leaving tokens quantized 32 at a time (quantize_every=32). The prompt is real prose (Python's pydoc topics). Not a test.
+
+Each row also splits a decode step's time (ms per step, all layers): quantize (the
+tokens leaving the window), dequantize (the history handed to the model's own
+attention), attention (the model's SDPA, or kvquant's attention over the codes),
+cache (the rest of the cache's append: window copies, stores) and the rest of the
+model. The parts are timed by wrapping those functions; on the CPU every call is
+synchronous, so a wall-clock time per call is its cost.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -37,17 +47,63 @@ CONFIGS = [
 ]
 
 
-def decode_rate(model, ids, make_cache, new: int) -> float:
-    """Tokens per second of `new` greedy decode steps after the prompt's prefill."""
+SPENT = collections.Counter()  # seconds per part, while a decode loop runs
+
+
+def _timed(owner, name: str, part: str):
+    """Replace owner.name by a wrapper that adds its time to SPENT[part]."""
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT[part] += time.perf_counter() - start
+
+    setattr(owner, name, timed)
+    return timed
+
+
+def instrument():
+    """Time the parts of a decode step: kvquant's quantize and dequantize, the cache's
+    append, and both attentions (the model's SDPA is re-registered under its name)."""
+    from transformers import AttentionInterface
+    from transformers.integrations import sdpa_attention
+
+    from kvquant import cache
+    from kvquant.integrations import transformers as integration
+
+    _timed(cache, "_quantize_dense", "quantize")
+    _timed(cache.LayerCache, "_history", "dequantize")
+    _timed(cache.LayerCache, "append", "append")
+    _timed(integration, "_kvquant_attention", "attention")
+    AttentionInterface.register("sdpa", _timed(sdpa_attention, "sdpa_attention_forward", "attention"))
+
+
+def decode_rate(model, ids, make_cache, new: int):
+    """Tokens per second of `new` greedy decode steps after the prompt's prefill, and
+    the step's split in ms per step."""
+    from kvquant.integrations.transformers import cache_argument
+
+    name = cache_argument(model)
     cache = make_cache()
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **{name: cache}, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
+        SPENT.clear()
         start = time.perf_counter()
         for _ in range(new):
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **{name: cache}, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
-        return new / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+    ms = {part: SPENT[part] / new * 1e3 for part in ("quantize", "dequantize", "attention")}
+    # append includes the quantize calls (dequantize is called from append too when the
+    # model's own attention reads the history)
+    ms["cache"] = (SPENT["append"] - SPENT["quantize"] - SPENT["dequantize"]) / new * 1e3
+    ms["model"] = seconds / new * 1e3 - sum(ms.values())
+    return new / seconds, ms
 
 
 def main():
@@ -56,6 +112,7 @@ def main():
     parser.add_argument("--prompt", action="append", type=int, default=[])
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per cache (the median is reported)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -66,36 +123,51 @@ def main():
     from kvquant.integrations.transformers import KvquantCache, use_kvquant_attention
 
     model, tok, path = load_model(args.model)
+    instrument()
     text_ids = tok(default_text(), return_tensors="pt").input_ids
     default_attention = model.config._attn_implementation
     rows = []
     prompts = args.prompt or [512, 2048, 4096]
-    bar = tqdm(total=len(prompts) * len(CONFIGS), desc="bench_generate", unit="run")
+
+    def select(fmt, attention):
+        if attention is None:
+            model.set_attn_implementation(default_attention)
+        else:
+            use_kvquant_attention(model, compiled=attention == "compiled")
+        if fmt is None:
+            return transformers.DynamicCache
+        return lambda: KvquantCache(model.config, residual=128, attention="kvquant" if attention else None, **fmt)
+
+    # Every cache is warmed up first (the first decode steps of a process pay one-time
+    # costs, and compiled attention compiles), then timed in rounds that interleave the
+    # caches; each row is its median round.
+    bar = tqdm(total=len(prompts) * len(CONFIGS) * (args.rounds + 1), desc="bench_generate", unit="run")
     for length in prompts:
         ids = text_ids[:, :length]
-        base = None
-        for name, fmt, attention in CONFIGS:
-            if attention is None:
-                model.set_attn_implementation(default_attention)
-            else:
-                use_kvquant_attention(model, compiled=attention == "compiled")
-            if fmt is None:
-                make = transformers.DynamicCache
-            else:
-                make = lambda fmt=fmt, attention=attention: KvquantCache(  # noqa: E731
-                    model.config, residual=128, attention="kvquant" if attention else None, **fmt)
-            if attention == "compiled":
-                decode_rate(model, ids[:, :256], make, 4)  # compile outside the timing
-            rate = decode_rate(model, ids, make, args.new)
-            base = rate if base is None else base
-            rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base})
+        for _, fmt, attention in CONFIGS:
+            decode_rate(model, ids[:, :300], select(fmt, attention), 4)
             bar.update()
+        timed = {name: [] for name, _, _ in CONFIGS}
+        for _ in range(args.rounds):
+            for name, fmt, attention in CONFIGS:
+                timed[name].append(decode_rate(model, ids, select(fmt, attention), args.new))
+                bar.update()
+        base = statistics.median(rate for rate, _ in timed[CONFIGS[0][0]])
+        for name, _, _ in CONFIGS:
+            rate = statistics.median(r for r, _ in timed[name])
+            split = {p: statistics.median(s[p] for _, s in timed[name]) for p in timed[name][0][1]}
+            rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base,
+                         "rounds": [r for r, _ in timed[name]], "ms_per_step": split})
     bar.close()
     model.set_attn_implementation(default_attention)
     print(f"{os.path.basename(path)}, greedy, {args.new} new tokens, {torch.get_num_threads()} threads; "
-          "decode tokens/s and ratio to DynamicCache in the same run")
+          f"decode tokens/s (median of {args.rounds} interleaved rounds) and ratio to DynamicCache in the same run")
+    parts = ("quantize", "dequantize", "attention", "cache", "model")
+    print("| prompt | cache | tok/s | ratio | " + " | ".join(f"{p} (ms/step)" for p in parts) + " |")
+    print("|---" * (4 + len(parts)) + "|")
     for r in rows:
-        print(f"prompt {r['prompt']:>5}  {r['cache']:<48}{r['tokens_per_s']:>8.1f} tok/s {r['ratio']:>6.2f}x")
+        print(f"| {r['prompt']} | {r['cache']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | "
+              + " | ".join(f"{r['ms_per_step'][p]:.2f}" for p in parts) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

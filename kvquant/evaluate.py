@@ -186,13 +186,14 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
     import transformers
     from tqdm import tqdm
 
-    from .integrations.transformers import KvquantCache
+    from .integrations.transformers import KvquantCache, cache_argument
 
     if quick:
         windows, prefill, scored = 1, 256, 256
     if threads:
         torch.set_num_threads(threads)
     lm, tok, path = loaded or load_model(model)
+    cache_name = cache_argument(lm)
     ids = tok(text or default_text(), return_tensors="pt").input_ids[0]
     span = prefill + scored + 1
     if ids.numel() < windows * span:
@@ -223,7 +224,7 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
                                               residual=c.residual)
             for name, cache in caches.items():
                 t = time.perf_counter()
-                lm(window[:, :prefill], past_key_values=cache)
+                lm(window[:, :prefill], **{cache_name: cache})
                 (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
                 bar.update(1)
             for pos in range(prefill, prefill + scored, chunk):
@@ -232,7 +233,7 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
                 logits = {}
                 for name, cache in caches.items():
                     t = time.perf_counter()
-                    out = lm(inputs, past_key_values=cache).logits[0].float()
+                    out = lm(inputs, **{cache_name: cache}).logits[0].float()
                     (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
                     logits[name] = torch.log_softmax(out, -1)
                     bar.update(1)
@@ -295,8 +296,10 @@ def _calibration_scales(lm, ids):
 
     from .cache import calibrate_fp8_scale
 
+    from .integrations.transformers import cache_argument
+
     cache = transformers.DynamicCache(config=lm.config)
-    lm(ids, past_key_values=cache)
+    lm(ids, **{cache_argument(lm): cache})
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return calibrate_fp8_scale(*keys), calibrate_fp8_scale(*values)

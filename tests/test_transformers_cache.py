@@ -27,7 +27,7 @@ def prompt():
 
 def greedy(model, prompt, cache, new=16):
     with torch.no_grad():
-        return model.generate(prompt, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+        return model.generate(prompt, cache=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
 
 
 def record_updates(cache):
@@ -53,8 +53,8 @@ def test_int8_with_residual_128_generates_the_unquantized_tokens(model, prompt):
 
 def test_int4_without_residual_is_on_the_path(model, prompt):
     with torch.no_grad():
-        base = model(prompt, past_key_values=transformers.DynamicCache(config=model.config)).logits
-        quant = model(prompt, past_key_values=KvquantCache(model.config, keys="int4", values="int4", residual=0)).logits
+        base = model(prompt, cache=transformers.DynamicCache(config=model.config)).logits
+        quant = model(prompt, cache=KvquantCache(model.config, keys="int4", values="int4", residual=0)).logits
     assert not torch.equal(base, quant)
     assert (base - quant).abs().max() < 1.0  # quantization noise, not garbage
 
@@ -81,10 +81,10 @@ def test_manual_forward_loop(model, prompt):
     cache = KvquantCache(model.config, keys="fp8", values="int8", residual=8)
     ids = prompt
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, cache=cache, use_cache=True)
         for _ in range(5):
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, cache=cache, use_cache=True)
     assert cache.get_seq_length() == prompt.shape[1] + 5
     assert cache.nbytes == sum(c.nbytes for c in cache.layer_caches()) > 0
 
@@ -92,7 +92,7 @@ def test_manual_forward_loop(model, prompt):
 def test_per_layer_formats_and_a_cache_without_config(model, prompt):
     cache = KvquantCache(keys="int4", values="int4", residual=0, per_layer={0: {"keys": None, "values": "int8"}})
     with torch.no_grad():
-        model(prompt, past_key_values=cache)
+        model(prompt, cache=cache)
     first, second = cache.layer_caches()
     assert first.quantized("keys") is None and first.quantized("values").format is kvquant.Format.INT8
     assert second.quantized("keys").format is kvquant.Format.INT4
@@ -101,14 +101,14 @@ def test_per_layer_formats_and_a_cache_without_config(model, prompt):
 def test_beam_search_reorders_the_cache(model, prompt):
     cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=6, num_beams=3, do_sample=False)
+        out = model.generate(prompt, cache=cache, max_new_tokens=6, num_beams=3, do_sample=False)
     assert out.shape == (1, prompt.shape[1] + 6)
 
 
 def test_crop_inside_the_window_only(model, prompt):
     cache = KvquantCache(model.config, residual=10)
     with torch.no_grad():
-        model(prompt, past_key_values=cache)
+        model(prompt, cache=cache)
     cache.crop(-3)  # transformers' convention: a negative count of tokens to remove
     assert cache.get_seq_length() == prompt.shape[1] - 3
     with pytest.raises(ValueError, match="residual window only"):
@@ -134,7 +134,7 @@ def test_import_kvquant_does_not_import_transformers():
 def test_batch_repeat_interleave_and_select(model, prompt):
     cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
     with torch.no_grad():
-        model(prompt.repeat(2, 1), past_key_values=cache)
+        model(prompt.repeat(2, 1), cache=cache)
     layer = cache.layers[0]
     before = layer.kv.quantized("keys").codes.clone()
     cache.batch_repeat_interleave(2)

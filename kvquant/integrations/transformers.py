@@ -2,7 +2,11 @@
 
     from kvquant.integrations.transformers import KvquantCache
     cache = KvquantCache(model.config, keys="int8", values="int4", residual=128)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(ids, cache=cache, max_new_tokens=64)   # past_key_values=cache before the rename
+
+transformers renamed the cache argument from ``past_key_values`` to ``cache`` (the old
+name warns, and goes in 5.40); ``cache_argument(model)`` says which name a model takes,
+for code that runs on either side of the rename.
 
 Each attention layer gets a ``kvquant.cache.LayerCache``: ``update`` appends the new
 keys and values and returns the whole history (dequantized, then the full-precision
@@ -27,7 +31,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..cache import LayerCache
 
-__all__ = ["KvquantCache", "KvquantLayer"]
+__all__ = ["KvquantCache", "KvquantLayer", "cache_argument"]
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward (and generate) takes its cache under: "cache" in
+    transformers versions after the rename, "past_key_values" before it."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class KvquantLayer(DynamicLayer):
