@@ -326,6 +326,11 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
         bias = hidden if bias is None else bias + hidden
     out = torch.nn.functional.scaled_dot_product_attention(
         query.to(torch.float32), k, v, attn_mask=bias, scale=scale, enable_gqa=hq != k.shape[1])
+    if mask is not None:
+        # A row whose every score is masked has no softmax (0/0): NaN, as on every other
+        # path and in the reference. SDPA on the CPU returns zeros there.
+        dead = torch.isneginf(bias).all(-1, keepdim=True)
+        out = torch.where(dead, torch.full((), float("nan"), device=out.device), out)
     return out.to(query.dtype)
 
 

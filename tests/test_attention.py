@@ -119,6 +119,19 @@ def test_causal_chunk_and_additive_mask(path):
     assert not np.allclose(out[:, :, 0], run(path, q, K, V, mask=to(path[1], mask), causal=False)[:, :, 0])
 
 
+@pytest.mark.parametrize("path", CHUNK_PATHS, ids=[p[0] for p in CHUNK_PATHS])
+def test_fully_masked_query_row_is_nan(path):
+    """A query row whose every token is masked has no softmax: NaN on every path, as in
+    the reference (SDPA, which serves prefills, returns zeros for such a row)."""
+    q, k, v = data(new=3, tokens=40, kv_heads=1, groups=2)
+    K, V = history(path[1], k, "int8", {}, 32), history(path[1], v, "int8", {}, 32)
+    mask = np.zeros((1, 1, 3, 40), np.float32)
+    mask[:, :, 1] = -np.inf
+    out = run(path, q, K, V, mask=to(path[1], mask), causal=False)
+    check(out, reference_attention(to(path[1], q), K, V, mask=to(path[1], mask), causal=False), v, path[0])
+    assert np.isnan(out[:, :, 1]).all() and not np.isnan(out[:, :, [0, 2]]).any()
+
+
 @pytest.mark.parametrize("path", PATHS, ids=[p[0] for p in PATHS])
 def test_adversarial_scores(path):
     """A single huge score (the softmax is one-hot), and all-equal scores (a plain mean)."""
