@@ -224,3 +224,27 @@ def test_compiled_attention_compiles_once_for_decode(keys, values, every):
     assert all(want)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs == 1, f"{graphs} graphs compiled; one, for decode, expected"
+
+
+def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
+    """The compiled path reads FP8 codes through float32 subnormals where the CPU keeps
+    them; under torch.set_flush_denormal(True) that would read e4m3 subnormal codes as
+    0 (an error of up to 7 * 2^-9 * scale = 3e-5 * max|v|, above the bound), so attend
+    must pick the other reading there. One token's value holds subnormal codes and its
+    key takes nearly all the weight."""
+    q, k, v = data(new=1, tokens=64, kv_heads=1, groups=1)
+    k[:, :, 10] = q[0, 0, 0] * 40
+    v *= np.float32(0.5) / np.abs(v).max()  # max |v| is token 10's 1.0: the bound is 2e-5
+    v[:, :, 10] = 7 * 2.0 ** -9 / 448  # e4m3 subnormal code 7 under the token's scale
+    v[:, :, 10, 0] = 1.0  # the token's max: scale 1/448
+    K, V = history("torch", k, "fp8", {}, 64), history("torch", v, "fp8", {}, 64)
+    assert (V.quantized.codes[0, 0, 10, 1:].view(torch.uint8) == 7).all()
+    ref = reference_attention(to("torch", q), K, V)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        out = run(("torch-compiled", "torch", True), q, K, V)
+    finally:
+        torch.set_flush_denormal(False)
+    check(out, ref, v, "fp8 under flush_denormal")
+    check(run(("torch-compiled", "torch", True), q, K, V), ref, v, "fp8")
