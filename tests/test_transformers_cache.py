@@ -191,3 +191,24 @@ def test_kvquant_attention_reads_the_codes_in_generate(model, prompt):
     finally:
         model.set_attn_implementation(before)
     assert torch.equal(dyn, greedy(model, long_prompt, transformers.DynamicCache(), new=4))
+
+
+def test_cache_argument_follows_the_forward_signature(model):
+    """transformers renamed past_key_values to cache (the old name warns, and goes in
+    5.40): cache_argument reads the name off a model's forward."""
+    from kvquant.integrations.transformers import cache_argument
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    import warnings
+
+    cache = transformers.DynamicCache(config=model.config)
+    prompt = torch.arange(5)[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name warns
+        with torch.no_grad():
+            model(prompt, **{cache_argument(model): cache})
+    assert cache.get_seq_length() == 5  # the model filled the cache it was given
+    assert cache_argument(Before()) == "past_key_values"
