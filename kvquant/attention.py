@@ -13,7 +13,7 @@ their window), as long as they hold the same tokens. q_heads is a multiple of kv
 (additive, broadcastable to ``[batch, q_heads, new_tokens, tokens]``) is added to the
 scores.
 
-No full-precision copy of the history is ever made:
+In decode (one query token) no full-precision copy of the history is made:
 
 * **compiled** (``torch.compile``, ``jax.jit``; ``compiled=True`` in PyTorch): the
   scores are ``sum(q * dequantize(k))`` over head_dim and the output
@@ -23,6 +23,11 @@ No full-precision copy of the history is ever made:
 * **eager** PyTorch: ``chunk_tokens`` tokens at a time are dequantized into a small
   buffer and multiplied (the scores of all tokens, a fraction 1/head_dim of the keys'
   size per query head, are kept for an exact softmax).
+
+Several query tokens at once in PyTorch (a prefill, a chunk), outside a
+``torch.compile`` trace, dequantize the history once for that call and use torch's
+scaled_dot_product_attention, much faster than the reductions above for many rows;
+a history holding a NaN keeps the reductions (docs/attention.md, "Prefill").
 
 Attention is a sum, so its bits are not promised across frameworks or paths; what is
 promised, and tested (tests/test_attention.py), is in docs/attention.md: the result is
