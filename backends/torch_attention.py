@@ -367,14 +367,14 @@ def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool
     if compiled and not torch.compiler.is_compiling():
         k_parts, k_window, k_meta = _flat(keys)
         v_parts, v_window, v_meta = _flat(values)
+        fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))
+        key = (k_meta, v_meta, scale, causal, fp8 and keeps_subnormals(query.device))
         token_major = [t for t in (k_window, v_window) if t is not None]
         for parts in (k_parts, v_parts):
             if parts is not None:
                 token_major += [p for p in parts if p is not None]
         _mark_token_axes(*token_major)
-        if query.shape[TOKEN_AXIS] > 1:  # prefill chunks of any length share a graph; one token has its own
+        if query.shape[TOKEN_AXIS] > 1:  # chunks of any length share a graph; one token has its own
             _mark_token_axes(query)
-        fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))
-        fast = fp8 and keeps_subnormals(query.device)
-        return _compiled_attend(k_meta, v_meta, scale, causal, fast)(query, k_parts, k_window, v_parts, v_window, mask)
+        return _compiled_attend(*key)(query, k_parts, k_window, v_parts, v_window, mask)
     return _attend(query, keys, values, scale, causal, mask, compiled or torch.compiler.is_compiling(), chunk_tokens)

@@ -113,6 +113,8 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per cache (the median is reported)")
+    parser.add_argument("--cache", action="append", default=[],
+                        help="only the caches whose name contains this (repeatable); DynamicCache always runs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -128,6 +130,7 @@ def main():
     default_attention = model.config._attn_implementation
     rows = []
     prompts = args.prompt or [512, 2048, 4096]
+    configs = [c for i, c in enumerate(CONFIGS) if i == 0 or not args.cache or any(w in c[0] for w in args.cache)]
 
     def select(fmt, attention):
         if attention is None:
@@ -141,19 +144,19 @@ def main():
     # Every cache is warmed up first (the first decode steps of a process pay one-time
     # costs, and compiled attention compiles), then timed in rounds that interleave the
     # caches; each row is its median round.
-    bar = tqdm(total=len(prompts) * len(CONFIGS) * (args.rounds + 1), desc="bench_generate", unit="run")
+    bar = tqdm(total=len(prompts) * len(configs) * (args.rounds + 1), desc="bench_generate", unit="run")
     for length in prompts:
         ids = text_ids[:, :length]
-        for _, fmt, attention in CONFIGS:
+        for _, fmt, attention in configs:
             decode_rate(model, ids[:, :300], select(fmt, attention), 4)
             bar.update()
-        timed = {name: [] for name, _, _ in CONFIGS}
+        timed = {name: [] for name, _, _ in configs}
         for _ in range(args.rounds):
-            for name, fmt, attention in CONFIGS:
+            for name, fmt, attention in configs:
                 timed[name].append(decode_rate(model, ids, select(fmt, attention), args.new))
                 bar.update()
-        base = statistics.median(rate for rate, _ in timed[CONFIGS[0][0]])
-        for name, _, _ in CONFIGS:
+        base = statistics.median(rate for rate, _ in timed[configs[0][0]])
+        for name, _, _ in configs:
             rate = statistics.median(r for r, _ in timed[name])
             split = {p: statistics.median(s[p] for _, s in timed[name]) for p in timed[name][0][1]}
             rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base,

@@ -225,6 +225,10 @@ class _GrowingStore:
         self.arrays = None  # (codes, scales[, zeros]) buffers, or None before the first write
         self.length = 0
         self.shape = None  # the quantized tensor's [batch, kv_heads, tokens, head_dim], tokens = length
+        # view()'s last answer, until the next write or reorder: attention asks every
+        # decode step, and with quantize_every > 1 the quantized part rarely changes
+        # (building it anew cost about 10 us a side, per layer and step).
+        self._view = None
 
     def capacity(self) -> int:
         return 0 if self.arrays is None else self.arrays[0].shape[TOKEN_AXIS]
@@ -236,6 +240,7 @@ class _GrowingStore:
         return self.stored.group_size if i > 0 and info.per_channel else 1
 
     def write(self, ops, q: QuantizedKV) -> None:
+        self._view = None
         parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
         new = q.shape[TOKEN_AXIS]
         need = self.length + new
@@ -265,11 +270,18 @@ class _GrowingStore:
     def view(self, source_dtype: str, backend: str) -> Optional[QuantizedKV]:
         if not self.length:
             return None
+        if self._view is not None and self._view.source_dtype == source_dtype and self._view.backend == backend:
+            return self._view
         parts = [a if _per_tensor(a) else a[:, :, :self.length // self._tokens_per_row(i)]
                  for i, a in enumerate(self.arrays)]
         zeros = parts[2] if len(parts) == 3 else None
-        return QuantizedKV(parts[0], parts[1], zeros, self.stored.format, self.stored.group_size,
-                           self.shape, source_dtype, backend)
+        self._view = QuantizedKV(parts[0], parts[1], zeros, self.stored.format, self.stored.group_size,
+                                 self.shape, source_dtype, backend)
+        return self._view
+
+    def replace(self, arrays, shape) -> None:
+        """New buffers (a reordered batch): the cached view goes with the old ones."""
+        self.arrays, self.shape, self._view = arrays, shape, None
 
 
 class LayerCache:
@@ -482,9 +494,8 @@ class LayerCache:
         """Reorder the batch (beam search): every stored array takes ``beam_index``."""
         for store in self._stores:
             if store.arrays is not None:
-                store.arrays = tuple(a if _per_tensor(a) else self._token_major(self._ops.take(a, beam_index, 0))
-                                     for a in store.arrays)
-                store.shape = (len(beam_index),) + store.shape[1:]
+                store.replace(tuple(a if _per_tensor(a) else self._token_major(self._ops.take(a, beam_index, 0))
+                                    for a in store.arrays), (len(beam_index),) + store.shape[1:])
         self._windows = [None if w is None else self._ops.take(w, beam_index, 0) for w in self._windows]
         if self._signature is not None:
             s = self._signature
