@@ -240,6 +240,12 @@ def weighted_values(p: torch.Tensor, values, compiled: bool, chunk_tokens: int,
     return out
 
 
+def _causally_visible(rows: torch.Tensor, n: int, total: int) -> torch.Tensor:
+    """[rows, total] bool: query row r (the r-th of the n newest tokens of a history of
+    `total`) sees the tokens up to its own position."""
+    return torch.arange(total, device=rows.device)[None, :] <= (total - n + rows)[:, None]
+
+
 def _attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int,
             subnormal_floats: bool = False):
     b, hq, n, d = query.shape
@@ -251,8 +257,7 @@ def _attend(query, keys, values, scale: float, causal: bool, mask, compiled: boo
         m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
         s = s + m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
     if causal and n > 1:
-        row = torch.arange(n, device=s.device).repeat(hq // kv_heads)
-        visible = torch.arange(total, device=s.device)[None, :] <= (total - n + row)[:, None]
+        visible = _causally_visible(torch.arange(n, device=s.device).repeat(hq // kv_heads), n, total)
         s = torch.where(visible, s, torch.full((), float("-inf"), device=s.device))
     p = torch.softmax(s, dim=-1)
     out = weighted_values(p, values, compiled, chunk_tokens, subnormal_floats)
@@ -346,7 +351,7 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
     if mask is not None:
         bias = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
     if causal:
-        visible = torch.arange(total, device=k.device)[None, :] <= (total - n + torch.arange(n, device=k.device))[:, None]
+        visible = _causally_visible(torch.arange(n, device=k.device), n, total)
         hidden = torch.where(visible, torch.zeros((), device=k.device), torch.full((), float("-inf"), device=k.device))
         bias = hidden if bias is None else bias + hidden
     out = torch.nn.functional.scaled_dot_product_attention(
