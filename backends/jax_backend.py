@@ -609,6 +609,7 @@ class _Kernels(KernelSet):
 
     def __init__(self, jit: bool):
         super().__init__(globals(), (lambda fn, static: jax.jit(fn, static_argnums=static)) if jit else None)
+        self.compiles_per_shape = True  # op by op, JAX compiles each operation per shape
 
     def fp8_quantize_per_tensor(self, x, static_scale):
         if static_scale is None:

@@ -16,12 +16,18 @@ for.
 Compiled variants (torch.compile, jax.jit, JAX op by op) specialise per shape: case
 by case, a sample of 211 cases cost some 800 compilations per variant; as bundles,
 all 1,299 bundleable cases need about 80 quantize compilations (one per format,
-dtype and width) and 60 dequantize ones.
+dtype and width) and 60 dequantize ones. Where a variant compiles per shape and dtype
+(``compiles_per_shape``), bundles share more (``SharedCompilations``): a format's
+group sizes take the input dtypes in turn, and every case whose dtype is not the one
+paired with its group size rides as float32 rows, which by the spec's first step
+(widening to float32, exact) are the same input; each bundle dequantizes into one
+output dtype. Every case is still checked; what is given up is the cross product
+(format, group size, input dtype, output dtype), which ``--full`` keeps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,7 +35,7 @@ from kvquant._formats import FORMATS
 from kvquant._spec import OUTPUT_DTYPES
 from kvquant._types import Format
 
-from .cases import NP_DTYPES, Case, Spec
+from .cases import DTYPES, NP_DTYPES, Case, Spec
 from .reference import dequantize_with, output_names, quantize_with, reference_backend, reference_outputs
 from .runner import Mismatch, with_arbiter, compare, to_backend
 
@@ -48,6 +54,44 @@ def bundleable(case: Case) -> bool:
     if case.spec.format is Format.FP8_PER_TENSOR:
         return case.spec.static_scale is not None and case.on_nonfinite == "raise"
     return True
+
+
+def paired_dtype(spec: Spec) -> Optional[str]:
+    """Under ``SharedCompilations``, the input dtype a format's group size is compiled
+    for: the format's group sizes take the input dtypes in turn (INT4: G32 float32,
+    G64 float16, G128 bfloat16), so every (format, group size) and every (format,
+    dtype) is compiled, not each (format, group size, dtype). None for formats without
+    group sizes, which keep every dtype."""
+    sizes = spec.info.group_sizes
+    if not sizes or spec.group_size is None:
+        return None
+    return DTYPES[sizes.index(spec.group_size) % len(DTYPES)]
+
+
+@dataclass(frozen=True)
+class SharedCompilations:
+    """How cases share calls on a variant: ``compiling`` where each new input shape or
+    dtype compiles anew (the kernels' ``compiles_per_shape``) and the profile is quick."""
+
+    compiling: bool = False
+
+    def carrier_dtype(self, case: Case) -> str:
+        """The input dtype of the bundle that carries ``case``: its own, or float32 rows
+        where a compiling variant has not paired its dtype with its group size (a
+        float16 or bfloat16 input widened to float32 is the spec's own first step, so the
+        expected bits are the same)."""
+        paired = paired_dtype(case.spec) if self.compiling else None
+        if paired is None or case.dtype in (paired, "float32"):
+            return case.dtype
+        return "float32"
+
+    def out_dtypes(self, spec: Spec, in_dtype: str) -> Tuple[str, ...]:
+        """The output dtypes a call's outputs are dequantized into: every one, or for a
+        compiling variant one, the dtype paired with the group size (else the input's),
+        so that each (format, group size) and each (format, output dtype) is compiled."""
+        if not self.compiling:
+            return tuple(OUTPUT_DTYPES)
+        return (paired_dtype(spec) or in_dtype,)
 
 
 def _width(case: Case) -> int:
@@ -74,6 +118,7 @@ class Bundle:
     spec: Spec
     dtype: str
     width: int
+    out_dtypes: Tuple[str, ...] = tuple(OUTPUT_DTYPES)
     cases: List[Case] = field(default_factory=list)
     starts: Dict[str, int] = field(default_factory=dict)  # each case's first row, by case id
     used: int = 0  # rows the cases fill
@@ -137,13 +182,14 @@ class Bundle:
         return np.stack(parts) if self._indexed_by(output) == "calls" else np.concatenate(parts)
 
 
-def make_bundles(cases: Sequence[Case]) -> List[Bundle]:
-    """The bundleable cases grouped by (spec, input dtype, row width), in first-seen order."""
+def make_bundles(cases: Sequence[Case], sharing: SharedCompilations = SharedCompilations()) -> List[Bundle]:
+    """The bundleable cases grouped by (spec, input dtype, row width), in first-seen
+    order; the input dtype is each case's carrier (``SharedCompilations``)."""
     bundles: Dict[Tuple, Bundle] = {}
     for case in cases:
-        key = (case.spec, case.dtype, _width(case))
+        key = (case.spec, sharing.carrier_dtype(case), _width(case))
         if key not in bundles:
-            bundles[key] = Bundle(case.spec, case.dtype, key[2])
+            bundles[key] = Bundle(case.spec, key[1], key[2], sharing.out_dtypes(case.spec, key[1]))
         bundles[key].add(case)
     return list(bundles.values())
 
@@ -173,7 +219,7 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
     found: Dict[str, List[Mismatch]] = {case.id: [] for case in bundle.cases}
     info = FORMATS[bundle.spec.format]
     names = output_names(bundle.spec)
-    where = f"as rows of a [{bundle.rows}, {bundle.width}] bundle of {len(bundle.cases)} cases"
+    where = f"as rows of a [{bundle.rows}, {bundle.width}] {bundle.dtype} bundle of {len(bundle.cases)} cases"
 
     def fail_all(operation: str, output: str, message: str) -> None:
         for case in bundle.cases:
@@ -216,7 +262,7 @@ def run_bundle(ops, bundle: Bundle, device=None) -> Dict[str, List[Mismatch]]:
             joined = bundle.join(name, [p[i] for p in parts])
             check(info.quantize_method, name, joined, name, expected_inputs[i].shape)
     inputs = [bundle.calls(name, a) for name, a in zip(names, expected_inputs)]
-    for dt in OUTPUT_DTYPES:
+    for dt in bundle.out_dtypes:
         try:
             parts = []
             for call in zip(*inputs):

@@ -10,13 +10,15 @@ from typing import List
 
 import numpy as np
 
+from .bundles import SharedCompilations
 from .cases import DTYPES, Spec, _make
 from .runner import Mismatch, run_case
 
 HEAD_DIMS = (64, 96, 128)  # few, so compiled variants specialise few times
 
 
-def run_property(ops, spec: Spec, device=None, examples: int = 25) -> List[Mismatch]:
+def run_property(ops, spec: Spec, device=None, examples: int = 25,
+                 sharing: SharedCompilations = SharedCompilations()) -> List[Mismatch]:
     try:
         from hypothesis import HealthCheck, given, settings
         from hypothesis import strategies as st
@@ -44,7 +46,7 @@ def run_property(ops, spec: Spec, device=None, examples: int = 25) -> List[Misma
         # The id names every drawn parameter: expected outputs are cached by case id.
         name = f"{'x'.join(map(str, lead))}x{head_dim}-2^{exponent}-seed{seed}" + ("-outlier" if outlier else "")
         case = _make("property", spec, dtype, name, np.clip(x, -3.4e38, 3.4e38), ("Property",))
-        result = run_case(ops, case, device)
+        result = run_case(ops, case, device, sharing.out_dtypes(spec, dtype))
         if result.mismatches:
             found[:] = result.mismatches
             raise AssertionError(str(result.mismatches[0]))

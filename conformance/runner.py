@@ -148,7 +148,9 @@ def backend_input(ops, case: Case, device=None):
     return arr.swapaxes(1, 2) if case.layout == "swapaxes" else arr
 
 
-def run_case(ops, case: Case, device=None) -> CaseResult:
+def run_case(ops, case: Case, device=None, out_dtypes: Sequence[str] = OUTPUT_DTYPES) -> CaseResult:
+    """The case's quantize outputs, and dequantization of the reference's outputs into
+    each of ``out_dtypes``, compared bit for bit with the reference's."""
     rt = ops.runtime
     result = CaseResult(ops.name, ops.variant, case)
     add = result.mismatches.append
@@ -171,7 +173,7 @@ def run_case(ops, case: Case, device=None) -> CaseResult:
                 add(with_arbiter(m, ops, case, name))
     dop = FORMATS[case.spec.format].dequantize_method
     ref_outs = [to_backend(ops, expected[n], device) for n in _names(case.spec)]
-    for dt in OUTPUT_DTYPES:
+    for dt in out_dtypes:
         try:
             out = _dequantize(ops, case.spec, ref_outs, shape, dt)
         except Exception as exc:
@@ -275,8 +277,9 @@ def _flat_layout(arrays: Sequence[np.ndarray], spec: Spec) -> List[np.ndarray]:
     return out
 
 
-def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
-    """Properties every backend must have, beyond matching the reference."""
+def run_invariance(ops, check: str, spec: Spec, device=None, trace: bool = True) -> List[Mismatch]:
+    """Properties every backend must have, beyond matching the reference. ``trace``:
+    whether seed-types also runs its calls under the kernels' ``trace``."""
     x_np = invariance_inputs(spec)["float32"]
     label = f"invariance/{spec.label}/float32/{check}"
     fail = lambda msg: [Mismatch(ops.name, ops.variant, label, FORMATS[spec.format].quantize_method, "*", msg)]  # noqa: E731
@@ -324,7 +327,7 @@ def run_invariance(ops, check: str, spec: Spec, device=None) -> List[Mismatch]:
     if check == "raise":
         return _check_raise(ops, spec, label, device)
     if check == "seed-types":
-        return _check_seed_types(ops, spec, label, device)
+        return _check_seed_types(ops, spec, label, device, trace)
     if check == "every-code":
         return _check_every_code(ops, spec, label, device)
     if check == "caller-params":
@@ -387,7 +390,7 @@ def _check_raise(ops, spec: Spec, label: str, device) -> List[Mismatch]:
     return found
 
 
-def _check_seed_types(ops, spec: Spec, label: str, device) -> List[Mismatch]:
+def _check_seed_types(ops, spec: Spec, label: str, device, trace_too: bool = True) -> List[Mismatch]:
     """The seed's own argument types, as its users pass them: the 2-D layout with
     explicit num_tokens and head_dim, the group size as an ``Int4GroupSize`` member, the
     output dtype as the framework's dtype object and as a string; called, and where the
@@ -418,7 +421,7 @@ def _check_seed_types(ops, spec: Spec, label: str, device) -> List[Mismatch]:
     names = list(info.output_names) + [f"dequant[{dt}]" for dt in OUTPUT_DTYPES]
     runs = [("called", lambda fn: fn)]
     trace = getattr(ops.kernels, "trace", None)
-    if trace is not None:
+    if trace is not None and trace_too:
         runs.append(("traced", trace))
     describe = lambda dts: ", ".join(getattr(d, "__name__", None) or repr(d) for d in dts)  # noqa: E731
     found = []
@@ -591,8 +594,10 @@ def resident_bytes() -> Optional[int]:
         return None
 
 
-def backend_variants(names: Optional[Iterable[str]] = None, variants: Optional[Iterable[str]] = None) -> List[Any]:
-    """Every (backend, variant) object to check: all installed backends by default."""
+def backend_variants(names: Optional[Iterable[str]] = None, variants: Optional[Iterable[str]] = None,
+                     missing_ok: bool = False) -> List[Any]:
+    """Every (backend, variant) object to check: all installed backends by default. A
+    named backend that is not installed raises, unless ``missing_ok``."""
     import kvquant
 
     chosen = list(names) if names else None
@@ -601,7 +606,7 @@ def backend_variants(names: Optional[Iterable[str]] = None, variants: Optional[I
         try:
             ops = kvquant.get_backend(name)
         except kvquant.BackendNotFoundError:
-            if chosen:
+            if chosen and not missing_ok:
                 raise
             continue
         for variant, v_ops in ops.variants().items():

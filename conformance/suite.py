@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from . import cases as C
-from .bundles import SharedRun, bundleable, make_bundles
+from .bundles import SharedCompilations, SharedRun, bundleable, make_bundles, paired_dtype
 from .runner import INVARIANCE_CHECKS, Mismatch, run_case, run_invariance
 from .vectors import golden_cases
 
@@ -62,6 +62,7 @@ PROFILES = ("quick", "full")
 # many cases, chosen to cover the cell's edge-case flags first; fewer property draws.
 QUICK_CASES_PER_CELL = 1
 QUICK_PROPERTY_EXAMPLES = 3
+QUICK_PROPERTY_EXAMPLES_COMPILING = 1  # each draw is a new shape to compile
 QUICK_INT4_GROUP = 64  # the property draws and invariances of the quick profile take INT4 at this G
 
 
@@ -77,22 +78,26 @@ def all_cases(families: Tuple[str, ...] = tuple(CASE_FAMILIES)) -> Tuple[C.Case,
     return cases
 
 
-def sample_cases(cases: Sequence[C.Case], per_cell: int) -> List[C.Case]:
-    """At most ``per_cell`` cases of each (family, format label, dtype) cell: first the
-    case whose flags add the most not yet covered in its cell; among equals, one whose
-    input shape an earlier pick already has (compiled variants specialise per shape, so
-    a new shape is a new compilation), then the family's own order. The result keeps
-    the cases' order."""
+def sample_cases(cases: Sequence[C.Case], per_cell: int, sharing: SharedCompilations = SharedCompilations()) -> List[C.Case]:
+    """At most ``per_cell`` cases of each (family, format label, dtype) cell, or for a
+    compiling variant (``sharing``; every case is a compilation of its own) of each
+    (family, format) cell, the bundles having reached every dtype: first the case whose
+    flags add the most not yet covered in its cell; among equals, one whose group size
+    is paired with its dtype (bundles.paired_dtype), then one whose input shape an
+    earlier pick already has (compiled variants specialise per shape, so a new shape is
+    a new compilation), then the family's own order. The result keeps the cases' order."""
     cells: Dict[tuple, List[C.Case]] = {}
     for case in cases:
-        cells.setdefault((case.family, case.spec.label, case.dtype), []).append(case)
+        key = (case.family, case.spec.format) if sharing.compiling else (case.family, case.spec.label, case.dtype)
+        cells.setdefault(key, []).append(case)
     chosen, shapes = set(), set()
     for members in cells.values():
         covered: set = set()
         for _ in range(min(per_cell, len(members))):
             rest = [c for c in members if c.id not in chosen]
             # max() keeps the first of equal keys: the family's own order.
-            best = max(rest, key=lambda c: (len(set(c.flags) - covered), c.x.shape in shapes))
+            best = max(rest, key=lambda c: (len(set(c.flags) - covered), paired_dtype(c.spec) in (None, c.dtype),
+                                            c.x.shape in shapes))
             chosen.add(best.id)
             shapes.add(best.x.shape)
             covered |= set(best.flags)
@@ -126,12 +131,14 @@ def _unimplemented_check(ops, fmt, required: bool) -> Check:
 
 def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = None, device: Optional[str] = None,
                 property_examples: Optional[int] = None, profile: str = "full",
-                require: Iterable[str] = ()) -> Iterator[Check]:
+                require: Iterable[str] = (), share_compilations: bool = True) -> Iterator[Check]:
     """Every check of the suite for each backend variant in ``ops_list``. ``profile``
     "full" runs every case on its own; "quick" every case that can share a call as rows
     of a bundle (conformance/bundles.py), a sample of the others that still reaches
     every cell (sample_cases), fewer property draws, and property draws and
-    invariances at one group size per format. A format
+    invariances at one group size per format; on variants that compile per shape, unless
+    ``share_compilations`` is False, with compilations shared (bundles.SharedCompilations).
+    A format
     a backend does not implement gets one "unimplemented" check instead of its cases,
     which fails only if its spec version is in ``require``."""
     if profile not in PROFILES:
@@ -140,35 +147,39 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
     unknown = set(families) - set(SUITE_FAMILIES)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; expected some of {', '.join(SUITE_FAMILIES)}")
-    if property_examples is None:
-        property_examples = QUICK_PROPERTY_EXAMPLES if profile == "quick" else 25
+    examples_given = property_examples
     case_families = tuple(f for f in CASE_FAMILIES if f in families)
     cases = all_cases(case_families) if case_families else ()
     bundled: Sequence[C.Case] = ()
+    alone: Sequence[C.Case] = cases
     if profile == "quick":
         # Every case that can share a call with others runs as rows of a bundle
         # (conformance/bundles.py); of the rest, a sample runs case by case.
         bundled = [c for c in cases if bundleable(c)]
-        cases = sample_cases([c for c in cases if not bundleable(c)], QUICK_CASES_PER_CELL)
+        alone = [c for c in cases if not bundleable(c)]
     require = {str(v) for v in require}
     family_specs = C.all_specs(v11="sampled")
     if profile == "quick":  # one group size per format; the case families sweep every G
         family_specs = [s for s in family_specs if s.format is not C.Format.INT4 or s.group_size == QUICK_INT4_GROUP]
     for ops in ops_list:
         vid = _variant_id(ops)
+        sharing = SharedCompilations(profile == "quick" and share_compilations
+                                     and bool(getattr(ops.kernels, "compiles_per_shape", False)))
+        property_examples = examples_given if examples_given is not None else (
+            25 if profile == "full" else QUICK_PROPERTY_EXAMPLES_COMPILING if sharing.compiling else QUICK_PROPERTY_EXAMPLES)
         missing = {spec.format for spec in C.all_specs() if not implements(ops, spec)}
         for fmt in sorted(missing, key=lambda f: f.value):
             yield _unimplemented_check(ops, fmt, C.FORMATS[fmt].spec_version in require)
-        for bundle in make_bundles([c for c in bundled if c.spec.format not in missing]):
+        for bundle in make_bundles([c for c in bundled if c.spec.format not in missing], sharing):
             shared = SharedRun(ops, bundle, device)
             for case in bundle.cases:
                 yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
                             functools.partial(shared.mismatches, case), case.flags)
-        for case in cases:
+        for case in (sample_cases(alone, QUICK_CASES_PER_CELL, sharing) if profile == "quick" else alone):
             if case.spec.format in missing:
                 continue
             yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
-                        _bind_case(ops, case, device), case.flags)
+                        _bind_case(ops, case, device, sharing.out_dtypes(case.spec, case.dtype)), case.flags)
         # Property draws and invariances take spec v1.1's formats at one group size each
         # (cases.V11_SAMPLED_GROUPS), and in the quick profile INT4 too: under
         # torch.compile every draw's shape is compiled anew, 45 s per format here; the
@@ -178,36 +189,40 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                 if spec.format in missing:
                     continue
                 yield Check(f"{vid}/property/{spec.label}/any/hypothesis", ops.name, ops.variant, "property",
-                            spec.label, "any", _bind_property(ops, spec, device, property_examples))
+                            spec.label, "any", _bind_property(ops, spec, device, property_examples, sharing))
+        # Inside a caller's trace, compiled kernels step aside for their eager code (one
+        # graph with the caller's), so tracing them again compiles what the eager
+        # variant's seed-types check compiled: a compiling variant skips it.
+        trace = not (sharing.compiling and getattr(ops.kernels, "wrapped", False))
         if "invariance" in families:
             for spec in family_specs:
                 if spec.format in missing:
                     continue
                 for check in INVARIANCE_CHECKS:
                     yield Check(f"{vid}/invariance/{spec.label}/float32/{check}", ops.name, ops.variant,
-                                "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device))
+                                "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device, trace))
 
 
-def _bind_case(ops, case, device):
+def _bind_case(ops, case, device, out_dtypes):
     def run():
         with np.errstate(all="ignore"):
-            return run_case(ops, case, device).mismatches
+            return run_case(ops, case, device, out_dtypes).mismatches
     return run
 
 
-def _bind_invariance(ops, check, spec, device):
+def _bind_invariance(ops, check, spec, device, trace):
     def run():
         with np.errstate(all="ignore"):
-            return run_invariance(ops, check, spec, device)
+            return run_invariance(ops, check, spec, device, trace)
     return run
 
 
-def _bind_property(ops, spec, device, examples):
+def _bind_property(ops, spec, device, examples, sharing):
     def run():
         from .properties import run_property
 
         with np.errstate(all="ignore"):
-            return run_property(ops, spec, device, examples)
+            return run_property(ops, spec, device, examples, sharing)
     return run
 
 

@@ -138,6 +138,9 @@ class KernelSet:
 
     def __init__(self, functions: Any, wrap: Any = None):
         self.wrapped = wrap is not None
+        # Compiled units specialise on each input shape and dtype; a backend whose eager
+        # operations compile too (JAX op by op) says so itself.
+        self.compiles_per_shape = self.wrapped
         self.units = {name: (wrap(functions[name], static) if wrap else functions[name])
                       for name, static in self.UNITS.items()}
         for name, fn in self.units.items():

@@ -76,6 +76,9 @@ class Kernels(Protocol):
         variants() -> dict              other ways to run the same kernels, by name
         trace(fn) -> fn                 the framework's compiler around a whole function
         release() -> None               forget what was compiled for the shapes seen
+        compiles_per_shape: bool        each new input shape or dtype compiles anew (the
+                                        conformance suite's quick profile then shares
+                                        compilations across cases: docs/conformance.md)
     """
 
     def fp8_quantize_per_token(self, x) -> Tuple[Any, Any]: ...

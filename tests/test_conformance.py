@@ -52,7 +52,10 @@ def _checks():
         # its property draws and invariances as the full profile does.
         own = ("property", "invariance")
         checks += [c for c in full if not _is_v11(c) or c.family in own]
-        checks += [c for c in iter_checks([ops], profile="quick") if _is_v11(c) and c.family not in own]
+        # Every (format, group size, dtype) still: the command's shared compilations are
+        # the command's trade (test_compiling_variants_* below hold what it keeps).
+        checks += [c for c in iter_checks([ops], profile="quick", share_compilations=False)
+                   if _is_v11(c) and c.family not in own]
     return checks
 
 
@@ -309,6 +312,59 @@ def test_bundles_fail_every_case_that_fails_alone(name):
                 assert (first.operation, first.output, first.index, first.expected_hex, first.actual_hex,
                         first.input_hex) == (same.operation, same.output, same.index, same.expected_hex,
                                              same.actual_hex, same.input_hex), cid
+
+
+def _compiling(ops):
+    """The backend as a compiling variant (each new shape or dtype compiled anew) looks
+    to the quick profile."""
+    ops.kernels.compiles_per_shape = True
+    return ops
+
+
+def test_compiling_variants_check_every_case_in_fewer_compilations():
+    """Where each new shape or dtype compiles, the quick profile still checks every
+    bundleable case and reaches every (format, group size) and (format, dtype), in calls
+    of far fewer distinct (kernel, group size, dtype, width) than the plain quick profile."""
+    from kvquant.conformance.bundles import SharedCompilations, bundleable, make_bundles
+    from kvquant.conformance.cases import DTYPES
+    from kvquant.conformance.suite import CASE_FAMILIES, all_cases
+
+    cases = [c for c in all_cases(tuple(CASE_FAMILIES)) if bundleable(c)]
+    plain, shared = make_bundles(cases), make_bundles(cases, SharedCompilations(True))
+    assert sorted(c.id for b in shared for c in b.cases) == sorted(c.id for c in cases)
+    quantize_calls = lambda bundles: {(b.spec.format, b.spec.group_size, b.dtype, b.width) for b in bundles}  # noqa: E731
+    dequantize_calls = lambda bundles: {(b.spec.info.kernel, b.spec.group_size, dt, b.width)  # noqa: E731
+                                        for b in bundles for dt in b.out_dtypes}
+    assert len(quantize_calls(shared)) < 0.7 * len(quantize_calls(plain))
+    assert len(dequantize_calls(shared)) < 0.4 * len(dequantize_calls(plain))
+    reached = lambda f: {f(b) for b in shared}  # noqa: E731
+    formats = {c.spec.format for c in cases}
+    assert reached(lambda b: (b.spec.format, b.dtype)) == {(f, d) for f in formats for d in DTYPES}
+    assert reached(lambda b: (b.spec.format, b.spec.group_size)) == {(c.spec.format, c.spec.group_size) for c in cases}
+    assert {(b.spec.format, dt) for b in shared for dt in b.out_dtypes} == {(f, d) for f in formats for d in DTYPES}
+    # A case rides in another dtype's bundle only as float32 rows, which hold its input exactly.
+    assert all(b.dtype in (c.dtype, "float32") for b in shared for c in b.cases)
+    # And the checks that result pass on a correct backend and name each case as its own.
+    ops = _compiling(make_broken("none"))
+    checks = list(iter_checks([ops], families=("golden", "rounding-ties", "shapes"), profile="quick"))
+    assert {c.id.split("/", 1)[1] for c in checks} >= {c.id for c in cases if c.family in ("golden", "rounding-ties")}
+    assert {(c.family, c.label.split("-")[0]) for c in checks if c.family == "shapes"} == \
+        {("shapes", c.spec.label.split("-")[0]) for c in all_cases(("shapes",))}
+    assert all(o.status == "pass" for o in run_checks(checks))
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_compiling_variants_still_catch_every_bug_in_every_format_it_touches(name):
+    """Sharing compilations gives up the cross product (format, group size, input dtype,
+    output dtype), not a bug: every format whose cases a broken backend fails case by
+    case still has a failing case in the compiling quick profile."""
+    families = ("golden", "fp8-boundary", "rounding-ties", "degenerate")
+    fmt = lambda o: o.check.label.split("-")[0]  # noqa: E731
+    alone = run_checks(iter_checks([make_broken(name)], families=families, profile="full"))
+    shared = run_checks(iter_checks([_compiling(make_broken(name))], families=families, profile="quick"))
+    failing_alone = {fmt(o) for o in alone if o.status == "fail"}
+    assert failing_alone, name
+    assert {fmt(o) for o in shared if o.status == "fail"} == failing_alone
 
 
 # ------------------------------------------------------ spec v1 backends stay checkable
