@@ -25,6 +25,7 @@ RELEASE_ABOVE_BYTES = 1 << 30
 # release left: what a release cannot free (the cases, the expected bits, the libraries)
 # must not make every later check release and compile again.
 RELEASE_HEADROOM_BYTES = 128 << 20
+RELEASE_FLOOR_BYTES = 640 << 20  # below this a framework's own baseline would release every check
 
 
 class UsageError(Exception):
@@ -54,7 +55,7 @@ class Progress:
     on a terminal, a plain line every ``every`` seconds (and at the end) elsewhere, so
     that a log or CI shows the run is alive."""
 
-    def __init__(self, label: str, total: int, stream, bar: bool, every: float = 10.0):
+    def __init__(self, label: str, total: int, stream, bar: bool, every: float = 10.0, position: int = 0):
         self.label, self.total, self.stream, self.every = label, total, stream, every
         self.done = self.failed = 0
         self.started = self.last = time.monotonic()
@@ -62,7 +63,8 @@ class Progress:
         if bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit="check", file=stream, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, desc=label, unit="check", file=stream, dynamic_ncols=True, leave=True,
+                            position=position)
 
     def update(self, failed: bool) -> None:
         self.done += 1
@@ -105,60 +107,45 @@ def _enable_compile_caches() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _versions(ops_list) -> dict:
-    import kvquant
-
-    found = {"kvquant": kvquant.__version__, "spec": kvquant.SPEC_VERSION, "python": platform.python_version(),
-             "platform": platform.platform()}
-    for ops in ops_list:
-        found[ops.name] = {"runtime": ops.runtime.version(), "devices": list(ops.runtime.devices())}
-    return found
+def _lanes(names: List[str], jobs: int) -> List[List[str]]:
+    """Backends dealt round robin to at most ``jobs`` processes. Each backend's variants
+    stay in one process, which imports its framework once; the built-in order (numpy,
+    torch, jax, then plug-ins) puts the two compiling frameworks in different ones."""
+    count = max(1, min(jobs, len(names)))
+    return [names[i::count] for i in range(count)]
 
 
-def _cmd_conformance(args) -> int:
+def _run_lane(names: List[str], options: dict, emit) -> None:
+    """Every variant of these backends, checked in this process; what happens is told
+    through ``emit(kind, key, payload)``: "ready" (the variants and their check ids),
+    "outcome" (one check's result as plain data), "variant-done", or "usage" (bad
+    arguments). _run_lanes adds "done" after the lane, "crash" if it died."""
     import numpy as np
 
     import kvquant
     from kvquant.conformance.reference import forget_reference_outputs
     from kvquant.conformance.runner import backend_variants, release_compiled, resident_bytes
-    from kvquant.conformance.suite import (
-        KnownFailures,
-        default_known_failure_files,
-        format_table,
-        iter_checks,
-        run_checks,
-        warn_unmatched,
-    )
+    from kvquant.conformance.suite import KnownFailures, iter_checks, run_checks
 
     try:
-        ops_list = backend_variants(args.backend or None, args.variant or None)
-    except kvquant.BackendNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    if args.variant:
-        unknown = set(args.variant) - {o.variant for o in ops_list}
-        if unknown:
-            raise UsageError(f"no backend has variant(s) {', '.join(sorted(unknown))}")
-    if not ops_list:
-        raise UsageError("no backend to check")
-    names = sorted({o.name for o in ops_list})
-    known = KnownFailures.load(args.known_failures or default_known_failure_files(names))
-    profile = "full" if args.full else "quick"
-    try:
-        per_variant = [list(iter_checks([ops], args.family or None, args.device, profile=profile, require=args.require))
+        # Without --backend, a lane's share of every backend: those not installed are skipped.
+        named = [(name, ops) for name in names
+                 for ops in backend_variants([name], options["variants"] or None, missing_ok=not options["chosen"])]
+        ops_list = [ops for _, ops in named]
+        per_variant = [list(iter_checks([ops], options["families"] or None, options["device"],
+                                        profile=options["profile"], require=options["require"]))
                        for ops in ops_list]
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    warn_unmatched(known, (c.id for checks in per_variant for c in checks))
-    total = sum(map(len, per_variant))
-    print(f"kvquant conformance ({profile} profile): {total} checks over "
-          f"{', '.join(f'{o.name}/{o.variant}' for o in ops_list)}", flush=True)
+    except (kvquant.BackendNotFoundError, ValueError) as exc:
+        emit("usage", None, str(exc))
+        return
+    emit("ready", None, [{"key": f"{o.name}/{o.variant}", "name": name, "backend": o.name, "variant": o.variant,
+                          "runtime": o.runtime.version(), "devices": list(o.runtime.devices()),
+                          "ids": [c.id for c in checks]} for (name, o), checks in zip(named, per_variant)])
+    known = KnownFailures.load(options["known_files"])
     _enable_compile_caches()
-    started = time.time()
-    failures, outcomes = [], []
-    bar = not args.no_progress and sys.stderr.isatty()
-    release_above = RELEASE_ABOVE_BYTES
+    release_above = options["release_above"]
     for ops, checks in zip(ops_list, per_variant):
-        progress = Progress(f"{ops.name}/{ops.variant}", len(checks), sys.stderr if bar else sys.stdout, bar)
+        key = f"{ops.name}/{ops.variant}"
 
         def report(outcome):
             # Compiled kernels are cached per shape and dtype (JAX op by op: every
@@ -168,21 +155,15 @@ def _cmd_conformance(args) -> int:
             rss = resident_bytes()
             if rss is not None and rss > release_above:
                 release_compiled(ops)
-                release_above = max(RELEASE_ABOVE_BYTES, (resident_bytes() or 0) + RELEASE_HEADROOM_BYTES)
-            failed = outcome.status == "fail"
-            progress.update(failed)
-            if failed:
-                failures.append(outcome)
-                if len(failures) <= args.show:
-                    text = f"FAIL {outcome.check.id}\n  " + "\n  ".join(str(m) for m in outcome.mismatches[:3])
-                    if progress.bar is not None:
-                        progress.bar.write(text)
-                    else:
-                        print(text, flush=True)
+                release_above = max(options["release_above"], (resident_bytes() or 0) + RELEASE_HEADROOM_BYTES)
+            c = outcome.check
+            emit("outcome", key, {"id": c.id, "backend": c.backend, "variant": c.variant, "family": c.family,
+                                  "label": c.label, "dtype": c.dtype, "flags": list(c.flags),
+                                  "not_implemented": c.not_implemented, "known_reason": outcome.known_reason,
+                                  "mismatches": [m.as_dict() for m in outcome.mismatches]})
 
         with np.errstate(all="ignore"):
-            outcomes += run_checks(checks, known, report)
-        progress.close()
+            run_checks(checks, known, report)
         # No later variant uses this one's compiled kernels; keeping them all made a
         # full run grow to several GB.
         release_compiled(ops)
@@ -190,32 +171,209 @@ def _cmd_conformance(args) -> int:
         # The expected bits of some 1,300 cases: recomputed by the next variant in about
         # 2 s, cheaper than holding them (and their three dequantized dtypes) throughout.
         forget_reference_outputs()
-    print()
-    print(format_table(outcomes))
-    passed = sum(o.status in ("pass", "known", "xpass") for o in outcomes)
-    absent = sum(o.status == "unimplemented" for o in outcomes)
-    seconds = time.time() - started
-    print(f"{passed} passed, " + (f"{absent} formats not implemented, " if absent else "")
-          + f"{len(failures)} failed in {seconds:.1f}s")
-    if args.json:
-        report = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "profile": profile,
-            "versions": _versions(ops_list),
-            "device": args.device,
-            "seconds": round(seconds, 1),
-            "passed": passed,
-            "not_implemented": absent,
-            "failed": len(failures),
-            "checks": [
-                {"id": o.check.id, "status": o.status, "known_reason": o.known_reason,
-                 "mismatches": [m.as_dict() for m in o.mismatches]}
-                for o in outcomes
-            ],
-        }
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
-    return EXIT_FAILED if failures else EXIT_OK
+        emit("variant-done", key, None)
+
+
+def _lane_process(names: List[str], options: dict, queue, lane: int) -> None:
+    """A worker process: one lane, its messages put on ``queue``, then "done"."""
+    try:
+        _run_lane(names, options, lambda kind, key, payload: queue.put((lane, kind, key, payload)))
+    except BaseException as exc:  # noqa: BLE001 - told to the parent, which fails the run
+        import traceback
+
+        queue.put((lane, "crash", None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        queue.put((lane, "done", None, None))
+
+
+def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
+    """Every lane, each message passed to ``handle(lane, kind, key, payload)`` as it
+    comes: one lane in this process, more in one spawned process each (spawned: forking
+    a process that has imported a framework is not safe)."""
+    if len(lanes) == 1:
+        _run_lane(lanes[0], options, lambda kind, key, payload: handle(0, kind, key, payload))
+        handle(0, "done", None, None)
+        return
+    import multiprocessing
+    import queue as queue_module
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_lane_process, args=(names, options, q, i), daemon=True) for i, names in enumerate(lanes)]
+    for p in procs:
+        p.start()
+    running = set(range(len(lanes)))
+    try:
+        while running:
+            try:
+                lane, kind, key, payload = q.get(timeout=5)
+            except queue_module.Empty:  # has a worker died without a word (killed for memory)?
+                for i in sorted(running):
+                    if not procs[i].is_alive():
+                        running.discard(i)
+                        handle(i, "crash", None, f"the process checking {', '.join(lanes[i])} "
+                                                 f"exited with code {procs[i].exitcode}")
+                continue
+            if kind == "done":
+                running.discard(lane)
+            handle(lane, kind, key, payload)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+class _Report:
+    """The parent's side of a run: progress per variant, failures as they come, and
+    the outcomes for the table and the JSON report, from the lanes' plain messages."""
+
+    def __init__(self, args, lanes: List[List[str]], names: List[str], known):
+        self.args, self.lanes, self.names, self.known = args, lanes, names, known
+        self.ready: dict = {}
+        self.variants: List[dict] = []
+        self.backlog: list = []
+        self.progress: dict = {}
+        self.outcomes: dict = {}
+        self.failures: list = []
+        self.crashed: List[str] = []
+        self.bar = not args.no_progress and sys.stderr.isatty()
+        self.started = time.time()
+
+    def __call__(self, lane: int, kind: str, key, payload) -> None:
+        if kind == "usage":
+            raise UsageError(payload)
+        if kind == "crash":
+            self.crashed.append(payload)
+            print(f"kvquant conformance: {payload}", file=sys.stderr, flush=True)
+        elif kind == "ready":
+            self.ready[lane] = payload
+            if len(self.ready) == len(self.lanes):
+                self._start()
+        elif len(self.ready) < len(self.lanes):
+            self.backlog.append((lane, kind, key, payload))  # told before the header
+        elif kind == "outcome":
+            self._outcome(key, payload)
+        elif kind == "variant-done" and key in self.progress:
+            self.progress[key].close()
+
+    def _start(self) -> None:
+        """Every lane has said what it will check: validate, print the header, then
+        what came meanwhile."""
+        from kvquant.conformance.suite import warn_unmatched
+
+        variants = [v for lane in range(len(self.lanes)) for v in self.ready[lane]]
+        order = {v["key"]: (self.names.index(v["name"]), i) for i, v in enumerate(variants)}
+        self.variants = sorted(variants, key=lambda v: order[v["key"]])
+        if self.args.variant:
+            unknown = set(self.args.variant) - {v["variant"] for v in self.variants}
+            if unknown:
+                raise UsageError(f"no backend has variant(s) {', '.join(sorted(unknown))}")
+        if not self.variants:
+            raise UsageError("no backend to check")
+        warn_unmatched(self.known, (i for v in self.variants for i in v["ids"]))
+        self.outcomes = {v["key"]: [] for v in self.variants}
+        print(f"kvquant conformance ({'full' if self.args.full else 'quick'} profile): {self.total} checks over "
+              f"{', '.join(v['key'] for v in self.variants)}"
+              + (f", in {len(self.lanes)} processes side by side" if len(self.lanes) > 1 else ""), flush=True)
+        self.started = time.time()
+        backlog, self.backlog = self.backlog, []
+        for message in backlog:
+            self(*message)
+
+    @property
+    def total(self) -> int:
+        return sum(len(v["ids"]) for v in self.variants)
+
+    def _outcome(self, key: str, payload: dict) -> None:
+        from kvquant.conformance.runner import Mismatch
+        from kvquant.conformance.suite import Check, Outcome
+
+        if key not in self.progress:
+            count = len(next(v for v in self.variants if v["key"] == key)["ids"])
+            self.progress[key] = Progress(key, count, sys.stderr if self.bar else sys.stdout, self.bar,
+                                          position=len(self.progress))
+        check = Check(payload["id"], payload["backend"], payload["variant"], payload["family"], payload["label"],
+                      payload["dtype"], run=None, flags=tuple(payload["flags"]),
+                      not_implemented=payload["not_implemented"])
+        found = [Mismatch(**{k: (tuple(v) if k == "index" and v is not None else v) for k, v in m.items()})
+                 for m in payload["mismatches"]]
+        outcome = Outcome(check, found, payload["known_reason"])
+        self.outcomes[key].append(outcome)
+        failed = outcome.status == "fail"
+        self.progress[key].update(failed)
+        if failed:
+            self.failures.append(outcome)
+            if len(self.failures) <= self.args.show:
+                text = f"FAIL {check.id}\n  " + "\n  ".join(str(m) for m in found[:3])
+                if self.progress[key].bar is not None:
+                    self.progress[key].bar.write(text)
+                else:
+                    print(text, flush=True)
+
+    def finish(self) -> int:
+        import kvquant
+        from kvquant.conformance.suite import format_table
+
+        for p in self.progress.values():
+            p.close()
+        every = [o for v in self.variants for o in self.outcomes[v["key"]]]
+        print()
+        print(format_table(every))
+        passed = sum(o.status in ("pass", "known", "xpass") for o in every)
+        absent = sum(o.status == "unimplemented" for o in every)
+        not_run = self.total - len(every)
+        seconds = time.time() - self.started
+        print(f"{passed} passed, " + (f"{absent} formats not implemented, " if absent else "")
+              + f"{len(self.failures)} failed" + (f", {not_run} not run (a process failed)" if not_run else "")
+              + f" in {seconds:.1f}s")
+        if self.args.json:
+            versions = {"kvquant": kvquant.__version__, "spec": kvquant.SPEC_VERSION,
+                        "python": platform.python_version(), "platform": platform.platform()}
+            for v in self.variants:
+                versions[v["backend"]] = {"runtime": v["runtime"], "devices": v["devices"]}
+            report = {
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "profile": "full" if self.args.full else "quick",
+                "versions": versions,
+                "device": self.args.device,
+                "processes": len(self.lanes),
+                "seconds": round(seconds, 1),
+                "passed": passed,
+                "not_implemented": absent,
+                "failed": len(self.failures),
+                "checks": [
+                    {"id": o.check.id, "status": o.status, "known_reason": o.known_reason,
+                     "mismatches": [m.as_dict() for m in o.mismatches]}
+                    for o in every
+                ],
+            }
+            with open(self.args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+        return EXIT_FAILED if self.failures or self.crashed or not_run else EXIT_OK
+
+
+def _cmd_conformance(args) -> int:
+    import os
+
+    import kvquant
+    from kvquant.conformance.suite import KnownFailures, default_known_failure_files
+
+    names = list(args.backend) or kvquant.available_backends()
+    known_files = args.known_failures or default_known_failure_files(names)
+    known = KnownFailures.load(known_files)  # a missing or malformed file is reported before any work
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    lanes = _lanes(names, args.jobs or cores)
+    options = {"chosen": bool(args.backend), "variants": list(args.variant), "families": list(args.family),
+               "device": args.device, "profile": "full" if args.full else "quick", "require": list(args.require),
+               "known_files": known_files,
+               # Lanes side by side share the memory budget.
+               "release_above": max(RELEASE_ABOVE_BYTES // len(lanes), RELEASE_FLOOR_BYTES)}
+    report = _Report(args, lanes, names, known)
+    _run_lanes(lanes, options, report)
+    if len(report.ready) < len(lanes):  # a lane failed before it could say what it checks
+        return EXIT_FAILED
+    return report.finish()
 
 
 def _cmd_eval(args) -> int:
@@ -238,8 +396,10 @@ def _parser() -> argparse.ArgumentParser:
         "conformance", help="check backends bit for bit against the reference",
         description="Check backends bit for bit against the reference (docs/conformance.md). The default, "
                     "quick profile runs every format, dtype, variant and family: nearly every case as rows of "
-                    "calls it shares with others of its format and dtype, the shapes family sampled; --full "
-                    "runs every case on its own.",
+                    "calls it shares with others of its format and dtype, the shapes family sampled, and on "
+                    "variants that compile per shape, fewer compilations (every format with every group size "
+                    "and every dtype, not each combination); --full runs every case on its own. Backends run "
+                    "side by side, one process per core (--jobs).",
     )
     conf.add_argument("--backend", action="append", default=[], help="backend name (repeatable); default: every installed backend")
     conf.add_argument("--variant", action="append", default=[], help="only these variants (eager, compile, jit, ...)")
@@ -254,6 +414,8 @@ def _parser() -> argparse.ArgumentParser:
     conf.add_argument("--json", default=None, help="write a machine-readable report here")
     conf.add_argument("--show", type=int, default=20, help="print details of at most this many failures")
     conf.add_argument("--no-progress", action="store_true", help="plain progress lines even on a terminal")
+    conf.add_argument("--jobs", type=int, default=0,
+                      help="processes side by side, each checking whole backends (default: one per core)")
     conf.set_defaults(func=_cmd_conformance)
     ev = sub.add_parser(
         "eval", help="quality, memory and speed of each cache format on a real LLM",

@@ -3,6 +3,7 @@
 The conformance suite must fail every one of them, and say where. Each entry names
 the operation and output where the bug must show up first.
 """
+import os
 import types
 
 import ml_dtypes
@@ -156,3 +157,19 @@ def make_broken(name: str, versions=("1", "1.1")) -> BackendOps:
 
     BrokenRuntime.name = f"broken-{name}"
     return BackendOps(f"broken-{name}", BrokenRuntime(), kernels, variant="eager")
+
+
+# Entry points for tests of the command, which runs backends in processes of its own:
+# a backend with one bug, and one whose process dies inside a kernel.
+def round_half_away_backend() -> BackendOps:
+    return make_broken("round-half-away")
+
+
+def dying_backend() -> BackendOps:
+    ops = make_broken("none")
+
+    def die(*args, **kwargs):
+        os._exit(3)
+
+    ops.kernels.int8_quantize = die
+    return ops

@@ -100,3 +100,46 @@ def test_memory_release_does_not_repeat_while_memory_stays_high(monkeypatch, cap
     assert cli.main(["conformance", "--backend", "numpy", "--family", "golden", "--no-progress"]) == 0
     assert "passed" in capsys.readouterr().out
     assert released == ["numpy", "numpy"]  # once past the budget, once at the variant's end
+
+
+def _with_backends(tmp_path, **entry_points):
+    """An environment in which ``entry_points`` (name -> "module:factory" in
+    tests/broken_backends.py) are installed kvquant backends, as a plug-in's would be."""
+    dist = tmp_path / "kvquant_test_backends-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvquant-test-backends\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(
+        "[kvquant.backends]\n" + "".join(f"{name} = {target}\n" for name, target in entry_points.items()))
+    tests = os.path.dirname(__file__)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), tests, os.environ.get("PYTHONPATH", "")])}
+
+
+def _run(args, env, cwd):
+    env = {k: v for k, v in env.items() if k != "KVQUANT_BACKEND"}
+    return subprocess.run([sys.executable, "-m", "kvquant.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def test_backends_side_by_side_give_the_report_of_one_process(tmp_path):
+    """--jobs 2 checks backends in two processes; the checks, their order and their
+    outcomes are those of one process, failures included."""
+    env = _with_backends(tmp_path, broken="broken_backends:round_half_away_backend")
+    args = ["conformance", "--backend", "numpy", "--backend", "broken", "--family", "rounding-ties", "--no-progress"]
+    one = _run(args + ["--jobs", "1", "--json", str(tmp_path / "1.json")], env, tmp_path)
+    two = _run(args + ["--jobs", "2", "--json", str(tmp_path / "2.json")], env, tmp_path)
+    assert one.returncode == two.returncode == 1, two.stdout[-2000:] + two.stderr[-2000:]
+    assert "2 processes side by side" in two.stdout and "side by side" not in one.stdout
+    assert "FAIL broken-round-half-away-eager/" in two.stdout
+    r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
+    assert r2["processes"] == 2 and r1["processes"] == 1
+    assert [(c["id"], c["status"]) for c in r1["checks"]] == [(c["id"], c["status"]) for c in r2["checks"]]
+    assert r2["failed"] == r1["failed"] > 0 and r2["passed"] == r1["passed"] > 0
+    assert {"numpy", "broken-round-half-away"} <= set(r2["versions"])
+
+
+def test_a_process_that_dies_fails_the_run(tmp_path):
+    env = _with_backends(tmp_path, dying="broken_backends:dying_backend")
+    out = _run(["conformance", "--backend", "numpy", "--backend", "dying", "--family", "golden", "--jobs", "2",
+                "--no-progress"], env, tmp_path)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "exited with code 3" in out.stderr and "dying" in out.stderr
+    assert "not run (a process failed)" in out.stdout
