@@ -218,7 +218,7 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
                     caches[c.name] = transformers.QuantizedCache(backend="quanto", config=lm.config, nbits=c.peer_bits)
                     continue
                 if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
-                    calibration = _calibration_scales(lm, window[:, :prefill])
+                    calibration = _calibration_scales(lm, window[:, :prefill], cache_name)
                 caches[c.name] = KvquantCache(lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
                                               values=_calibrated(c.values, calibration and calibration[1]),
                                               residual=c.residual)
@@ -289,17 +289,15 @@ def _calibrated(spec: Any, scale: Optional[float]) -> Any:
     return spec
 
 
-def _calibration_scales(lm, ids):
+def _calibration_scales(lm, ids, cache_name: str):
     """Calibrate-then-freeze for FP8 per tensor: one static scale for all keys and one
     for all values, from the prefill's own keys and values (an unquantized pass)."""
     import transformers
 
     from .cache import calibrate_fp8_scale
 
-    from .integrations.transformers import cache_argument
-
     cache = transformers.DynamicCache(config=lm.config)
-    lm(ids, **{cache_argument(lm): cache})
+    lm(ids, **{cache_name: cache})
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return calibrate_fp8_scale(*keys), calibrate_fp8_scale(*values)
