@@ -13,10 +13,12 @@ quantizes each token on its own; FP8 per tensor needs a static scale for that).
 
 ``LayerCache`` holds NumPy arrays or torch tensors (on their own device; nothing is
 moved to the host) and grows its storage by doubling along the token axis, so an
-append costs the quantization of the tokens leaving the window, a copy of at most
-``residual + new_tokens`` full-precision tokens, and, once in a while, a copy of the
-stored codes into a buffer twice as large (amortised O(1) per token). The returned
-history is dequantized anew on every append: O(tokens), like HF's QuantizedCache.
+append costs the quantization of the tokens leaving the window, a copy of the new
+tokens into the window's buffer, on the appends that quantize a copy of the at most
+``residual + quantize_every`` tokens that stay in the window, and, once in a while, a
+copy of the stored codes into a buffer twice as large (amortised O(1) per token). The
+returned history is dequantized anew on every append: O(tokens), like HF's
+QuantizedCache.
 
 ``JaxLayerCache`` is the functional counterpart for JAX: a pytree of fixed capacity,
 updated with ``dynamic_update_slice`` inside ``jax.jit`` without recompiling per step.
@@ -37,6 +39,7 @@ from ._formats import FORMATS, FormatInfo
 from ._ops import canonical_dtype_name, parse_group_size, parse_on_nonfinite, parse_static_scale
 from ._registry import backend_for
 from ._types import Format, Int4GroupSize, QuantizedKV
+from .attention import History
 
 TOKEN_AXIS = 2  # [batch, kv_heads, tokens, head_dim]
 
@@ -159,6 +162,9 @@ class _NumpyOps:
     def contiguous(self, arr):
         return self.np.ascontiguousarray(arr)
 
+    def copy(self, arr):
+        return arr.copy()
+
     def take(self, arr, index, axis):
         return self.np.take(arr, self.np.asarray(index), axis=axis)
 
@@ -184,6 +190,9 @@ class _TorchOps:
 
     def contiguous(self, arr):
         return arr.contiguous()
+
+    def copy(self, arr):
+        return arr.clone()
 
     def take(self, arr, index, axis):
         index = self.torch.as_tensor(index, device=arr.device)
@@ -284,6 +293,84 @@ class _GrowingStore:
         self.arrays, self.shape, self._view = arrays, shape, None
 
 
+class _Window:
+    """The full-precision tokens of one side not (yet) quantized: the residual window,
+    or every token of a side kept in full precision. A token-major buffer written in
+    place: a decode step copies its one new token instead of the whole window (a concat
+    per step read and wrote about 100 KB a side per layer for SmolLM2's 3 heads of 64
+    and a 128-token window), and the view's strides do not depend on the capacity, so
+    compiled attention does not recompile when the buffer grows. A window that shifts
+    (tokens leaving it) moves its remaining tokens to the front once per quantize call."""
+
+    def __init__(self, floor: int):
+        self.floor = floor  # the least capacity: what the window holds between quantize calls
+        self.buffer = None
+        self.length = 0
+        self._view = None  # view()'s last answer, until the next change
+
+    def view(self):
+        if self.buffer is None:
+            return None
+        if self._view is None:
+            self._view = self.buffer[:, :, :self.length]
+        return self._view
+
+    def followed_by(self, ops, arr, tokens: int):
+        """The first ``tokens`` of the window followed by ``arr`` (read only: what leaves
+        the window in this append, quantized before anything changes)."""
+        held = min(tokens, self.length)
+        if held == tokens and self.buffer is not None:
+            return self.buffer[:, :, :tokens]
+        if not held:
+            return arr[:, :, :tokens]
+        return ops.concat([self.buffer[:, :, :held], arr[:, :, :tokens - held]], TOKEN_AXIS)
+
+    def advance(self, ops, arr, leaving: int) -> None:
+        """Append ``arr`` and drop the first ``leaving`` tokens of the result."""
+        new = arr.shape[TOKEN_AXIS]
+        length = self.length + new - leaving
+        if not leaving and self.buffer is not None and length <= self.buffer.shape[TOKEN_AXIS]:
+            self.buffer[:, :, self.length:length] = arr  # a decode step, between quantize calls
+            self.length = length
+            self._view = None
+            return
+        kept, start = None, self.length
+        if leaving:
+            # The tokens that stay move to the front; a copy first, as source and
+            # destination overlap.
+            if leaving < self.length:
+                kept = ops.copy(self.buffer[:, :, leaving:self.length])
+            start = 0
+        if self.buffer is None or length > self.buffer.shape[TOKEN_AXIS]:
+            grown = max(length, self.floor, 2 * (0 if self.buffer is None else self.buffer.shape[TOKEN_AXIS]))
+            shape = tuple(arr.shape[:TOKEN_AXIS]) + (grown,) + tuple(arr.shape[TOKEN_AXIS + 1:])
+            buffer = ops.empty_token_major(arr, shape)
+            if not leaving and self.length:
+                buffer[:, :, :self.length] = self.buffer[:, :, :self.length]
+            self.buffer = buffer
+        if leaving and kept is not None:
+            self.buffer[:, :, :kept.shape[TOKEN_AXIS]] = kept
+            start = kept.shape[TOKEN_AXIS]
+        skip = max(0, leaving - self.length)
+        if new > skip:
+            self.buffer[:, :, start:length] = arr[:, :, skip:]
+        self.length = length
+        self._view = None
+
+    def replace(self, ops, arr) -> None:
+        """Hold exactly ``arr`` (a reordered batch)."""
+        length = arr.shape[TOKEN_AXIS]
+        shape = tuple(arr.shape[:TOKEN_AXIS]) + (max(length, self.floor),) + tuple(arr.shape[TOKEN_AXIS + 1:])
+        self.buffer = ops.empty_token_major(arr, shape)
+        self.buffer[:, :, :length] = arr
+        self.length = length
+        self._view = None
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+        self._view = None
+
+
 class LayerCache:
     """A quantized KV cache for one attention layer (NumPy arrays or torch tensors).
 
@@ -307,16 +394,24 @@ class LayerCache:
         self.layer = layer
         self.on_nonfinite = parse_on_nonfinite(on_nonfinite)
         self._stores = tuple(_GrowingStore(f) for f in self.formats)
-        self._windows = [None, None]  # full-precision tokens not yet quantized, per side
+        self._windows = tuple(_Window(self._window_floor(f)) for f in self.formats)
         self._signature = None  # (runtime, dtype, device, batch, kv_heads, head_dim) of the first append
         self._ops = None
         self._backend = None
 
+    def _window_floor(self, stored: StoredFormat) -> int:
+        """What a side's window holds at most between the appends that quantize: its
+        buffer's least capacity, so that decoding never grows it."""
+        if stored.format is None:
+            return 16
+        if stored.info.per_channel:
+            return self.residual + stored.group_size
+        return self.residual + self.quantize_every
+
     # ------------------------------------------------------------ reading
     @property
     def seq_length(self) -> int:
-        window = self._windows[0]
-        return self._stores[0].length + (0 if window is None else window.shape[TOKEN_AXIS])
+        return self._stores[0].length + self._windows[0].length
 
     def __len__(self) -> int:
         return self.seq_length
@@ -335,19 +430,20 @@ class LayerCache:
 
     def window(self, side: str = "keys"):
         """The full-precision tokens of a side (the residual window, or every token of a
-        side kept in full precision)."""
-        return self._windows[self._side_index(side)]
+        side kept in full precision): a view into the cache's buffer, which later appends
+        overwrite (copy it to keep it)."""
+        return self._windows[self._side_index(side)].view()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every array the cache holds: codes, scales, zeros (whole buffers,
-        spare capacity included) and the full-precision windows."""
+        """Bytes of every array the cache holds: codes, scales, zeros and the
+        full-precision windows (whole buffers, spare capacity included)."""
         if self._ops is None:
             return 0
         total = 0
         for store, window in zip(self._stores, self._windows):
             total += sum(self._ops.nbytes(a) for a in store.arrays or ())
-            total += 0 if window is None else self._ops.nbytes(window)
+            total += 0 if window.buffer is None else self._ops.nbytes(window.buffer)
         return total
 
     def bytes_per_token(self) -> float:
@@ -376,43 +472,40 @@ class LayerCache:
             self._backend = backend_for(keys)
             self._ops = _array_ops(self._backend.runtime.name)
         staged = []
-        for i, (stored, arr) in enumerate(zip(self.formats, (keys, values))):
-            window = arr if self._windows[i] is None else self._ops.concat([self._windows[i], arr], TOKEN_AXIS)
-            if stored.format is None:
-                staged.append((window, None))
-                continue
-            leaving = max(0, window.shape[TOKEN_AXIS] - self.residual)
-            if stored.info.per_channel:
+        for stored, window, arr in zip(self.formats, self._windows, (keys, values)):
+            leaving = 0 if stored.format is None else max(0, window.length + arr.shape[TOKEN_AXIS] - self.residual)
+            if leaving and stored.info.per_channel:
                 # Whole blocks of G tokens only: the rest of the block waits, in full
                 # precision, until it fills (the window holds R to R + G - 1 tokens).
                 leaving -= leaving % stored.group_size
             elif leaving < self.quantize_every:
                 leaving = 0
             q = None
-            if leaving:
-                q = _quantize_dense(window[:, :, :leaving], stored, self.on_nonfinite)  # may raise: nothing changed yet
-            # A sliced window is copied once, to stay contiguous: strides that follow its
-            # length keep compiled attention from recompiling as the window shifts.
-            staged.append((self._ops.contiguous(window[:, :, leaving:]) if leaving else window, q))
-        for i, (window, q) in enumerate(staged):
+            if leaving:  # may raise: nothing has changed yet
+                q = _quantize_dense(window.followed_by(self._ops, arr, leaving), stored, self.on_nonfinite)
+            staged.append((leaving, q))
+        for store, window, arr, (leaving, q) in zip(self._stores, self._windows, (keys, values), staged):
             if q is not None:
-                self._stores[i].write(self._ops, q)
-            self._windows[i] = window
+                store.write(self._ops, q)
+            window.advance(self._ops, arr, leaving)
         if not history:
             return None
         return tuple(self._history(i, out) for i in range(2))
 
     def attention_inputs(self):
-        """(keys, values) as kvquant.attention.History: the quantized tokens (views into
-        the cache's buffers) and the full-precision window of each side."""
-        from .attention import History
-
-        return tuple(History(self.quantized(side), self.window(side)) for side in ("keys", "values"))
+        """(keys, values) as kvquant.attention.History: the quantized tokens and the
+        full-precision window of each side, views into the cache's buffers for the
+        attention of this step (the next append overwrites the windows' tokens)."""
+        if self._signature is None:
+            return History(), History()
+        source, backend = self._signature[1], self._backend.name
+        return tuple(History(None if stored.format is None else store.view(source, backend), window.view())
+                     for stored, store, window in zip(self.formats, self._stores, self._windows))
 
     def _history(self, i: int, out_dtype: str):
         from .api import dequantize
 
-        window = self._windows[i]
+        window = self._windows[i].view()
         rt = self._backend.runtime
         if window is not None and rt.dtype_name(window) != out_dtype:
             window = self._ops.astype(window, rt.dtype(out_dtype))
@@ -480,10 +573,8 @@ class LayerCache:
         if max_length < quantized:
             raise ValueError(f"cannot crop to {max_length} tokens: the first {quantized} are quantized; "
                              "crop inside the residual window only")
-        for i in range(2):
-            if self._windows[i] is not None:
-                keep = max_length - self._stores[i].length
-                self._windows[i] = self._windows[i][:, :, :keep]
+        for store, window in zip(self._stores, self._windows):
+            window.crop(max_length - store.length)
 
     def _token_major(self, arr):
         buf = self._ops.empty_token_major(arr, tuple(arr.shape))
@@ -496,7 +587,9 @@ class LayerCache:
             if store.arrays is not None:
                 store.replace(tuple(a if _per_tensor(a) else self._token_major(self._ops.take(a, beam_index, 0))
                                     for a in store.arrays), (len(beam_index),) + store.shape[1:])
-        self._windows = [None if w is None else self._ops.take(w, beam_index, 0) for w in self._windows]
+        for window in self._windows:
+            if window.buffer is not None:
+                window.replace(self._ops, self._ops.take(window.view(), beam_index, 0))
         if self._signature is not None:
             s = self._signature
             self._signature = s[:3] + (len(beam_index),) + s[4:]

@@ -84,7 +84,9 @@ def test_nbytes_is_the_arrays_held_and_bytes_per_token_the_formula():
     for i in range(0, 300, 7):
         cache.append(keys[:, :, i:i + 7], values[:, :, i:i + 7])
     held = [a for side in ("keys", "values") for a in cache._stores[0 if side == "keys" else 1].arrays]
-    held += [cache.window("keys"), cache.window("values")]
+    held += [window.buffer for window in cache._windows]  # whole buffers, spare capacity included
+    assert all(np.shares_memory(cache.window(side), window.buffer)
+               for side, window in zip(("keys", "values"), cache._windows))
     assert cache.nbytes == sum(a.nbytes for a in held)
     # int8: 64 code bytes + 4 scale bytes; int4 g64: 32 bytes + 8 of scale and zero; 2 heads
     assert cache.bytes_per_token() == 2 * (64 + 4 + 32 + 8)
