@@ -267,21 +267,29 @@ def _attend(query, keys, values, scale: float, causal: bool, mask, compiled: boo
 _COMPILED = {}
 
 
+def reset_compiled() -> None:
+    """Forget the compiled attention functions and torch.compile's caches (after
+    torch._dynamo.reset() alone, the first call of a function already made would not
+    mark the token axes dynamic: attend marks them only when it makes the function)."""
+    _COMPILED.clear()
+    torch._dynamo.reset()
+
+
 def _flat(side):
     """A History as tensors and static facts, so that a compiled graph is keyed on the
     format, not on the history's length (a QuantizedKV's shape is a Python tuple, which
-    torch.compile would specialise on, recompiling at every decode step)."""
-    q = side.quantized
-    parts = None if q is None else tuple(_unviewed(t) for t in (q.codes, q.scales, q.zeros))
-    meta = None if q is None else (q.format, q.group_size, q.source_dtype, q.backend)
-    return parts, _unviewed(side.window), meta
-
-
-def _unviewed(t):
-    """The same tensor (storage, strides, offset) without its view relation: torch.compile
-    traces a view through its base and guards on the base's size, so a cache's views
-    into a growing buffer recompiled the attention whenever the capacity changed."""
-    return t.detach() if isinstance(t, torch.Tensor) else t
+    torch.compile would specialise on, recompiling at every decode step). Tensors go
+    detached: the same storage, strides and offset without the view relation, as
+    torch.compile traces a view through its base and guards on the base's size, so a
+    cache's views into a growing buffer recompiled the attention whenever the capacity
+    changed."""
+    q, window = side.quantized, side.window
+    if window is not None:
+        window = window.detach()
+    if q is None:
+        return None, window, None
+    parts = (q.codes.detach(), q.scales.detach(), None if q.zeros is None else q.zeros.detach())
+    return parts, window, (q.format, q.group_size, q.source_dtype, q.backend)
 
 
 def _unflat(parts, window, meta, head_dim: int):
@@ -293,6 +301,16 @@ def _unflat(parts, window, meta, head_dim: int):
     fmt, group, source, backend = meta
     shape = tuple(codes.shape[:-1]) + (head_dim,)
     return History(QuantizedKV(codes, scales, zeros, fmt, group, shape, source, backend), window)
+
+
+def _guards_on_arguments(entries):
+    """torch.compile's guard filter for the compiled attention: every guard on its
+    arguments (tensor shapes, strides and dtypes, the mask's presence, the formats) and
+    on global state (grad mode, default device) is kept, the guards on module globals
+    (kvquant's own functions and tables, torch's) are dropped. Those cost about 5 us per
+    call alone (15 in a model's decode step), and the graph's code is kvquant's, which
+    nothing is meant to patch while it runs."""
+    return [not e.is_global or e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") for e in entries]
 
 
 def _compiled_attend(k_meta, v_meta, scale: float, causal: bool, subnormal_floats: bool = False):
@@ -311,12 +329,13 @@ def _compiled_attend(k_meta, v_meta, scale: float, causal: bool, subnormal_float
 
         code = core.__code__.replace(co_name=f"kvquant_attention_{len(_COMPILED)}")
         core = types.FunctionType(code, core.__globals__, code.co_name, None, core.__closure__)
-        fn = _COMPILED[key] = torch.compile(core, fullgraph=True)
+        fn = _COMPILED[key] = torch.compile(core, fullgraph=True, options={"guard_filter_fn": _guards_on_arguments})
     return fn
 
 
 def _mark_token_axes(*tensors):
-    """The history's length changes every decode step: dynamic from the first compile.
+    """The history's length changes every decode step: dynamic from the first compile
+    (later compiles of the same function keep it dynamic, marked or not).
     Axis 2 of [B, H, T, D] codes and windows and of [B, H, T(, groups)] scales and zeros
     (a per-tensor scale has none). Counting from the end marked the heads of INT8's
     [B, H, T] scales instead, and the codes' length was then fixed to the scales'."""
@@ -374,11 +393,8 @@ def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool
         v_parts, v_window, v_meta = _flat(values)
         fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))
         key = (k_meta, v_meta, scale, causal, fp8 and keeps_subnormals(query.device))
-        token_major = [t for t in (k_window, v_window) if t is not None]
-        for parts in (k_parts, v_parts):
-            if parts is not None:
-                token_major += [p for p in parts if p is not None]
-        _mark_token_axes(*token_major)
+        if key not in _COMPILED:  # marking costs about 2 us a tensor, per layer and step
+            _mark_token_axes(k_window, v_window, *(k_parts or ()), *(v_parts or ()))
         if query.shape[TOKEN_AXIS] > 1:  # chunks of any length share a graph; one token has its own
             _mark_token_axes(query)
         return _compiled_attend(*key)(query, k_parts, k_window, v_parts, v_window, mask)

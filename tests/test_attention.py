@@ -208,9 +208,10 @@ def test_compiled_attention_compiles_once_for_decode(keys, values, every):
     # to SDPA and compile nothing.
     from torch._dynamo.utils import counters
 
+    from kvquant.backends import torch_attention
     from kvquant.cache import LayerCache
 
-    torch._dynamo.reset()
+    torch_attention.reset_compiled()
     counters.clear()
     g = torch.Generator().manual_seed(0)
     cache = LayerCache(keys, values, residual=128, quantize_every=every)
