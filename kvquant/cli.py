@@ -174,54 +174,65 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
         emit("variant-done", key, None)
 
 
-def _lane_process(names: List[str], options: dict, queue, lane: int) -> None:
-    """A worker process: one lane, its messages put on ``queue``, then "done"."""
+def _lane_process(names: List[str], options: dict, conn, lane: int) -> None:
+    """A worker process: one lane, its messages sent on its own pipe, then "done"."""
     try:
-        _run_lane(names, options, lambda kind, key, payload: queue.put((lane, kind, key, payload)))
+        _run_lane(names, options, lambda kind, key, payload: conn.send((kind, key, payload)))
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which fails the run
         import traceback
 
-        queue.put((lane, "crash", None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        conn.send(("crash", None, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
-        queue.put((lane, "done", None, None))
+        conn.send(("done", None, None))
+        conn.close()
 
 
 def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
     """Every lane, each message passed to ``handle(lane, kind, key, payload)`` as it
     comes: one lane in this process, more in one spawned process each (spawned: forking
-    a process that has imported a framework is not safe)."""
+    a process that has imported a framework is not safe).
+
+    Each process has a pipe of its own. With one multiprocessing.Queue shared by all, a
+    process that died while its queue's feeder thread held the queue's lock (a kernel
+    that kills the process, the out-of-memory killer) left every other process blocked
+    on that lock for good: a CI run hung there, in test_a_process_that_dies_fails_the_run.
+    A pipe's reader also learns of its writer's death at once, as the end of the pipe."""
     if len(lanes) == 1:
         _run_lane(lanes[0], options, lambda kind, key, payload: handle(0, kind, key, payload))
         handle(0, "done", None, None)
         return
     import multiprocessing
-    import queue as queue_module
+    from multiprocessing.connection import wait
 
     ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_lane_process, args=(names, options, q, i), daemon=True) for i, names in enumerate(lanes)]
-    for p in procs:
-        p.start()
-    running = set(range(len(lanes)))
+    procs, open_lanes = [], {}
+    for i, names in enumerate(lanes):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_lane_process, args=(names, options, writer, i), daemon=True)
+        proc.start()
+        writer.close()  # the child holds the only writing end: its exit ends the pipe
+        procs.append(proc)
+        open_lanes[reader] = i
     try:
-        while running:
-            try:
-                lane, kind, key, payload = q.get(timeout=5)
-            except queue_module.Empty:  # has a worker died without a word (killed for memory)?
-                for i in sorted(running):
-                    if not procs[i].is_alive():
-                        running.discard(i)
-                        handle(i, "crash", None, f"the process checking {', '.join(lanes[i])} "
-                                                 f"exited with code {procs[i].exitcode}")
-                continue
-            if kind == "done":
-                running.discard(lane)
-            handle(lane, kind, key, payload)
+        while open_lanes:
+            for reader in wait(list(open_lanes)):
+                i = open_lanes[reader]
+                try:
+                    kind, key, payload = reader.recv()
+                except (EOFError, OSError):  # the process ended without "done": it died
+                    del open_lanes[reader]
+                    procs[i].join(timeout=10)
+                    handle(i, "crash", None, f"the process checking {', '.join(lanes[i])} "
+                                             f"exited with code {procs[i].exitcode}")
+                    continue
+                if kind == "done":
+                    del open_lanes[reader]
+                handle(i, kind, key, payload)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
 
 
 class _Report:

@@ -145,7 +145,8 @@ def test_known_failures_mark_expected_and_warn_on_stale(tmp_path):
 def run(cmd, cwd, env=None):
     full_env = {**os.environ, **(env or {})}
     full_env.pop("KVQUANT_BACKEND", None) if env is None or "KVQUANT_BACKEND" not in env else None
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env,
+                          timeout=900)  # a hang fails the test instead of stalling CI
 
 
 def test_plugin_runs_suite_for_third_party_backend(tmp_path):
