@@ -124,6 +124,25 @@ def test_bad_append_names_the_layer_and_changes_nothing(bad, match):
     assert_same_bits(before[3], cache.quantized("keys").codes)
 
 
+def test_decode_steps_of_one_shape_are_still_checked():
+    # Appends of the same types, dtypes, devices and shapes as the last one that passed
+    # skip the checks; any difference, or a reorder that changes the batch, is checked.
+    keys, values = stream(total=10)
+    cache = LayerCache(keys="int8", values="int8", residual=3, layer=5)
+    for t in range(4):
+        cache.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    with pytest.raises(CacheInputError, match="layer 5.*dtype 'float16' \\(cache: 'float32'\\)"):
+        cache.append(keys[:, :, 4:5].astype(np.float16), values[:, :, 4:5].astype(np.float16))
+    with pytest.raises(CacheInputError, match="layer 5.*disagree"):
+        cache.append(keys[:, :, 4:5], values[:, :, 4:5].astype(np.float16))
+    cache.reorder([0])
+    with pytest.raises(CacheInputError, match="layer 5.*batch 2 \\(cache: 1\\)"):
+        cache.append(keys[:, :, 4:5], values[:, :, 4:5])
+    assert cache.seq_length == 4
+    cache.append(keys[:1, :, 4:5], values[:1, :, 4:5])
+    assert cache.seq_length == 5
+
+
 def test_raise_mode_refuses_a_nan_token_and_changes_nothing():
     keys, values = stream(total=8)
     cache = LayerCache(keys="int8", values="int8", residual=2, on_nonfinite="raise")
