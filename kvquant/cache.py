@@ -418,6 +418,12 @@ class LayerCache:
         return self.seq_length
 
     @property
+    def signature(self) -> Optional[tuple]:
+        """(framework, dtype, device, batch, kv_heads, head_dim) of the tokens held, or
+        None before the first append."""
+        return self._signature
+
+    @property
     def batch_size(self) -> Optional[int]:
         return None if self._signature is None else self._signature[3]
 
