@@ -227,6 +227,26 @@ def test_compiled_attention_compiles_once_for_decode(keys, values, every):
     assert graphs == 1, f"{graphs} graphs compiled; one, for decode, expected"
 
 
+def test_compiled_attention_guards_what_a_call_can_change():
+    """The compiled function keeps no guards on module globals or its own closure; the
+    guards on its arguments stay. After a decode call without a mask, over a contiguous
+    window, the same function (same formats and scale) must not reuse that graph for a
+    mask, a window of other strides, or another dtype of query."""
+    q, k, v = data(new=1, tokens=300)
+    K, V = history("torch", k, "int8", {}, 256), history("torch", v, "int8", {}, 256)
+    path = ("torch-compiled", "torch", True)
+    check(run(path, q, K, V), reference_attention(to("torch", q), K, V), v, "no mask")
+    mask = np.zeros((1, 1, 1, 300), np.float32)
+    mask[..., 40:] = -np.inf  # only the first 40 tokens are seen
+    ref = reference_attention(to("torch", q), K, V, mask=to("torch", mask))
+    check(run(path, q, K, V, mask=to("torch", mask)), ref, v, "additive mask")
+    strided = torch.from_numpy(np.ascontiguousarray(k[:, :, 256:].transpose(2, 0, 1, 3))).permute(1, 2, 0, 3)
+    K2 = History(K.quantized, strided)  # token-major, as the cache holds its windows
+    check(run(path, q, K2, V), reference_attention(to("torch", q), K2, V), v, "token-major window")
+    out = attend(to("torch", q).to(torch.bfloat16), K, V, compiled=True)
+    assert out.dtype == torch.bfloat16
+
+
 def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
     """The compiled path reads FP8 codes through float32 subnormals where the CPU keeps
     them; under torch.set_flush_denormal(True) that would read e4m3 subnormal codes as
