@@ -396,7 +396,7 @@ class LayerCache:
         self._stores = tuple(_GrowingStore(f) for f in self.formats)
         self._windows = tuple(_Window(self._window_floor(f)) for f in self.formats)
         self._signature = None  # (runtime, dtype, device, batch, kv_heads, head_dim) of the first append
-        self._seen = None  # what _check last let through (types, dtypes, devices, shapes)
+        self._seen = None  # what _check last let through (types, dtypes, devices, layouts, shapes)
         self._ops = None
         self._backend = None
 
@@ -527,11 +527,13 @@ class LayerCache:
     def _check(self, keys: Any, values: Any):
         """Everything an append needs, checked before anything changes."""
         # A decode loop appends the same kind of tensors at every step: an append whose
-        # types, dtypes, devices and shapes all equal those of the last append that
-        # passed is let through without the checks below (about 3 us per layer and step).
+        # types, dtypes, devices, layouts and shapes all equal those of the last append
+        # that passed is let through without the checks below (about 3 us per layer and
+        # step).
         try:
             seen = (type(keys), type(values), keys.dtype, values.dtype, getattr(keys, "device", None),
-                    getattr(values, "device", None), tuple(keys.shape), tuple(values.shape))
+                    getattr(values, "device", None), getattr(keys, "layout", None), getattr(values, "layout", None),
+                    tuple(keys.shape), tuple(values.shape))
         except AttributeError:
             seen = None
         if seen is not None and seen == self._seen:

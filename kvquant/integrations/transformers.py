@@ -219,13 +219,12 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
             mask = attention_mask.to(torch.float32)
         mask = mask[..., -keys.length:]
     compiled = torch.compiler.is_compiling() or _COMPILED_ATTENTION
-    if _matches_layer(query, layer.kv, keys.length):
+    if scaling is not None and _matches_layer(query, layer.kv, keys.length):
         # The layer's cache built both histories, which agree with each other; the query
         # matches the layer: attend's general checks (about 15 us per layer and step in
         # a model's decode) have nothing left to find.
-        d = query.shape[-1]
-        scale = float(scaling) if scaling is not None else 1.0 / d ** 0.5
-        out = _dispatch("torch", query, keys, values, scale, mask is None, mask, compiled, DEFAULT_CHUNK_TOKENS)
+        out = _dispatch("torch", query, keys, values, float(scaling), mask is None, mask, compiled,
+                        DEFAULT_CHUNK_TOKENS)
     else:  # the general path, which says what is wrong
         out = attend(query, keys, values, scale=scaling, causal=mask is None, mask=mask, compiled=compiled)
     return out.transpose(1, 2).contiguous(), None
