@@ -159,9 +159,6 @@ class _NumpyOps:
     def concat(self, arrays, axis):
         return self.np.concatenate(arrays, axis=axis)
 
-    def contiguous(self, arr):
-        return self.np.ascontiguousarray(arr)
-
     def copy(self, arr):
         return arr.copy()
 
@@ -188,9 +185,6 @@ class _TorchOps:
     def concat(self, arrays, axis):
         return self.torch.cat(arrays, dim=axis)
 
-    def contiguous(self, arr):
-        return arr.contiguous()
-
     def copy(self, arr):
         return arr.clone()
 
@@ -212,6 +206,16 @@ def _array_ops(runtime_name: str):
         return _NumpyOps()
     raise TypeError(f"LayerCache holds NumPy arrays or torch tensors, not {runtime_name} arrays "
                     "(JAX: kvquant.cache.JaxLayerCache)")
+
+
+def _token_major_copy(ops, arr, capacity: Optional[int] = None):
+    """A token-major buffer of ``capacity`` tokens (default: arr's) holding ``arr`` in
+    its first ones."""
+    tokens = arr.shape[TOKEN_AXIS] if capacity is None else capacity
+    shape = tuple(arr.shape[:TOKEN_AXIS]) + (tokens,) + tuple(arr.shape[TOKEN_AXIS + 1:])
+    buf = ops.empty_token_major(arr, shape)
+    buf[:, :, :arr.shape[TOKEN_AXIS]] = arr
+    return buf
 
 
 # ----------------------------------------------------------------- stores
@@ -348,7 +352,7 @@ class _Window:
             if not leaving and self.length:
                 buffer[:, :, :self.length] = self.buffer[:, :, :self.length]
             self.buffer = buffer
-        if leaving and kept is not None:
+        if kept is not None:
             self.buffer[:, :, :kept.shape[TOKEN_AXIS]] = kept
             start = kept.shape[TOKEN_AXIS]
         skip = max(0, leaving - self.length)
@@ -359,11 +363,8 @@ class _Window:
 
     def replace(self, ops, arr) -> None:
         """Hold exactly ``arr`` (a reordered batch)."""
-        length = arr.shape[TOKEN_AXIS]
-        shape = tuple(arr.shape[:TOKEN_AXIS]) + (max(length, self.floor),) + tuple(arr.shape[TOKEN_AXIS + 1:])
-        self.buffer = ops.empty_token_major(arr, shape)
-        self.buffer[:, :, :length] = arr
-        self.length = length
+        self.length = arr.shape[TOKEN_AXIS]
+        self.buffer = _token_major_copy(ops, arr, max(self.length, self.floor))
         self._view = None
 
     def crop(self, length: int) -> None:
@@ -600,17 +601,13 @@ class LayerCache:
         for store, window in zip(self._stores, self._windows):
             window.crop(max_length - store.length)
 
-    def _token_major(self, arr):
-        buf = self._ops.empty_token_major(arr, tuple(arr.shape))
-        buf[...] = arr
-        return buf
-
     def reorder(self, beam_index: Any) -> None:
         """Reorder the batch (beam search): every stored array takes ``beam_index``."""
         for store in self._stores:
             if store.arrays is not None:
-                store.replace(tuple(a if _per_tensor(a) else self._token_major(self._ops.take(a, beam_index, 0))
-                                    for a in store.arrays), (len(beam_index),) + store.shape[1:])
+                taken = (a if _per_tensor(a) else _token_major_copy(self._ops, self._ops.take(a, beam_index, 0))
+                         for a in store.arrays)
+                store.replace(tuple(taken), (len(beam_index),) + store.shape[1:])
         for window in self._windows:
             if window.buffer is not None:
                 window.replace(self._ops, self._ops.take(window.view(), beam_index, 0))

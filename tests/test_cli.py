@@ -9,10 +9,12 @@ import sys
 import pytest
 
 
-def kvquant(*args, cwd=None):
-    env = {k: v for k, v in os.environ.items() if k != "KVQUANT_BACKEND"}
+def kvquant(*args, cwd=None, env=None):
+    # A time limit, so that a command that hangs fails its test instead of stalling CI
+    # (processes side by side once deadlocked on a shared queue when one of them died).
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "KVQUANT_BACKEND"}
     return subprocess.run([sys.executable, "-m", "kvquant.cli", *args], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=900)  # a hang fails the test instead of stalling CI
+                          timeout=900)
 
 
 def test_unknown_backend_is_one_line_and_exit_2(tmp_path):
@@ -116,11 +118,7 @@ def _with_backends(tmp_path, **entry_points):
 
 
 def _run(args, env, cwd):
-    # A time limit, so that a command that hangs fails its test instead of stalling CI
-    # (processes side by side once deadlocked on a shared queue when one of them died).
-    env = {k: v for k, v in env.items() if k != "KVQUANT_BACKEND"}
-    return subprocess.run([sys.executable, "-m", "kvquant.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
+    return kvquant(*args, cwd=cwd, env=env)
 
 
 def test_backends_side_by_side_give_the_report_of_one_process(tmp_path):
