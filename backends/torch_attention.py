@@ -334,9 +334,80 @@ def _compiled_attend(k_meta, v_meta, scale: float, causal: bool, subnormal_float
 
         code = core.__code__.replace(co_name=f"kvquant_attention_{len(_COMPILED)}")
         core = types.FunctionType(code, core.__globals__, code.co_name, None, core.__closure__)
-        fn = _COMPILED[key] = torch.compile(
-            core, fullgraph=True, options={"guard_filter_fn": _guards_on_arguments(set(code.co_freevars))})
+        fn = _COMPILED[key] = _AheadOfTime(torch.compile(
+            core, fullgraph=True, options={"guard_filter_fn": _guards_on_arguments(set(code.co_freevars))}))
     return fn
+
+
+AHEAD_OF_TIME = True  # False: every call through Dynamo (tests compare the two)
+
+
+class _AheadOfTime:
+    """A compiled attention function called without Dynamo's per-call work where torch
+    allows it. On the first call whose history axes are all at least 2 tokens long
+    (Dynamo specialises lengths 0 and 1), the function is compiled ahead of time
+    (torch.compile's aot_compile) for calls like that one, instead of by Dynamo: the
+    same graph and the same guards, but a later call is the graph's own function after
+    one check of those guards in C++, where Dynamo's frame evaluation took 40 to 60 us
+    more per call in a model's decode step (its Python objects are cold there, after
+    each layer's weights have streamed through the CPU's caches; docs/attention.md).
+
+    A call that fails every check (a mask, another dtype, a history past 4,096 tokens,
+    where Inductor changes how it sums) goes to Dynamo, which compiles what it needs as
+    before; after MISSES_BEFORE_ANOTHER such calls the next one is compiled ahead of
+    time as well (at most MAX_GRAPHS per function), so a decode loop that crosses into
+    another regime leaves Dynamo again. Where this torch has no aot_compile, or it
+    fails, Dynamo serves every call."""
+
+    MAX_GRAPHS = 4
+    MISSES_BEFORE_ANOTHER = 8
+
+    def __init__(self, dynamo):
+        self.dynamo = dynamo
+        self.graphs = []  # (graph function, guard check, closure's locals, argument names), newest first
+        self.misses = 0
+        self.closed = not AHEAD_OF_TIME
+
+    def __call__(self, *args):
+        for fn, check, closure, names in self.graphs:
+            f_locals = dict(closure)
+            f_locals.update(zip(names, args))
+            if check(f_locals):
+                return fn(*args)
+        if (not self.closed and (not self.graphs or self.misses >= self.MISSES_BEFORE_ANOTHER)
+                and _long_enough(args)):
+            made = _ahead_of_time(self.dynamo, args)
+            self.misses = 0
+            if made is not None:
+                self.graphs.insert(0, made)
+                self.closed = len(self.graphs) >= self.MAX_GRAPHS
+                return made[0](*args)
+            self.closed = True
+        self.misses += 1
+        return self.dynamo(*args)
+
+
+def _long_enough(args) -> bool:
+    _, k_parts, k_window, v_parts, v_window, _ = args
+    tensors = [t for t in (k_window, v_window, *(k_parts or ()), *(v_parts or ())) if t is not None and t.dim() >= 3]
+    return all(t.shape[2] >= 2 for t in tensors)
+
+
+def _ahead_of_time(dynamo, args):
+    _, k_parts, k_window, v_parts, v_window, _ = args
+    _mark_token_axes(k_window, v_window, *(k_parts or ()), *(v_parts or ()))
+    try:
+        compiled = dynamo.aot_compile((args, {}))
+        manager = compiled._artifacts.guard_manager
+        closure = compiled.prepare_f_locals(*args)
+        names = [n for n in compiled._artifacts.signature.parameters]
+        for n in names:
+            closure.pop(n, None)
+        if not manager.check({**closure, **dict(zip(names, args))}):
+            return None
+        return compiled.fn, manager.check, closure, names
+    except Exception:  # noqa: BLE001 - an older or newer torch: Dynamo serves every call
+        return None
 
 
 def _mark_token_axes(*tensors):

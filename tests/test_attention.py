@@ -247,6 +247,72 @@ def test_compiled_attention_guards_what_a_call_can_change():
     assert out.dtype == torch.bfloat16
 
 
+def test_compiled_attention_calls_its_graph_without_dynamo_and_falls_back_to_it(monkeypatch):
+    """After a decode call, the compiled function is its graph behind a check of
+    Dynamo's own guards (_AheadOfTime): later decode steps, one token longer each time,
+    never reach Dynamo and agree with it bit for bit; a call the graph was not made
+    for (a mask) fails the check and is Dynamo's, and still honours the mask, until
+    enough such calls get a graph of their own; where torch cannot compile ahead of
+    time, Dynamo serves every call."""
+    from kvquant.backends import torch_attention
+
+    q, k, v = data(new=1, tokens=300)
+    tq = to("torch", q)
+
+    def decode_steps(fn_calls):
+        outs = []
+        for tokens in (290, 291, 292, 300):
+            K = history("torch", k[:, :, :tokens], "int8", {}, 256)
+            V = history("torch", v[:, :, :tokens], "int4", {"group_size": 64}, 256)
+            outs.append(attend(tq, K, V, compiled=True))
+            fn_calls.append(len(dynamo_calls))
+        return outs, K, V
+
+    dynamo_calls = []
+    torch_attention.reset_compiled()
+    direct, K, V = decode_steps([])
+    (made,) = torch_attention._COMPILED.values()
+    assert len(made.graphs) == 1
+    real = made.dynamo
+
+    def counted(*args):
+        dynamo_calls.append(1)
+        return real(*args)
+
+    counted.aot_compile = real.aot_compile
+    made.dynamo = counted
+    seen = []
+    again, _, _ = decode_steps(seen)
+    assert seen == [0, 0, 0, 0], "a decode step went through Dynamo"
+    mask = np.zeros((1, 1, 1, 300), np.float32)
+    mask[..., 40:] = -np.inf
+    masked = [attend(tq, K, V, mask=to("torch", mask), compiled=True) for _ in range(10)]
+    # The first MISSES_BEFORE_ANOTHER calls with a mask are Dynamo's; the next gets a
+    # graph of its own, and the call without a mask keeps the first.
+    assert len(dynamo_calls) == made.MISSES_BEFORE_ANOTHER and len(made.graphs) == 2
+    assert torch.equal(attend(tq, K, V, compiled=True), direct[-1]) and len(dynamo_calls) == made.MISSES_BEFORE_ANOTHER
+    ref = reference_attention(tq, K, V, mask=to("torch", mask))
+    for out in masked:
+        check(out.numpy().astype(np.float64), ref, v, "mask")
+
+    monkeypatch.setattr(torch_attention, "AHEAD_OF_TIME", False)
+    torch_attention.reset_compiled()
+    through_dynamo, _, _ = decode_steps([])
+    assert not next(iter(torch_attention._COMPILED.values())).graphs
+    for a, b, c in zip(direct, again, through_dynamo):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    check(direct[-1].numpy().astype(np.float64), reference_attention(tq, K, V), v, "ahead of time")
+
+    compile_with_aot = torch.compile
+    # A torch whose compiled functions have no aot_compile (before 2.10, say).
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: (lambda f: lambda *x: f(*x))(compile_with_aot(*a, **kw)))
+    monkeypatch.setattr(torch_attention, "AHEAD_OF_TIME", True)
+    torch_attention.reset_compiled()
+    fallback, _, _ = decode_steps([])
+    assert not next(iter(torch_attention._COMPILED.values())).graphs
+    assert all(torch.equal(a, b) for a, b in zip(fallback, through_dynamo))
+
+
 def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
     """The compiled path reads FP8 codes through float32 subnormals where the CPU keeps
     them; under torch.set_flush_denormal(True) that would read e4m3 subnormal codes as
