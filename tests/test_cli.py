@@ -145,3 +145,31 @@ def test_a_process_that_dies_fails_the_run(tmp_path):
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     assert "exited with code 3" in out.stderr and "dying" in out.stderr
     assert "not run (a process failed)" in out.stdout
+
+
+def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, capsys):
+    """A fresh machine's first run compiles every kernel (about 10 of its 11 minutes):
+    the header says so when a compiling variant's cache is empty, and only then."""
+    pytest.importorskip("torch")
+    import argparse
+
+    from kvquant import cli
+    from kvquant.conformance.suite import KnownFailures
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert "torch.compile's" in cli._empty_compile_caches()
+    (tmp_path / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
+    assert "torch.compile's" not in cli._empty_compile_caches()
+
+    def header(empty):
+        args = argparse.Namespace(full=False, variant=[], no_progress=True, json=None)
+        report = cli._Report(args, [["torch"]], ["torch"], KnownFailures.load([]))
+        report(0, "ready", None, [
+            {"key": "torch/eager", "name": "torch", "backend": "torch", "variant": "eager", "empty_caches": [],
+             "ids": ["a"]},
+            {"key": "torch/compile", "name": "torch", "backend": "torch", "variant": "compile",
+             "empty_caches": empty, "ids": ["b"]}])
+        return capsys.readouterr().out
+
+    assert "First run: torch.compile's compile cache is empty" in header(["torch.compile's"])
+    assert "First run" not in header([])
