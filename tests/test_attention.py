@@ -313,6 +313,24 @@ def test_compiled_attention_calls_its_graph_without_dynamo_and_falls_back_to_it(
     assert all(torch.equal(a, b) for a, b in zip(fallback, through_dynamo))
 
 
+def test_detached_arrays_live_as_long_as_their_history():
+    """The compiled path detaches a QuantizedKV's arrays once and reuses them while that
+    QuantizedKV lives (a cache's history between two quantize calls); they must go with
+    it, or every history a cache ever handed out would keep its buffers alive."""
+    import gc
+
+    from kvquant.backends import torch_attention
+
+    q = kvquant.quantize(torch.randn(1, 2, 64, 64), "int4")
+    first = torch_attention._detached(q)
+    assert torch_attention._detached(q) is first
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(first, (q.codes, q.scales, q.zeros)))
+    key = id(q)
+    del q
+    gc.collect()
+    assert key not in torch_attention._DETACHED
+
+
 def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
     """The compiled path reads FP8 codes through float32 subnormals where the CPU keeps
     them; under torch.set_flush_denormal(True) that would read e4m3 subnormal codes as

@@ -29,6 +29,8 @@ from typing import Any, Dict, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..attention import DEFAULT_CHUNK_TOKENS, attend
+from ..backends import torch_attention
 from ..cache import LayerCache
 
 __all__ = ["KvquantCache", "KvquantLayer", "cache_argument"]
@@ -200,8 +202,6 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
                        scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention interface over a kvquant layer's codes (kvquant.attention).
     Layers of other caches (or none) get torch's scaled_dot_product_attention."""
-    from kvquant.attention import DEFAULT_CHUNK_TOKENS, _dispatch, attend
-
     layer = _PENDING.pop(id(key), None)
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -223,8 +223,8 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         # The layer's cache built both histories, which agree with each other; the query
         # matches the layer: attend's general checks (about 15 us per layer and step in
         # a model's decode) have nothing left to find.
-        out = _dispatch("torch", query, keys, values, float(scaling), mask is None, mask, compiled,
-                        DEFAULT_CHUNK_TOKENS)
+        out = torch_attention.attend(query, keys, values, float(scaling), mask is None, mask, compiled,
+                                     DEFAULT_CHUNK_TOKENS)
     else:  # the general path, which says what is wrong
         out = attend(query, keys, values, scale=scaling, causal=mask is None, mask=mask, compiled=compiled)
     return out.transpose(1, 2).contiguous(), None
