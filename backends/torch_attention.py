@@ -403,20 +403,24 @@ class _AheadOfTime:
         return self.dynamo(*args)
 
 
-def _long_enough(args) -> bool:
+def _history_tensors(args):
+    """The windows and quantized parts among a compiled function's arguments (query,
+    k_parts, k_window, v_parts, v_window, mask)."""
     _, k_parts, k_window, v_parts, v_window, _ = args
-    tensors = [t for t in (k_window, v_window, *(k_parts or ()), *(v_parts or ())) if t is not None and t.dim() >= 3]
-    return all(t.shape[2] >= 2 for t in tensors)
+    return [t for t in (k_window, v_window, *(k_parts or ()), *(v_parts or ())) if t is not None]
+
+
+def _long_enough(args) -> bool:
+    return all(t.shape[2] >= 2 for t in _history_tensors(args) if t.dim() >= 3)
 
 
 def _ahead_of_time(dynamo, args):
-    _, k_parts, k_window, v_parts, v_window, _ = args
-    _mark_token_axes(k_window, v_window, *(k_parts or ()), *(v_parts or ()))
+    _mark_token_axes(*_history_tensors(args))
     try:
         compiled = dynamo.aot_compile((args, {}))
         manager = compiled._artifacts.guard_manager
         closure = compiled.prepare_f_locals(*args)
-        names = [n for n in compiled._artifacts.signature.parameters]
+        names = list(compiled._artifacts.signature.parameters)
         for n in names:
             closure.pop(n, None)
         if not manager.check({**closure, **dict(zip(names, args))}):
@@ -486,9 +490,10 @@ def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool
         v_parts, v_window, v_meta = _flat(values)
         fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))
         key = (k_meta, v_meta, scale, causal, fp8 and keeps_subnormals(query.device))
+        args = (query, k_parts, k_window, v_parts, v_window, mask)
         if key not in _COMPILED:  # marking costs about 2 us a tensor, per layer and step
-            _mark_token_axes(k_window, v_window, *(k_parts or ()), *(v_parts or ()))
+            _mark_token_axes(*_history_tensors(args))
         if query.shape[TOKEN_AXIS] > 1:  # chunks of any length share a graph; one token has its own
             _mark_token_axes(query)
-        return _compiled_attend(*key)(query, k_parts, k_window, v_parts, v_window, mask)
+        return _compiled_attend(*key)(*args)
     return _attend(query, keys, values, scale, causal, mask, compiled or torch.compiler.is_compiling(), chunk_tokens)

@@ -98,20 +98,14 @@ def attend(query: Any, keys: Any, values: Any, *, scale: Optional[float] = None,
     _check(query, keys, values)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    return _dispatch(name, query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
-
-
-def _dispatch(name: str, query, keys: History, values: History, scale: float, causal: bool, mask, compiled: bool,
-              chunk_tokens: int):
-    """attend after its checks, to the framework's own attention."""
     if name == "torch":
         from .backends import torch_attention
 
-        return torch_attention.attend(query, keys, values, scale, causal, mask, compiled, chunk_tokens)
+        return torch_attention.attend(query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
     if name == "jax":
         from .backends import jax_attention
 
-        return jax_attention.attend(query, keys, values, scale, causal, mask)
+        return jax_attention.attend(query, keys, values, float(scale), causal, mask)
     if name == "numpy":
         return reference_attention(query, keys, values, scale=scale, causal=causal, mask=mask)
     raise TypeError(f"kvquant attention runs on NumPy, PyTorch and JAX arrays, not {name}")
