@@ -202,7 +202,7 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
         emit("variant-done", key, None)
 
 
-def _lane_process(names: List[str], options: dict, conn, lane: int) -> None:
+def _lane_process(names: List[str], options: dict, conn) -> None:
     """A worker process: one lane, its messages sent on its own pipe, then "done"."""
     try:
         _run_lane(names, options, lambda kind, key, payload: conn.send((kind, key, payload)))
@@ -236,7 +236,7 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
     procs, open_lanes = [], {}
     for i, names in enumerate(lanes):
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_lane_process, args=(names, options, writer, i), daemon=True)
+        proc = ctx.Process(target=_lane_process, args=(names, options, writer), daemon=True)
         proc.start()
         writer.close()  # the child holds the only writing end: its exit ends the pipe
         procs.append(proc)
