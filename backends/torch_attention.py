@@ -1,6 +1,7 @@
 """kvquant.attention for PyTorch: eager (dequantize a chunk of tokens, multiply) and
-compiled (element-wise products and reductions that Inductor fuses with the
-dequantization, so the codes are read once and nothing full-size is written).
+compiled: on the CPU kvquant's C++ kernel (cpu_kernel.py), elsewhere, or where it
+cannot be built, element-wise products and reductions that Inductor fuses with the
+dequantization, so the codes are read once and nothing full-size is written.
 
 Same function names as jax_attention.py: attend, scores, weighted_values.
 """
@@ -480,12 +481,103 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
     return out.to(query.dtype)
 
 
+def _kernel_side(side, head_dim: int):
+    """A History as the CPU kernel's Side, and the tensors it points into (kept alive by
+    the caller for the call); None where the kernel does not read this layout."""
+    from . import cpu_kernel
+
+    s = cpu_kernel.Side()
+    keep = []
+    q, window = side.quantized, side.window
+    if q is not None:
+        info = FORMATS[q.format]
+        codes, scales, zeros = q.codes, q.scales, q.zeros
+        if (codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
+                or (zeros is not None and zeros.dtype != torch.float32)):
+            return None
+        if info.params in ("token", "tensor"):
+            fp8 = info.code_dtype == "float8_e4m3fn"
+            s.kind = cpu_kernel.INT8_TOKEN if not fp8 else cpu_kernel.FP8_TOKEN if info.params == "token" \
+                else cpu_kernel.FP8_TENSOR
+            if info.params == "token":
+                s.scales_b, s.scales_h, s.scales_t = scales.stride()
+        else:
+            if (info.params == "group" and head_dim % q.group_size) or scales.stride(-1) != 1 or zeros.stride(-1) != 1:
+                return None
+            s.kind = cpu_kernel.PACKED_GROUP if info.params == "group" else cpu_kernel.PACKED_CHANNEL
+            s.bits, s.group = info.bits, q.group_size
+            s.scales_b, s.scales_h, s.scales_t, _ = scales.stride()
+            s.zeros_b, s.zeros_h, s.zeros_t, _ = zeros.stride()
+            s.zeros = zeros.data_ptr()
+        s.tokens = codes.shape[2]
+        s.codes = codes.data_ptr()
+        s.codes_b, s.codes_h, s.codes_t, _ = codes.stride()
+        s.scales = scales.data_ptr()
+        keep += [codes, scales, zeros]
+    if window is not None and window.shape[TOKEN_AXIS]:
+        if window.dtype not in (torch.float32, torch.bfloat16):
+            window = window.to(torch.float32)
+        if window.stride(-1) != 1:
+            window = window.contiguous()
+        s.window, s.window_bf16 = window.shape[2], int(window.dtype == torch.bfloat16)
+        s.win = window.data_ptr()
+        s.win_b, s.win_h, s.win_t, _ = window.stride()
+        keep.append(window)
+    return s, keep
+
+
+CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests compare the two)
+
+
+def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
+    """Attention by the CPU kernel (cpu_kernel.py), or None where it does not apply: not
+    the CPU, autograd recording, a layout it does not read, or no kernel built here."""
+    from . import cpu_kernel
+
+    tensors = [query] + [t for side in (keys, values) for t in (
+        side.window, *((side.quantized.codes, side.quantized.scales, side.quantized.zeros) if side.quantized else ()))
+        if t is not None]
+    if (not CPU_KERNEL or (torch.is_grad_enabled() and query.requires_grad)
+            or any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors)):
+        return None
+    fn = cpu_kernel.load()
+    if fn is None:
+        return None
+    b, hq, n, d = query.shape
+    kv_heads = (keys.quantized if keys.quantized is not None else keys.window).shape[1]
+    k_side, v_side = _kernel_side(keys, d), _kernel_side(values, d)
+    if k_side is None or v_side is None:
+        return None
+    rows = (hq // kv_heads) * n
+    qg = _grouped(query.to(torch.float32), kv_heads).contiguous()
+    total = keys.length
+    problem = cpu_kernel.Problem()
+    problem.query, problem.batch, problem.heads, problem.rows, problem.dim = qg.data_ptr(), b, kv_heads, rows, d
+    problem.scale = scale
+    per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
+    problem.chunk = -(-total // per_head)
+    if mask is not None:
+        m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
+        mask = m.reshape(b, kv_heads, rows, total).contiguous()
+        problem.mask = mask.data_ptr()
+    problem.new_tokens, problem.causal = n, int(causal and n > 1)
+    problem.keys, problem.values = k_side[0], v_side[0]
+    out = torch.empty((b, kv_heads, rows, d), dtype=torch.float32)
+    problem.out = out.data_ptr()
+    if fn(problem) != 0:
+        return None
+    return out.reshape(b, hq, n, d).to(query.dtype)
+
+
 def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
     if query.shape[TOKEN_AXIS] > 1 and not torch.compiler.is_compiling():
         out = prefill(query, keys, values, scale, causal, mask)
         if out is not None:
             return out
     if compiled and not torch.compiler.is_compiling():
+        out = cpu_kernel_attend(query, keys, values, scale, causal, mask)
+        if out is not None:
+            return out
         k_parts, k_window, k_meta = _flat(keys)
         v_parts, v_window, v_meta = _flat(values)
         fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))

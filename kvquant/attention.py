@@ -15,11 +15,16 @@ scores.
 
 In decode (one query token) no full-precision copy of the history is made:
 
-* **compiled** (``torch.compile``, ``jax.jit``; ``compiled=True`` in PyTorch): the
-  scores are ``sum(q * dequantize(k))`` over head_dim and the output
-  ``sum(p * dequantize(v))`` over tokens, written as element-wise products and
-  reductions, which Inductor and XLA fuse with the dequantization into single loops
-  over the codes;
+* **compiled=True in PyTorch, on the CPU**: kvquant's C++ kernel
+  (backends/cpu_decode_attention.cpp, built with the system's compiler on first use
+  and cached on disk): each block of 32 tokens is dequantized into a buffer that stays
+  in the CPU's L1 cache, read there by every query row of its KV head, with the work
+  split across threads by heads and token ranges (flash-decoding);
+* **compiled** elsewhere (``torch.compile`` on other devices, or where no C++
+  compiler is found; ``jax.jit``): the scores are ``sum(q * dequantize(k))`` over
+  head_dim and the output ``sum(p * dequantize(v))`` over tokens, written as
+  element-wise products and reductions, which Inductor and XLA fuse with the
+  dequantization into single loops over the codes;
 * **eager** PyTorch: ``chunk_tokens`` tokens at a time are dequantized into a small
   buffer and multiplied (the scores of all tokens, a fraction 1/head_dim of the keys'
   size per query head, are kept for an exact softmax).

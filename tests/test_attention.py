@@ -20,7 +20,9 @@ FORMATS = [("fp8", {}), ("int8", {}), ("int4", {"group_size": 64}), ("int2", {"g
 
 
 def _framework_paths():
-    paths = [("torch-eager", "torch", False), ("torch-compiled", "torch", True)]
+    # torch-compiled is torch.compile's graph; torch-cpu-kernel the C++ kernel that
+    # compiled=True uses on the CPU where it builds (backends/cpu_kernel.py).
+    paths = [("torch-eager", "torch", False), ("torch-compiled", "torch", True), ("torch-cpu-kernel", "torch", True)]
     try:
         import jax  # noqa: F401
 
@@ -34,7 +36,8 @@ PATHS = _framework_paths()
 # Several query tokens go to SDPA over the history dequantized once (prefill); these
 # paths force the reductions over the codes that decode uses and that run when the
 # history holds a NaN or the call is itself being compiled.
-CHUNK_PATHS = PATHS + [("torch-eager-reductions", "torch", False), ("torch-compiled-reductions", "torch", True)]
+CHUNK_PATHS = PATHS + [("torch-eager-reductions", "torch", False), ("torch-compiled-reductions", "torch", True),
+                       ("torch-cpu-kernel-reductions", "torch", True)]
 
 
 def to(framework, a):
@@ -52,19 +55,35 @@ def history(framework, x, fmt, kw, quantized_tokens):
     return History(q, window)
 
 
+def _not_served(*args, **kw):
+    raise AssertionError("the CPU kernel did not serve this call: torch.compile's path was asked")
+
+
 def run(path, query, keys, values, **kw):
+    import contextlib
+    from unittest import mock
+
+    from kvquant.backends import torch_attention
+
     name, framework, compiled = path
     extra = {"compiled": compiled, "chunk_tokens": 96} if framework == "torch" else {}
-    if name.endswith("-reductions"):
-        from unittest import mock
-
-        from kvquant.backends import torch_attention
-
-        with mock.patch.object(torch_attention, "prefill", lambda *args: None):
-            out = attend(to(framework, query), keys, values, **kw, **extra)
-    else:
+    with contextlib.ExitStack() as patches:
+        if name.endswith("-reductions"):
+            patches.enter_context(mock.patch.object(torch_attention, "prefill", lambda *args: None))
+        if name.startswith("torch-compiled"):
+            patches.enter_context(mock.patch.object(torch_attention, "CPU_KERNEL", False))
+        if name.startswith("torch-cpu-kernel"):
+            patches.enter_context(mock.patch.object(torch_attention, "_compiled_attend", _not_served))
         out = attend(to(framework, query), keys, values, **kw, **extra)
     return np.asarray(out.numpy() if framework == "torch" else out, np.float64)
+
+
+@pytest.fixture
+def no_cpu_kernel(monkeypatch):
+    """compiled=True through torch.compile's graph, as on a device other than the CPU."""
+    from kvquant.backends import torch_attention
+
+    monkeypatch.setattr(torch_attention, "CPU_KERNEL", False)
 
 
 def data(batch=1, kv_heads=2, groups=3, new=1, tokens=320, head_dim=64, seed=0):
@@ -200,7 +219,7 @@ def test_jax_cache_attention_inputs_hide_empty_slots():
 
 
 @pytest.mark.parametrize("keys, values, every", [("int8", "int8", 1), ("int4", "fp8", 32)], ids=["int8-int8", "int4-fp8-q32"])
-def test_compiled_attention_compiles_once_for_decode(keys, values, every):
+def test_compiled_attention_compiles_once_for_decode(keys, values, every, no_cpu_kernel):
     # Over a cache that grows (its buffers double at 256 and 512 tokens, the window is
     # sliced when tokens leave it), torch.compile must not recompile: each recompile
     # cost about 3 s per format on the development VM, inside the decode loop. Found by
@@ -227,7 +246,7 @@ def test_compiled_attention_compiles_once_for_decode(keys, values, every):
     assert graphs == 1, f"{graphs} graphs compiled; one, for decode, expected"
 
 
-def test_compiled_attention_guards_what_a_call_can_change():
+def test_compiled_attention_guards_what_a_call_can_change(no_cpu_kernel):
     """The compiled function keeps no guards on module globals or its own closure; the
     guards on its arguments stay. After a decode call without a mask, over a contiguous
     window, the same function (same formats and scale) must not reuse that graph for a
@@ -247,7 +266,7 @@ def test_compiled_attention_guards_what_a_call_can_change():
     assert out.dtype == torch.bfloat16
 
 
-def test_compiled_attention_calls_its_graph_without_dynamo_and_falls_back_to_it(monkeypatch):
+def test_compiled_attention_calls_its_graph_without_dynamo_and_falls_back_to_it(monkeypatch, no_cpu_kernel):
     """After a decode call, the compiled function is its graph behind a check of
     Dynamo's own guards (_AheadOfTime): later decode steps, one token longer each time,
     never reach Dynamo and agree with it bit for bit; a call the graph was not made
@@ -331,12 +350,15 @@ def test_detached_arrays_live_as_long_as_their_history():
     assert key not in torch_attention._DETACHED
 
 
-def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
+@pytest.mark.parametrize("path", [("torch-compiled", "torch", True), ("torch-cpu-kernel", "torch", True)],
+                         ids=["torch-compiled", "torch-cpu-kernel"])
+def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal(path):
     """The compiled path reads FP8 codes through float32 subnormals where the CPU keeps
     them; under torch.set_flush_denormal(True) that would read e4m3 subnormal codes as
     0 (an error of up to 7 * 2^-9 * scale = 3e-5 * max|v|, above the bound), so attend
-    must pick the other reading there. One token's value holds subnormal codes and its
-    key takes nearly all the weight."""
+    must pick the other reading there. The CPU kernel reads them through float16, whose
+    widening keeps subnormals under any flush setting. One token's value holds
+    subnormal codes and its key takes nearly all the weight."""
     q, k, v = data(new=1, tokens=64, kv_heads=1, groups=1)
     k[:, :, 10] = q[0, 0, 0] * 40
     v *= np.float32(0.5) / np.abs(v).max()  # max |v| is token 10's 1.0: the bound is 2e-5
@@ -348,8 +370,102 @@ def test_compiled_fp8_reads_subnormal_codes_under_flush_denormal():
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormals")
     try:
-        out = run(("torch-compiled", "torch", True), q, K, V)
+        out = run(path, q, K, V)
     finally:
         torch.set_flush_denormal(False)
     check(out, ref, v, "fp8 under flush_denormal")
-    check(run(("torch-compiled", "torch", True), q, K, V), ref, v, "fp8")
+    check(run(path, q, K, V), ref, v, "fp8")
+
+
+def test_cpu_kernel_builds_where_there_is_a_compiler():
+    """compiled=True on the CPU is the C++ kernel wherever a C++ compiler is found; a
+    build that fails there would silently leave every call on torch.compile's path."""
+    import shutil
+
+    from kvquant.backends import cpu_kernel
+
+    if cpu_kernel._compiler() is None or shutil.which(cpu_kernel._compiler()) is None:
+        pytest.skip("no C++ compiler here")
+    assert cpu_kernel.load() is not None
+
+
+KERNEL = ("torch-cpu-kernel-reductions", "torch", True)  # the kernel for any number of query tokens
+
+# (id, head_dim, keys (format, kwargs), values (format, kwargs), tokens, quantized, window dtype, batch)
+KERNEL_LAYOUTS = [
+    ("head_dim-40-not-a-multiple-of-16", 40, ("int8", {}), ("fp8", {}), 300, 256, "float32", 1),
+    ("int2-g32-runs-of-8-bytes", 64, ("int2", {"group_size": 32}), ("int2", {"group_size": 32}), 300, 256, "float32", 1),
+    ("int4-g32-two-groups-a-row", 64, ("int4", {"group_size": 32}), ("int4", {"group_size": 32}), 300, 256, "float32", 1),
+    ("int4-g128-one-group-head_dim-128", 128, ("int4", {"group_size": 128}), ("int4", {"group_size": 128}), 300, 256,
+     "float32", 1),
+    ("int4-g64-head_dim-128", 128, ("int4", {"group_size": 64}), ("int8", {}), 300, 256, "float32", 1),
+    ("bfloat16-window", 64, ("int4", {"group_size": 64}), ("fp8", {}), 300, 256, "bfloat16", 1),
+    ("float16-window", 64, ("int4_per_channel", {"group_size": 32}), ("int4", {"group_size": 64}), 300, 256,
+     "float16", 1),
+    ("batch-2", 64, ("fp8", {}), ("int4", {"group_size": 64}), 300, 256, "float32", 2),
+    ("window-only", 64, ("int8", {}), ("int8", {}), 100, 0, "float32", 1),
+    ("quantized-only", 64, ("int4", {"group_size": 64}), ("fp8_per_tensor", {"scale": 0.05}), 256, 256, "float32", 1),
+    ("3000-tokens-many-ranges-a-head", 64, ("int8", {}), ("int4", {"group_size": 64}), 3000, 2944, "float32", 1),
+]
+
+
+@pytest.mark.parametrize("new", [1, 3], ids=["decode", "chunk-of-3"])
+@pytest.mark.parametrize("case", KERNEL_LAYOUTS, ids=[c[0] for c in KERNEL_LAYOUTS])
+def test_cpu_kernel_layouts(case, new):
+    """The layouts the kernel reads by other code than the common one (a head_dim that
+    is not a multiple of 16, packed runs that cross groups, windows in 16-bit floats,
+    batches, one side empty, many token ranges per head combined), each against the
+    float64 reference."""
+    _, head_dim, (kf, kkw), (vf, vkw), tokens, quantized, window_dtype, batch = case
+    q, k, v = data(batch=batch, new=new, tokens=tokens, head_dim=head_dim)
+    if window_dtype != "float32":
+        # the reference sees the same rounded window the kernel reads
+        k[:, :, quantized:] = torch.from_numpy(k[:, :, quantized:]).to(getattr(torch, window_dtype)).float().numpy()
+        v[:, :, quantized:] = torch.from_numpy(v[:, :, quantized:]).to(getattr(torch, window_dtype)).float().numpy()
+    K, V = history("torch", k, kf, kkw, quantized), history("torch", v, vf, vkw, quantized)
+    if window_dtype != "float32":
+        K = History(K.quantized, K.window.to(getattr(torch, window_dtype)))
+        V = History(V.quantized, V.window.to(getattr(torch, window_dtype)))
+    check(run(KERNEL, q, K, V), reference_attention(to("torch", q), K, V), v, case[0])
+
+
+def test_cpu_kernel_reads_a_cache_in_place():
+    """A cache's histories are views into buffers with room to grow (strides that are
+    not the shape's): the kernel reads them where they lie."""
+    from kvquant.cache import LayerCache
+
+    q, k, v = data(new=1, tokens=300)
+    cache = LayerCache({"format": "int4_per_channel", "group_size": 32}, {"format": "int4", "group_size": 64},
+                       residual=40)
+    cache.append(torch.from_numpy(k[:, :, :200]), torch.from_numpy(v[:, :, :200]), history=False)
+    cache.append(torch.from_numpy(k[:, :, 200:]), torch.from_numpy(v[:, :, 200:]), history=False)
+    K, V = cache.attention_inputs()
+    assert not K.quantized.codes.is_contiguous() or not V.window.is_contiguous()
+    check(run(KERNEL, q, K, V), reference_attention(to("torch", q), K, V), v, "cache views")
+
+
+def test_cpu_kernel_nan_rules():
+    """The spec's NaN rules on the kernel's own code: an FP8 NaN code (never stored by
+    quantize, but a kernel author's buffer may hold one) is NaN where it is seen; a key
+    whose score is +inf makes its rows NaN, as softmax does; a NaN value behind a -inf
+    mask entry touches nothing."""
+    q, k, v = data(new=1, tokens=200, kv_heads=1, groups=2)
+    K, V = history("torch", k, "fp8", {}, 160), history("torch", v, "fp8", {}, 160)
+    V.quantized.codes.view(torch.uint8)[0, 0, 30, 5] = 0x7F
+    out = run(KERNEL, q, K, V)
+    ref = reference_attention(to("torch", q), K, V)
+    check(out, ref, v, "fp8 NaN code")
+    assert np.isnan(out[..., 5]).all() and not np.isnan(np.delete(out, 5, axis=-1)).any()
+    k2 = k.copy()
+    k2[0, 0, 180] = np.where(q[0, 0, 0] > 0, np.inf, -np.inf)  # q . k = +inf for both rows
+    K2 = history("torch", k2, "fp8", {}, 160)
+    out = run(KERNEL, q, K2, history("torch", v, "fp8", {}, 160))
+    assert np.isnan(out).all()
+    v3 = v.copy()
+    v3[0, 0, 190, :] = np.nan
+    mask = np.zeros((1, 1, 1, 200), np.float32)
+    mask[..., 190] = -np.inf
+    V3 = history("torch", v3, "fp8", {}, 160)
+    out = run(KERNEL, q, K, V3, mask=to("torch", mask))
+    check(out, reference_attention(to("torch", q), K, V3, mask=to("torch", mask)), v, "masked NaN value")
+    assert not np.isnan(out).any()

@@ -165,10 +165,19 @@ def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
             assert_same_bits(x[:, :, quantized:].numpy(), kv.window(side).numpy(), f"layer {i} {side} window")
 
 
-def test_kvquant_attention_reads_the_codes_in_generate(model, prompt):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-cpu-kernel"])
+def test_kvquant_attention_reads_the_codes_in_generate(model, prompt, compiled, monkeypatch):
     """With kvquant's attention the layers hand back only the new tokens (no dequantized
-    history is built) and generation gives the tokens of the dequantize-then-attend path."""
+    history is built) and generation gives the tokens of the dequantize-then-attend path,
+    eager and compiled (on the CPU: the C++ kernel, which must serve every decode step)."""
+    from kvquant.backends import torch_attention
     from kvquant.integrations.transformers import use_kvquant_attention
+
+    if compiled:
+        def not_served(*args, **kw):
+            raise AssertionError("torch.compile's path was asked: the CPU kernel did not serve a decode step")
+
+        monkeypatch.setattr(torch_attention, "_compiled_attend", not_served)
 
     fmt = dict(keys={"format": "int4_per_channel", "group_size": 32}, values="int8", residual=8)
     long_prompt = prompt.repeat(1, 4)[:, :70]
@@ -176,7 +185,7 @@ def test_kvquant_attention_reads_the_codes_in_generate(model, prompt):
     before = model.config._attn_implementation
     with pytest.raises(ValueError, match="use_kvquant_attention"):
         KvquantCache(model.config, attention="kvquant", **fmt)
-    use_kvquant_attention(model)
+    use_kvquant_attention(model, compiled=compiled)
     try:
         cache = KvquantCache(model.config, attention="kvquant", **fmt)
         histories = []
