@@ -212,7 +212,8 @@ inline float max_of(const float* x, int64_t t0, int64_t t1) {
 // ---------------------------------------------------------------- reading a side
 // A token's row in the side's layout: natural order, except packed codes, whose
 // elements go plane by plane (element k*j + i at i * D/k + j) so that unpacking reads
-// consecutive bytes; the query and the output are permuted the same way.
+// consecutive bytes; the query and the weighted sums of those rows are permuted the
+// same way. The window's rows stay in natural order, read with the query as it is.
 inline int layout_k(const Side& s) {
     return s.kind == PACKED_GROUP || s.kind == PACKED_CHANNEL ? 8 / s.bits : 1;
 }
@@ -244,6 +245,13 @@ inline void unpack_runs(const uint8_t* __restrict c, float* __restrict out, int6
 
 constexpr int64_t kBlock = 32;  // tokens dequantized at a time
 
+// The block of tokens from t in [t0, t1), whose quantized tokens end at split: the
+// quantized tokens, then the window's, a block never holding both (their rows come in
+// different layouts).
+inline int64_t block_length(int64_t t, int64_t split, int64_t t1) {
+    return std::min(t < split ? split : t1, t + kBlock) - t;
+}
+
 // One (batch, head)'s side, read kBlock tokens at a time into `rows` [kBlock, d].
 // Per-token and per-tensor formats give their codes as floats and the scale as
 // `factor`, applied by the caller once per token (to a score, to a weight); so do
@@ -261,11 +269,11 @@ struct Reader {
     // codes' values (e4m3_16_scaled), exact as scaling by a power of two is, and
     // applied after the sums so that no product can overflow.
     float row_scale = 1.0f;
-    std::vector<float> rows, scratch, block_scales, block_zeros;
+    std::vector<float> rows, block_scales, block_zeros;
     float factor[kBlock], zero[kBlock];
 
     Reader(const Side& side, int64_t dim, int64_t bb, int64_t hh)
-        : s(side), d(DC ? DC : dim), b(bb), h(hh), rows(kBlock * d), scratch(d) {
+        : s(side), d(DC ? DC : dim), b(bb), h(hh), rows(kBlock * d) {
         if (s.kind == PACKED_GROUP || s.kind == PACKED_CHANNEL) {
             k = 8 / s.bits;
             per_plane = d / k;
@@ -282,32 +290,26 @@ struct Reader {
         }
     }
 
-    // Tokens [t, t + n).
+    // Tokens [t, t + n), all quantized or all of the window: the window's rows are in
+    // natural order, the codes' in the side's layout.
     void fill(int64_t t, int64_t n) {
-        const int64_t quantized = t >= s.tokens ? 0 : std::min(n, s.tokens - t);
-        for (int64_t j = 0; j < quantized; ++j) {
-            factor[j] = 1.0f;
+        const bool window = t >= s.tokens;
+        for (int64_t j = 0; j < n; ++j) {
+            factor[j] = window ? 1.0f / row_scale : 1.0f;  // a window row is its values
             zero[j] = 0.0f;
         }
-        if (quantized) fill_codes(t, quantized);
-        for (int64_t j = quantized; j < n; ++j) {
-            factor[j] = 1.0f / row_scale;  // a window row is its values
-            zero[j] = 0.0f;
-            fill_window(t + j - s.tokens, &rows[j * d]);
-        }
+        if (!window) return fill_codes(t, n);
+        for (int64_t j = 0; j < n; ++j) fill_window(t + j - s.tokens, &rows[j * d]);
     }
 
     void fill_window(int64_t w, float* out) {
-        const bool packed = k != 1;
-        float* dst = packed ? scratch.data() : out;
         if (s.window_bf16) {
             const uint16_t* p = static_cast<const uint16_t*>(s.win) + b * s.win_b + h * s.win_h + w * s.win_t;
-            for (int64_t i = 0; i < d; ++i) dst[i] = bits_to_float(static_cast<uint32_t>(p[i]) << 16);
+            for (int64_t i = 0; i < d; ++i) out[i] = bits_to_float(static_cast<uint32_t>(p[i]) << 16);
         } else {
-            std::memcpy(dst, static_cast<const float*>(s.win) + b * s.win_b + h * s.win_h + w * s.win_t,
+            std::memcpy(out, static_cast<const float*>(s.win) + b * s.win_b + h * s.win_h + w * s.win_t,
                         d * sizeof(float));
         }
-        if (packed) permute(dst, out, d, k);
     }
 
     // One loop per format, the switch outside it: the side's fields are read once, not
@@ -432,11 +434,13 @@ void item_scores(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
     const float* mask = p.mask ? p.mask + (b * p.heads + h) * rows * total : nullptr;
     Reader<DC> keys(p.keys, d, b, h);
     const float scale = p.scale * keys.row_scale;
-    for (int64_t tb = t0; tb < t1; tb += kBlock) {
-        const int64_t n = std::min(kBlock, t1 - tb);
+    const int64_t split = std::min(std::max(p.keys.tokens, t0), t1);
+    for (int64_t tb = t0, n; tb < t1; tb += n) {
+        n = block_length(tb, split, t1);
+        const float* layout_q = tb < split ? q.data() : query;
         keys.fill(tb, n);
         for (int64_t r = 0; r < rows; ++r) {
-            const float* qr = &q[r * d];
+            const float* qr = layout_q + r * d;
             float* out = scores + r * total + tb;
             if constexpr (DC != 0 && DC % 16 == 0) {
                 f32x16 qv[DC / 16];
@@ -494,23 +498,30 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
     }
     Reader<DC> values(p.values, d, b, h);
     std::vector<float> offsets(rows, 0.0f);  // the sums of weight * zero, taken out at the end
+    // The window's rows are in natural order: where the codes' layout is another, their
+    // weighted sums go apart and join the codes' at the end.
+    const int kv = layout_k(p.values);
+    std::vector<float> window_acc(kv != 1 ? rows * d : 0, 0.0f);
     std::memset(acc, 0, rows * d * sizeof(float));
-    for (int64_t tb = t0; tb < t1; tb += kBlock) {
-        const int64_t n = std::min(kBlock, t1 - tb);
+    const int64_t split = std::min(std::max(p.values.tokens, t0), t1);
+    for (int64_t block = t0, n; block < t1; block += n) {
+        n = block_length(block, split, t1);
+        float* sums_here = block >= split && kv != 1 ? window_acc.data() : acc;
         // A block that no row sees (masked, causally hidden) is not read at all; inside
         // a block, each row passes over its zero weights below.
         int any = 0;
         for (int64_t r = 0; r < rows; ++r) {
-            const float* w = scores + r * total + tb;
+            const float* w = scores + r * total + block;
 #pragma omp simd reduction(| : any)
             for (int64_t j = 0; j < n; ++j) any |= w[j] != 0.0f;
         }
         if (!any) continue;
-        values.fill(tb, n);
+        values.fill(block, n);
         for (int64_t r = 0; r < rows; ++r) {
-            const float* w = scores + r * total + tb;
-            float* a = acc + r * d;
+            const float* w = scores + r * total + block;
+            float* a = sums_here + r * d;
             float offset = 0.0f;
+            // A zero weight is passed over, not multiplied: its row may be NaN.
             if constexpr (DC != 0 && DC % 16 == 0) {
                 // Two sets of sums, even and odd tokens: with one, each token's adds
                 // waited for the previous token's (4 cycles a vector).
@@ -520,18 +531,16 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
                     odd[v] = f32x16{};
                 }
                 for (int64_t j = 0; j + 1 < n; j += 2) {
-                    // A zero weight is skipped, not multiplied: its row may be NaN.
-                    const float w0 = w[j] == 0.0f ? 0.0f : w[j] * values.factor[j];
-                    const float w1 = w[j + 1] == 0.0f ? 0.0f : w[j + 1] * values.factor[j + 1];
                     const float* row0 = &values.rows[j * d];
-                    const float* row1 = row0 + d;
-                    if (w0 != 0.0f) {
-                        offset += w0 * values.zero[j];
-                        for (int v = 0; v < DC / 16; ++v) even[v] += w0 * load16(row0 + 16 * v);
+                    if (w[j] != 0.0f) {
+                        const float wf = w[j] * values.factor[j];
+                        offset += wf * values.zero[j];
+                        for (int v = 0; v < DC / 16; ++v) even[v] += wf * load16(row0 + 16 * v);
                     }
-                    if (w1 != 0.0f) {
-                        offset += w1 * values.zero[j + 1];
-                        for (int v = 0; v < DC / 16; ++v) odd[v] += w1 * load16(row1 + 16 * v);
+                    if (w[j + 1] != 0.0f) {
+                        const float wf = w[j + 1] * values.factor[j + 1];
+                        offset += wf * values.zero[j + 1];
+                        for (int v = 0; v < DC / 16; ++v) odd[v] += wf * load16(row0 + d + 16 * v);
                     }
                 }
                 if (n % 2 && w[n - 1] != 0.0f) {
@@ -552,8 +561,15 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
             offsets[r] += offset;
         }
     }
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < d; ++i) acc[r * d + i] = (acc[r * d + i] - offsets[r]) * values.row_scale;
+    std::vector<float> permuted(d);
+    for (int64_t r = 0; r < rows; ++r) {
+        float* a = acc + r * d;
+        if (kv != 1) {
+            permute(&window_acc[r * d], permuted.data(), d, kv);
+            for (int64_t i = 0; i < d; ++i) a[i] += permuted[i];
+        }
+        for (int64_t i = 0; i < d; ++i) a[i] = (a[i] - offsets[r]) * values.row_scale;
+    }
 }
 
 // The head_dims that models use, compiled for their size (loops unrolled, sums in
@@ -596,25 +612,31 @@ extern "C" int kvquant_decode_attention(const Problem* problem) {
     float* sums = maxima + heads * rows;
     float* acc = sums + items * rows;
     // Every score first, so that each weight is exp(score - the row's maximum over the
-    // whole history), as softmax has it: a weight that is zero there is zero here.
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-        const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
-        scores_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total, total,
-                  item_maxima + it * rows);
-    }
-    for (int64_t bh = 0; bh < heads; ++bh) {
-        for (int64_t r = 0; r < rows; ++r) {
-            float m = -kInf;
-            for (int64_t c = 0; c < chunks; ++c) m = std::max(m, item_maxima[(bh * chunks + c) * rows + r]);
-            maxima[bh * rows + r] = m;
+    // whole history), as softmax has it: a weight that is zero there is zero here. One
+    // parallel region for both passes: in a model's decode step the threads sleep
+    // between layers, and each region wakes them.
+#pragma omp parallel if (items > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
+            scores_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total,
+                      total, item_maxima + it * rows);
         }
-    }
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-        const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
-        values_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total, total,
-                  maxima + bh * rows, sums + it * rows, acc + it * rows * d);
+#pragma omp single
+        for (int64_t bh = 0; bh < heads; ++bh) {
+            for (int64_t r = 0; r < rows; ++r) {
+                float m = -kInf;
+                for (int64_t c = 0; c < chunks; ++c) m = std::max(m, item_maxima[(bh * chunks + c) * rows + r]);
+                maxima[bh * rows + r] = m;
+            }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
+            values_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total,
+                      total, maxima + bh * rows, sums + it * rows, acc + it * rows * d);
+        }
     }
     const int kv = layout_k(p.values);
     const int64_t per_plane = d / kv;

@@ -7,6 +7,7 @@ Same function names as jax_attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
+import ctypes
 import types
 import weakref
 from typing import List, Optional
@@ -293,20 +294,25 @@ def _flat(side):
     return _detached(q), window, (q.format, q.group_size, q.source_dtype, q.backend)
 
 
+def _memo(table: dict, q: QuantizedKV, make):
+    """make(q), once per QuantizedKV for as long as it lives: a cache hands the same one
+    to every decode step until its next quantize call."""
+    entry = table.get(id(q))
+    if entry is not None and entry[0]() is q:
+        return entry[1]
+    value = make(q)
+    key = id(q)
+    table[key] = (weakref.ref(q, lambda _, key=key: table.pop(key, None)), value)
+    return value
+
+
 _DETACHED: dict = {}  # id(QuantizedKV) -> (a weak reference to it, its arrays detached)
 
 
 def _detached(q: QuantizedKV):
-    """q's arrays detached, once per QuantizedKV for as long as it lives: a cache hands
-    the same one to every decode step until its next quantize call (about 6 us per
-    layer call in a model's decode step)."""
-    entry = _DETACHED.get(id(q))
-    if entry is not None and entry[0]() is q:
-        return entry[1]
-    parts = (q.codes.detach(), q.scales.detach(), None if q.zeros is None else q.zeros.detach())
-    key = id(q)
-    _DETACHED[key] = (weakref.ref(q, lambda _, key=key: _DETACHED.pop(key, None)), parts)
-    return parts
+    """q's arrays detached (about 6 us per layer call in a model's decode step)."""
+    return _memo(_DETACHED, q, lambda q: (q.codes.detach(), q.scales.detach(),
+                                          None if q.zeros is None else q.zeros.detach()))
 
 
 def _unflat(parts, window, meta, head_dim: int):
@@ -481,49 +487,68 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
     return out.to(query.dtype)
 
 
-def _kernel_side(side, head_dim: int):
-    """A History as the CPU kernel's Side, and the tensors it points into (kept alive by
-    the caller for the call); None where the kernel does not read this layout."""
+def _kernel_codes(q: QuantizedKV):
+    """The CPU kernel's Side for a quantized history's codes (its window fields left to
+    each call), or None where the kernel does not read this layout or device."""
     from . import cpu_kernel
 
+    info = FORMATS[q.format]
+    codes, scales, zeros = q.codes, q.scales, q.zeros
+    if (any(t.device.type != "cpu" or t.layout != torch.strided for t in (codes, scales, *(() if zeros is None else (zeros,))))
+            or codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
+            or (zeros is not None and zeros.dtype != torch.float32)):
+        return None
     s = cpu_kernel.Side()
-    keep = []
-    q, window = side.quantized, side.window
-    if q is not None:
-        info = FORMATS[q.format]
-        codes, scales, zeros = q.codes, q.scales, q.zeros
-        if (codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
-                or (zeros is not None and zeros.dtype != torch.float32)):
+    if info.params in ("token", "tensor"):
+        fp8 = info.code_dtype == "float8_e4m3fn"
+        s.kind = cpu_kernel.INT8_TOKEN if not fp8 else cpu_kernel.FP8_TOKEN if info.params == "token" \
+            else cpu_kernel.FP8_TENSOR
+        if info.params == "token":
+            s.scales_b, s.scales_h, s.scales_t = scales.stride()
+    else:
+        if (info.params == "group" and q.shape[-1] % q.group_size) or scales.stride(-1) != 1 or zeros.stride(-1) != 1:
             return None
-        if info.params in ("token", "tensor"):
-            fp8 = info.code_dtype == "float8_e4m3fn"
-            s.kind = cpu_kernel.INT8_TOKEN if not fp8 else cpu_kernel.FP8_TOKEN if info.params == "token" \
-                else cpu_kernel.FP8_TENSOR
-            if info.params == "token":
-                s.scales_b, s.scales_h, s.scales_t = scales.stride()
-        else:
-            if (info.params == "group" and head_dim % q.group_size) or scales.stride(-1) != 1 or zeros.stride(-1) != 1:
-                return None
-            s.kind = cpu_kernel.PACKED_GROUP if info.params == "group" else cpu_kernel.PACKED_CHANNEL
-            s.bits, s.group = info.bits, q.group_size
-            s.scales_b, s.scales_h, s.scales_t, _ = scales.stride()
-            s.zeros_b, s.zeros_h, s.zeros_t, _ = zeros.stride()
-            s.zeros = zeros.data_ptr()
-        s.tokens = codes.shape[2]
-        s.codes = codes.data_ptr()
-        s.codes_b, s.codes_h, s.codes_t, _ = codes.stride()
-        s.scales = scales.data_ptr()
-        keep += [codes, scales, zeros]
+        s.kind = cpu_kernel.PACKED_GROUP if info.params == "group" else cpu_kernel.PACKED_CHANNEL
+        s.bits, s.group = info.bits, q.group_size
+        s.scales_b, s.scales_h, s.scales_t, _ = scales.stride()
+        s.zeros_b, s.zeros_h, s.zeros_t, _ = zeros.stride()
+        s.zeros = zeros.data_ptr()
+    s.tokens = codes.shape[2]
+    s.codes = codes.data_ptr()
+    s.codes_b, s.codes_h, s.codes_t, _ = codes.stride()
+    s.scales = scales.data_ptr()
+    return s
+
+
+_KERNEL_CODES: dict = {}  # id(QuantizedKV) -> (a weak reference to it, its _kernel_codes)
+
+
+def _kernel_side(side, into) -> Optional[list]:
+    """A History into the kernel's Side ``into``; the tensors it points into that the
+    caller must keep alive for the call (a window converted here), or None where the
+    kernel does not read it."""
+    keep = []
+    if side.quantized is not None:
+        codes = _memo(_KERNEL_CODES, side.quantized, _kernel_codes)
+        if codes is None:
+            return None
+        ctypes_copy(into, codes)
+    window = side.window
     if window is not None and window.shape[TOKEN_AXIS]:
+        if window.device.type != "cpu" or window.layout != torch.strided:
+            return None
         if window.dtype not in (torch.float32, torch.bfloat16):
             window = window.to(torch.float32)
         if window.stride(-1) != 1:
             window = window.contiguous()
-        s.window, s.window_bf16 = window.shape[2], int(window.dtype == torch.bfloat16)
-        s.win = window.data_ptr()
-        s.win_b, s.win_h, s.win_t, _ = window.stride()
         keep.append(window)
-    return s, keep
+        into.window, into.window_bf16, into.win = window.shape[2], window.dtype == torch.bfloat16, window.data_ptr()
+        into.win_b, into.win_h, into.win_t, _ = window.stride()
+    return keep
+
+
+def ctypes_copy(dst, src) -> None:
+    ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(src))
 
 
 CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests compare the two)
@@ -534,24 +559,21 @@ def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> 
     the CPU, autograd recording, a layout it does not read, or no kernel built here."""
     from . import cpu_kernel
 
-    tensors = [query] + [t for side in (keys, values) for t in (
-        side.window, *((side.quantized.codes, side.quantized.scales, side.quantized.zeros) if side.quantized else ()))
-        if t is not None]
-    if (not CPU_KERNEL or (torch.is_grad_enabled() and query.requires_grad)
-            or any(t.device.type != "cpu" or t.layout != torch.strided for t in tensors)):
+    if (not CPU_KERNEL or query.device.type != "cpu" or query.layout != torch.strided
+            or (query.requires_grad and torch.is_grad_enabled())):
         return None
     fn = cpu_kernel.load()
     if fn is None:
         return None
+    problem = cpu_kernel.Problem()
+    keep = (_kernel_side(keys, problem.keys), _kernel_side(values, problem.values))
+    if keep[0] is None or keep[1] is None:
+        return None
     b, hq, n, d = query.shape
     kv_heads = (keys.quantized if keys.quantized is not None else keys.window).shape[1]
-    k_side, v_side = _kernel_side(keys, d), _kernel_side(values, d)
-    if k_side is None or v_side is None:
-        return None
     rows = (hq // kv_heads) * n
     qg = _grouped(query.to(torch.float32), kv_heads).contiguous()
-    total = keys.length
-    problem = cpu_kernel.Problem()
+    total = problem.keys.tokens + problem.keys.window
     problem.query, problem.batch, problem.heads, problem.rows, problem.dim = qg.data_ptr(), b, kv_heads, rows, d
     problem.scale = scale
     per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
@@ -560,8 +582,7 @@ def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> 
         m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
         mask = m.reshape(b, kv_heads, rows, total).contiguous()
         problem.mask = mask.data_ptr()
-    problem.new_tokens, problem.causal = n, int(causal and n > 1)
-    problem.keys, problem.values = k_side[0], v_side[0]
+    problem.new_tokens, problem.causal = n, causal and n > 1
     out = torch.empty((b, kv_heads, rows, d), dtype=torch.float32)
     problem.out = out.data_ptr()
     if fn(problem) != 0:
