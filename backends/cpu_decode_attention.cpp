@@ -243,6 +243,19 @@ inline void unpack_runs(const uint8_t* __restrict c, float* __restrict out, int6
     }
 }
 
+// One run of 16 bytes of a packed row into its planes (plane i at out + i *
+// per_plane): (code - zero) * scale, with lanes(i, zero, scale) giving each lane's.
+template <int Bits, typename Lanes>
+inline void unpack_run(const uint8_t* c, float* out, int64_t per_plane, const Lanes& lanes) {
+    constexpr int32_t mask = (1 << Bits) - 1;
+    const i32x16 bytes = widen16<false>(c);
+    for (int i = 0; i < 8 / Bits; ++i) {
+        f32x16 zero, scale;
+        lanes(i, zero, scale);
+        store16(out + i * per_plane, (floats((bytes >> (Bits * i)) & mask) - zero) * scale);
+    }
+}
+
 constexpr int64_t kBlock = 32;  // tokens dequantized at a time
 
 // The block of tokens from t in [t0, t1), whose quantized tokens end at split: the
@@ -263,13 +276,15 @@ struct Reader {
     const int64_t d, b, h;
     int k = 1;                                // codes per byte
     int64_t per_plane = 0, group_bytes = 0;  // packed: bytes per token and per group
-    bool runs_of_16 = false;  // per group: every run of 16 bytes in one group (INT2 g32's are 8)
+    bool planes_of_16 = false;  // packed: each plane a whole number of 16-byte runs
+    bool runs_of_16 = false;    // per group: and every run inside one group (INT2 g32's groups are 8 bytes)
     bool one_group = false;   // per group, and the group is the whole row
     // What the rows are to be multiplied by, once per sum: FP8 rows are 2^-8 times the
     // codes' values (e4m3_16_scaled), exact as scaling by a power of two is, and
     // applied after the sums so that no product can overflow.
     float row_scale = 1.0f;
     std::vector<float> rows, block_scales, block_zeros;
+    std::vector<int32_t> byte_group;  // per group: the group of each byte of a token
     float factor[kBlock], zero[kBlock];
 
     Reader(const Side& side, int64_t dim, int64_t bb, int64_t hh)
@@ -279,8 +294,10 @@ struct Reader {
             per_plane = d / k;
             group_bytes = s.group / k;
         }
+        planes_of_16 = (s.kind == PACKED_GROUP || s.kind == PACKED_CHANNEL) && per_plane % 16 == 0;
+        for (int64_t j = 0; s.kind == PACKED_GROUP && j < per_plane; ++j) byte_group.push_back(j / group_bytes);
         if (s.kind == PACKED_GROUP) {
-            runs_of_16 = per_plane % 16 == 0 && group_bytes % 16 == 0;
+            runs_of_16 = planes_of_16 && group_bytes % 16 == 0;
             one_group = runs_of_16 && s.group == d;
         }
         if (s.kind == FP8_TOKEN || s.kind == FP8_TENSOR) row_scale = 256.0f;
@@ -383,6 +400,20 @@ struct Reader {
             return s.bits == 4 ? unpack_runs<4, true>(c, out, per_plane, group_bytes, sc, z)
                                : unpack_runs<2, true>(c, out, per_plane, group_bytes, sc, z);
         }
+        if (planes_of_16) {  // groups shorter than a run: each lane its group's scale and zero
+            float lane_scales[16], lane_zeros[16];
+            for (int64_t j0 = 0; j0 < per_plane; j0 += 16) {
+                for (int l = 0; l < 16; ++l) {
+                    lane_scales[l] = sc[byte_group[j0 + l]];
+                    lane_zeros[l] = z[byte_group[j0 + l]];
+                }
+                const f32x16 zeros = load16(lane_zeros), scales = load16(lane_scales);
+                const auto lanes = [&](int, f32x16& zero, f32x16& scale) { zero = zeros, scale = scales; };
+                s.bits == 4 ? unpack_run<4>(c + j0, out + j0, per_plane, lanes)
+                            : unpack_run<2>(c + j0, out + j0, per_plane, lanes);
+            }
+            return;
+        }
         const int32_t mask = (1 << s.bits) - 1;
         for (int i = 0; i < k; ++i) {
             for (int64_t jj = 0; jj < per_plane; ++jj) {
@@ -402,6 +433,17 @@ struct Reader {
         const int32_t mask = (1 << s.bits) - 1;
         const float* bs = block_scales.data();
         const float* bz = block_zeros.data();
+        if (planes_of_16) {
+            for (int64_t j0 = 0; j0 < per_plane; j0 += 16) {
+                const int64_t plane = per_plane;
+                const auto lanes = [&](int i, f32x16& zero, f32x16& scale) {
+                    zero = load16(bz + i * plane + j0), scale = load16(bs + i * plane + j0);
+                };
+                s.bits == 4 ? unpack_run<4>(c + j0, out + j0, per_plane, lanes)
+                            : unpack_run<2>(c + j0, out + j0, per_plane, lanes);
+            }
+            return;
+        }
         for (int i = 0; i < k; ++i) {
             for (int64_t jj = 0; jj < per_plane; ++jj) {
                 const int64_t at = i * per_plane + jj;

@@ -394,6 +394,10 @@ KERNEL = ("torch-cpu-kernel-reductions", "torch", True)  # the kernel for any nu
 # (id, head_dim, keys (format, kwargs), values (format, kwargs), tokens, quantized, window dtype, batch)
 KERNEL_LAYOUTS = [
     ("head_dim-40-not-a-multiple-of-16", 40, ("int8", {}), ("fp8", {}), 300, 256, "float32", 1),
+    ("per-channel-planes-of-20-and-10-bytes", 40, ("int4_per_channel", {"group_size": 32}),
+     ("int2_per_channel", {"group_size": 32}), 300, 256, "float32", 1),
+    ("int2-g32-head_dim-96-planes-of-24-bytes", 96, ("int2", {"group_size": 32}), ("int2", {"group_size": 32}), 300,
+     256, "float32", 1),
     ("int2-g32-runs-of-8-bytes", 64, ("int2", {"group_size": 32}), ("int2", {"group_size": 32}), 300, 256, "float32", 1),
     ("int4-g32-two-groups-a-row", 64, ("int4", {"group_size": 32}), ("int4", {"group_size": 32}), 300, 256, "float32", 1),
     ("int4-g128-one-group-head_dim-128", 128, ("int4", {"group_size": 128}), ("int4", {"group_size": 128}), 300, 256,
