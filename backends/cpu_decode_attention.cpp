@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -614,23 +615,14 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
     }
 }
 
-// The head_dims that models use, compiled for their size (loops unrolled, sums in
-// registers); any other runs the same code with a runtime size.
-template <typename... A>
-void scores_of(const Problem& p, A... a) {
-    switch (p.dim) {
-        case 64: return item_scores<64>(p, a...);
-        case 128: return item_scores<128>(p, a...);
-        default: return item_scores<0>(p, a...);
-    }
-}
-
-template <typename... A>
-void values_of(const Problem& p, A... a) {
-    switch (p.dim) {
-        case 64: return item_values<64>(p, a...);
-        case 128: return item_values<128>(p, a...);
-        default: return item_values<0>(p, a...);
+// f(head_dim as a constant): the head_dims that models use are compiled for their size
+// (loops unrolled, sums in registers); any other runs the same code with a runtime size.
+template <typename F>
+void with_head_dim(int64_t dim, const F& f) {
+    switch (dim) {
+        case 64: return f(std::integral_constant<int, 64>{});
+        case 128: return f(std::integral_constant<int, 128>{});
+        default: return f(std::integral_constant<int, 0>{});
     }
 }
 
@@ -662,8 +654,10 @@ extern "C" int kvquant_decode_attention(const Problem* problem) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
-            scores_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total,
-                      total, item_maxima + it * rows);
+            with_head_dim(d, [&](auto dc) {
+                item_scores<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total),
+                                      scores + bh * rows * total, total, item_maxima + it * rows);
+            });
         }
 #pragma omp single
         for (int64_t bh = 0; bh < heads; ++bh) {
@@ -676,8 +670,11 @@ extern "C" int kvquant_decode_attention(const Problem* problem) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
-            values_of(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total), scores + bh * rows * total,
-                      total, maxima + bh * rows, sums + it * rows, acc + it * rows * d);
+            with_head_dim(d, [&](auto dc) {
+                item_values<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total),
+                                      scores + bh * rows * total, total, maxima + bh * rows, sums + it * rows,
+                                      acc + it * rows * d);
+            });
         }
     }
     const int kv = layout_k(p.values);
