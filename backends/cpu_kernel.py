@@ -12,9 +12,10 @@ about a second where torch.utils.cpp_extension takes a minute, and a call costs 
 microseconds. It links OpenMP by soname, so in a process that has imported torch it
 shares torch's OpenMP runtime and threads (torch.set_num_threads applies).
 
-``load()`` returns None where there is no compiler, the build fails, the platform is
-not x86-64 or aarch64 Linux/macOS, or KVQUANT_CPU_KERNEL=0: callers then use the
-compiled path."""
+A build goes to ~/.cache/kvquant/cpu-kernel (XDG_CACHE_HOME), or where that cannot be
+written to the temp directory. ``load()`` returns None where there is no compiler, the
+build fails, the platform is not x86-64 or aarch64 Linux/macOS, or KVQUANT_CPU_KERNEL=0:
+callers then use torch.compile's path."""
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Optional
+from typing import List, Optional
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
@@ -57,9 +58,11 @@ class Problem(ctypes.Structure):
 _LOADED = {}
 
 
-def _cache_dir() -> str:
+def _cache_dirs() -> List[str]:
+    """Where a build is kept: the user's cache, or (read-only home) the temp directory."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "kvquant", "cpu-kernel")
+    user = getattr(os, "getuid", lambda: 0)()
+    return [os.path.join(base, "kvquant", "cpu-kernel"), os.path.join(tempfile.gettempdir(), f"kvquant-cpu-kernel-{user}")]
 
 
 def _cpu() -> str:
@@ -103,14 +106,18 @@ def load():
             and sys.platform in ("linux", "darwin") and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64")):
         with open(SOURCE, "rb") as f:
             digest = hashlib.sha256(f.read() + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
-        target = os.path.join(_cache_dir(), f"decode_attention_{digest}.so")
-        try:
-            if not os.path.exists(target):
-                _build(compiler, target)
-            fn = ctypes.CDLL(target).kvquant_decode_attention
+        for directory in _cache_dirs():
+            target = os.path.join(directory, f"decode_attention_{digest}.so")
+            try:
+                if not os.path.exists(target):
+                    _build(compiler, target)
+                fn = ctypes.CDLL(target).kvquant_decode_attention
+            except subprocess.SubprocessError:
+                break  # the compiler failed: another directory would not help
+            except OSError:
+                continue
             fn.argtypes = [ctypes.POINTER(Problem)]
             fn.restype = ctypes.c_int
-        except (OSError, subprocess.SubprocessError):
-            fn = None
+            break
     _LOADED["kernel"] = fn
     return fn

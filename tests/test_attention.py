@@ -389,6 +389,26 @@ def test_cpu_kernel_builds_where_there_is_a_compiler():
     assert cpu_kernel.load() is not None
 
 
+def test_cpu_kernel_builds_elsewhere_or_steps_aside(monkeypatch, tmp_path):
+    """A cache directory that cannot be written (here: a file where the directory would
+    be) moves the build to the temp directory; a compiler that fails leaves
+    compiled=True to torch.compile, with the same accuracy."""
+    from kvquant.backends import cpu_kernel
+
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    (tmp_path / "not-a-directory").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-directory"))
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    assert cpu_kernel.load() is not None
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "false")  # exits 1: the build fails
+    assert cpu_kernel.load() is None
+    q, k, v = data(new=1, tokens=80)
+    K, V = history("torch", k, "int8", {}, 64), history("torch", v, "int4", {"group_size": 64}, 64)
+    check(run(("torch-compiled", "torch", True), q, K, V), reference_attention(to("torch", q), K, V), v, "fallback")
+
+
 KERNEL = ("torch-cpu-kernel-reductions", "torch", True)  # the kernel for any number of query tokens
 
 # (id, head_dim, keys (format, kwargs), values (format, kwargs), tokens, quantized, window dtype, batch)
