@@ -1,6 +1,6 @@
 // Decode attention over a kvquant history on the CPU: one function, called through
 // ctypes with raw pointers (backends/cpu_kernel.py builds and loads it), so that it
-// includes no torch header and builds in about a second.
+// includes no torch header and builds in a few seconds.
 //
 // The codes are read once and no full-precision copy of the history is made: tokens
 // are dequantized 32 at a time into a buffer that stays in L1, and every query row of
