@@ -510,7 +510,8 @@ void item_scores(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
             }
             const int64_t limit = total - p.new_tokens + r % p.new_tokens;
             for (int64_t j = 0; j < n; ++j) {
-                if (mask) out[j] = out[j] + mask[r * total + tb + j];
+                // A hidden token's score is -inf even where its key is NaN.
+                if (mask) out[j] = mask[r * total + tb + j] == -kInf ? -kInf : out[j] + mask[r * total + tb + j];
                 if (p.causal && tb + j > limit) out[j] = -kInf;
             }
         }

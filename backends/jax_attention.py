@@ -53,7 +53,8 @@ def _attend(query, keys, values, scale: float, causal: bool, mask):
     total = s.shape[-1]
     if mask is not None:
         m = jnp.broadcast_to(mask.astype(F32), (b, hq, n, total))
-        s = s + m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+        m = m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+        s = jnp.where(m == -jnp.inf, -jnp.inf, s + m)  # a hidden token's NaN key stays hidden
     if causal and n > 1:
         row = jnp.tile(jnp.arange(n), hq // kv_heads)
         visible = jnp.arange(total)[None, :] <= (total - n + row)[:, None]

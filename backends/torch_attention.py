@@ -258,7 +258,8 @@ def _attend(query, keys, values, scale: float, causal: bool, mask, compiled: boo
     total = s.shape[-1]
     if mask is not None:
         m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
-        s = s + m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+        m = m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+        s = torch.where(m == float("-inf"), m, s + m)  # a hidden token's NaN key stays hidden
     if causal and n > 1:
         visible = _causally_visible(torch.arange(n, device=s.device).repeat(hq // kv_heads), n, total)
         s = torch.where(visible, s, torch.full((), float("-inf"), device=s.device))

@@ -11,7 +11,7 @@ their window), as long as they hold the same tokens. q_heads is a multiple of kv
 (grouped-query attention). With ``causal=True`` query token i, the i-th of the
 ``new_tokens`` newest tokens of the history, sees the history up to itself; ``mask``
 (additive, broadcastable to ``[batch, q_heads, new_tokens, tokens]``) is added to the
-scores.
+scores, a ``-inf`` entry hiding its token even where its key is NaN.
 
 In decode (one query token) no full-precision copy of the history is made:
 
@@ -173,7 +173,8 @@ def reference_attention(query, keys: Any, values: Any, *, scale: Optional[float]
     with np.errstate(invalid="ignore", over="ignore"):
         s = np.einsum("bhnd,bhtd->bhnt", q, k) * scale
         if mask is not None:
-            s = s + host(mask)
+            m = np.broadcast_to(host(mask), s.shape)
+            s = np.where(np.isneginf(m), -np.inf, s + m)  # a hidden token's NaN key stays hidden
         if causal:
             visible = np.arange(total)[None, :] <= (total - new + np.arange(new))[:, None]
             s = np.where(visible, s, -np.inf)

@@ -190,6 +190,22 @@ def test_nan_tokens_poison_exactly_what_sees_them(path):
     assert not nan[:, 0, 9].any() if not nan[:, 0, :].all() else True
 
 
+@pytest.mark.parametrize("path", CHUNK_PATHS, ids=[p[0] for p in CHUNK_PATHS])
+def test_masked_nan_keys_touch_nothing(path):
+    """A -inf mask entry hides its token even where the key is NaN (a padding slot that
+    holds garbage, a poisoned token): its score is -inf, not NaN + -inf. One NaN key in
+    the quantized part and one in the window, both masked for every query."""
+    q, k, v = data(new=2, tokens=200, kv_heads=1, groups=2)
+    k[0, 0, 40, 3] = np.nan
+    k[0, 0, 190, 5] = np.nan
+    mask = np.zeros((1, 1, 2, 200), np.float32)
+    mask[..., [40, 190]] = -np.inf
+    K, V = history(path[1], k, "int8", {}, 160), history(path[1], v, "int4", {"group_size": 64}, 160)
+    out = run(path, q, K, V, mask=to(path[1], mask))
+    check(out, reference_attention(to(path[1], q), K, V, mask=to(path[1], mask)), v, path[0])
+    assert not np.isnan(out).any()
+
+
 def test_bad_shapes_are_refused():
     q, k, v = data()
     K = history("torch", k, "int8", {}, 256)
