@@ -622,7 +622,9 @@ template <typename F>
 void with_head_dim(int64_t dim, const F& f) {
     switch (dim) {
         case 64: return f(std::integral_constant<int, 64>{});
+        case 96: return f(std::integral_constant<int, 96>{});
         case 128: return f(std::integral_constant<int, 128>{});
+        case 256: return f(std::integral_constant<int, 256>{});
         default: return f(std::integral_constant<int, 0>{});
     }
 }

@@ -495,8 +495,8 @@ def _kernel_codes(q: QuantizedKV):
 
     info = FORMATS[q.format]
     codes, scales, zeros = q.codes, q.scales, q.zeros
-    if (any(t.device.type != "cpu" or t.layout != torch.strided for t in (codes, scales, *(() if zeros is None else (zeros,))))
-            or codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
+    arrays = (codes, scales) if zeros is None else (codes, scales, zeros)
+    if (not all(_on_cpu(t) for t in arrays) or codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
             or (zeros is not None and zeros.dtype != torch.float32)):
         return None
     s = cpu_kernel.Side()
@@ -533,10 +533,10 @@ def _kernel_side(side, into) -> Optional[list]:
         codes = _memo(_KERNEL_CODES, side.quantized, _kernel_codes)
         if codes is None:
             return None
-        ctypes_copy(into, codes)
+        ctypes.memmove(ctypes.addressof(into), ctypes.addressof(codes), ctypes.sizeof(codes))
     window = side.window
     if window is not None and window.shape[TOKEN_AXIS]:
-        if window.device.type != "cpu" or window.layout != torch.strided:
+        if not _on_cpu(window):
             return None
         if window.dtype not in (torch.float32, torch.bfloat16):
             window = window.to(torch.float32)
@@ -548,8 +548,9 @@ def _kernel_side(side, into) -> Optional[list]:
     return keep
 
 
-def ctypes_copy(dst, src) -> None:
-    ctypes.memmove(ctypes.addressof(dst), ctypes.addressof(src), ctypes.sizeof(src))
+def _on_cpu(t: torch.Tensor) -> bool:
+    """Memory the kernel can read through a pointer: the CPU's, strided."""
+    return t.device.type == "cpu" and t.layout == torch.strided
 
 
 CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests compare the two)
@@ -560,8 +561,8 @@ def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> 
     the CPU, autograd recording, a layout it does not read, or no kernel built here."""
     from . import cpu_kernel
 
-    if (not CPU_KERNEL or query.device.type != "cpu" or query.layout != torch.strided
-            or (query.requires_grad and torch.is_grad_enabled())):
+    if (not CPU_KERNEL or not _on_cpu(query) or (query.requires_grad and torch.is_grad_enabled())
+            or (mask is not None and not _on_cpu(mask))):
         return None
     fn = cpu_kernel.load()
     if fn is None:

@@ -439,6 +439,7 @@ KERNEL_LAYOUTS = [
     ("int4-g128-one-group-head_dim-128", 128, ("int4", {"group_size": 128}), ("int4", {"group_size": 128}), 300, 256,
      "float32", 1),
     ("int4-g64-head_dim-128", 128, ("int4", {"group_size": 64}), ("int8", {}), 300, 256, "float32", 1),
+    ("head_dim-256", 256, ("int4", {"group_size": 128}), ("fp8", {}), 300, 256, "float32", 1),
     ("bfloat16-window", 64, ("int4", {"group_size": 64}), ("fp8", {}), 300, 256, "bfloat16", 1),
     ("float16-window", 64, ("int4_per_channel", {"group_size": 32}), ("int4", {"group_size": 64}), 300, 256,
      "float16", 1),
