@@ -246,7 +246,7 @@ def use_kvquant_attention(model, compiled: bool = False) -> None:
     """Make ``model`` (a transformers model) attend with kvquant.attention, which reads a
     KvquantCache(..., attention="kvquant")'s codes directly; other caches fall back to
     scaled_dot_product_attention. ``compiled``: instead of eager chunks, compiled code:
-    on the CPU kvquant's C++ kernel (built on first use, about 3 s, then cached on
+    on the CPU kvquant's C++ kernel (built on first use, about 4 s, then cached on
     disk), on other devices torch.compile's fused kernels."""
     global _PENDING, _COMPILED_ATTENTION
     import weakref
