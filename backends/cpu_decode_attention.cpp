@@ -290,12 +290,12 @@ struct Reader {
 
     Reader(const Side& side, int64_t dim, int64_t bb, int64_t hh)
         : s(side), d(DC ? DC : dim), b(bb), h(hh), rows(kBlock * d) {
-        if (s.kind == PACKED_GROUP || s.kind == PACKED_CHANNEL) {
-            k = 8 / s.bits;
+        k = layout_k(s);
+        if (k != 1) {
             per_plane = d / k;
             group_bytes = s.group / k;
         }
-        planes_of_16 = (s.kind == PACKED_GROUP || s.kind == PACKED_CHANNEL) && per_plane % 16 == 0;
+        planes_of_16 = k != 1 && per_plane % 16 == 0;
         for (int64_t j = 0; s.kind == PACKED_GROUP && j < per_plane; ++j) byte_group.push_back(j / group_bytes);
         if (s.kind == PACKED_GROUP) {
             runs_of_16 = planes_of_16 && group_bytes % 16 == 0;

@@ -183,6 +183,14 @@ def compiled_values(p: torch.Tensor, q: QuantizedKV, subnormal_floats: bool = Fa
     return torch.stack(outs, dim=-1).reshape(b, h, rows, d)
 
 
+def _grouped_mask(mask: torch.Tensor, query_shape, kv_heads: int, total: int) -> torch.Tensor:
+    """An additive mask, broadcastable to [B, Hq, n, T], as float32 [B, Hkv, g * n, T]:
+    the rows of the grouped query (_grouped)."""
+    b, hq, n, _ = query_shape
+    m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
+    return m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+
+
 def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, Hq, n, D] as [B, Hkv, g * n, D]: the g query heads sharing a KV head."""
     b, hq, n, d = query.shape
@@ -257,8 +265,7 @@ def _attend(query, keys, values, scale: float, causal: bool, mask, compiled: boo
     s = scores(qg, keys, compiled, chunk_tokens, subnormal_floats) * scale  # [B, Hkv, g * n, T]
     total = s.shape[-1]
     if mask is not None:
-        m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
-        m = m.reshape(b, kv_heads, (hq // kv_heads) * n, total)
+        m = _grouped_mask(mask, query.shape, kv_heads, total)
         s = torch.where(m == float("-inf"), m, s + m)  # a hidden token's NaN key stays hidden
     if causal and n > 1:
         visible = _causally_visible(torch.arange(n, device=s.device).repeat(hq // kv_heads), n, total)
@@ -581,8 +588,7 @@ def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> 
     per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
     problem.chunk = -(-total // per_head)
     if mask is not None:
-        m = torch.broadcast_to(mask.to(torch.float32), (b, hq, n, total))
-        mask = m.reshape(b, kv_heads, rows, total).contiguous()
+        mask = _grouped_mask(mask, query.shape, kv_heads, total).contiguous()
         problem.mask = mask.data_ptr()
     problem.new_tokens, problem.causal = n, causal and n > 1
     out = torch.empty((b, kv_heads, rows, d), dtype=torch.float32)
