@@ -51,6 +51,7 @@ class Check:
     run: Callable[[], List[Mismatch]]
     flags: Tuple[str, ...] = ()  # the edge cases its input covers (case families)
     not_implemented: bool = False  # the backend lacks this format (family "unimplemented")
+    format: str = ""  # the format's name: a variant's checks are shared out by format (kvquant/cli.py)
 
 
 def _variant_id(ops) -> str:
@@ -126,7 +127,8 @@ def _unimplemented_check(ops, fmt, required: bool) -> Check:
         return [Mismatch(ops.name, ops.variant, cid, info.quantize_method, "*",
                          f"{fmt.value} (spec v{info.spec_version}) is not implemented, and spec "
                          f"v{info.spec_version} is required: its kernels lack {info.kernel}_quantize / _dequantize")]
-    return Check(cid, ops.name, ops.variant, UNIMPLEMENTED, fmt.value, "any", run, not_implemented=True)
+    return Check(cid, ops.name, ops.variant, UNIMPLEMENTED, fmt.value, "any", run, not_implemented=True,
+                 format=fmt.value)
 
 
 def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = None, device: Optional[str] = None,
@@ -174,12 +176,13 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
             shared = SharedRun(ops, bundle, device)
             for case in bundle.cases:
                 yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
-                            functools.partial(shared.mismatches, case), case.flags)
+                            functools.partial(shared.mismatches, case), case.flags, format=case.spec.format.value)
         for case in (sample_cases(alone, QUICK_CASES_PER_CELL, sharing) if profile == "quick" else alone):
             if case.spec.format in missing:
                 continue
             yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
-                        _bind_case(ops, case, device, sharing.out_dtypes(case.spec, case.dtype)), case.flags)
+                        _bind_case(ops, case, device, sharing.out_dtypes(case.spec, case.dtype)), case.flags,
+                        format=case.spec.format.value)
         # Property draws and invariances take spec v1.1's formats at one group size each
         # (cases.V11_SAMPLED_GROUPS), and in the quick profile INT4 too: under
         # torch.compile every draw's shape is compiled anew, 45 s per format here; the
@@ -189,7 +192,8 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                 if spec.format in missing:
                     continue
                 yield Check(f"{vid}/property/{spec.label}/any/hypothesis", ops.name, ops.variant, "property",
-                            spec.label, "any", _bind_property(ops, spec, device, property_examples, sharing))
+                            spec.label, "any", _bind_property(ops, spec, device, property_examples, sharing),
+                            format=spec.format.value)
         # Inside a caller's trace, compiled kernels step aside for their eager code (one
         # graph with the caller's), so tracing them again compiles what the eager
         # variant's seed-types check compiled: a compiling variant skips it.
@@ -200,7 +204,8 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                     continue
                 for check in INVARIANCE_CHECKS:
                     yield Check(f"{vid}/invariance/{spec.label}/float32/{check}", ops.name, ops.variant,
-                                "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device, trace))
+                                "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device, trace),
+                                format=spec.format.value)
 
 
 def _bind_case(ops, case, device, out_dtypes):

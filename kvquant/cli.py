@@ -134,18 +134,32 @@ def _empty_compile_caches() -> List[str]:
 
 
 def _lanes(names: List[str], jobs: int) -> List[List[str]]:
-    """Backends dealt round robin to at most ``jobs`` processes. Each backend's variants
-    stay in one process, which imports its framework once; the built-in order (numpy,
-    torch, jax, then plug-ins) puts the two compiling frameworks in different ones."""
+    """Backends dealt round robin to at most ``jobs`` processes: each process imports
+    the frameworks of its own backends and checks them first; the built-in order
+    (numpy, torch, jax, then plug-ins) puts the two compiling frameworks in different
+    ones. A process that runs out of work then takes shares of the others' (_Shares)."""
     count = max(1, min(jobs, len(names)))
     return [names[i::count] for i in range(count)]
 
 
-def _run_lane(names: List[str], options: dict, emit) -> None:
-    """Every variant of these backends, checked in this process; what happens is told
-    through ``emit(kind, key, payload)``: "ready" (the variants and their check ids),
-    "outcome" (one check's result as plain data), "variant-done", or "usage" (bad
-    arguments). _run_lanes adds "done" after the lane, "crash" if it died."""
+def _shares_of(checks) -> List[str]:
+    """A variant's shares, in the order its checks run: its checks of one format each.
+    Every check of a format compiles the same kernels (bundles, sampled cases,
+    properties, invariances), so a share is compiled in one process, never twice."""
+    return list(dict.fromkeys(c.format for c in checks))
+
+
+def _run_lane(names: List[str], options: dict, emit, ask) -> None:
+    """The variants of these backends, share by share, then shares of other processes'
+    variants while any are left, checked in this process.
+
+    ``ask(request)`` goes to the parent's _Shares: ``("claim", key, share)`` is whether
+    this process may run that share of one of its own variants (another may have taken
+    it), and ``("steal",)`` gives ``(name, variant, share)`` of a share no process has
+    started, or None once there is none. What happens is told through
+    ``emit(kind, key, payload)``: "ready" (the variants, their check ids and shares),
+    "outcome" (one check's result as plain data) or "usage" (bad arguments).
+    _run_lanes adds "done" after the lane, "crash" if it died."""
     import numpy as np
 
     import kvquant
@@ -153,14 +167,15 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
     from kvquant.conformance.runner import backend_variants, release_compiled, resident_bytes
     from kvquant.conformance.suite import KnownFailures, iter_checks, run_checks
 
+    def checks_of(ops):
+        return list(iter_checks([ops], options["families"] or None, options["device"],
+                                profile=options["profile"], require=options["require"]))
+
     try:
         # Without --backend, a lane's share of every backend: those not installed are skipped.
         named = [(name, ops) for name in names
                  for ops in backend_variants([name], options["variants"] or None, missing_ok=not options["chosen"])]
-        ops_list = [ops for _, ops in named]
-        per_variant = [list(iter_checks([ops], options["families"] or None, options["device"],
-                                        profile=options["profile"], require=options["require"]))
-                       for ops in ops_list]
+        per_variant = [checks_of(ops) for _, ops in named]
     except (kvquant.BackendNotFoundError, ValueError) as exc:
         emit("usage", None, str(exc))
         return
@@ -169,10 +184,12 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
     emit("ready", None, [{"key": f"{o.name}/{o.variant}", "name": name, "backend": o.name, "variant": o.variant,
                           "runtime": o.runtime.version(), "devices": list(o.runtime.devices()),
                           "empty_caches": empty if getattr(o.kernels, "compiles_per_shape", False) else [],
-                          "ids": [c.id for c in checks]} for (name, o), checks in zip(named, per_variant)])
+                          "ids": [c.id for c in checks], "shares": _shares_of(checks)}
+                         for (name, o), checks in zip(named, per_variant)])
     known = KnownFailures.load(options["known_files"])
     release_above = options["release_above"]
-    for ops, checks in zip(ops_list, per_variant):
+
+    def run(ops, checks):
         key = f"{ops.name}/{ops.variant}"
 
         def report(outcome):
@@ -192,6 +209,8 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
 
         with np.errstate(all="ignore"):
             run_checks(checks, known, report)
+
+    def done_with(ops, checks):
         # No later variant uses this one's compiled kernels; keeping them all made a
         # full run grow to several GB.
         release_compiled(ops)
@@ -199,13 +218,83 @@ def _run_lane(names: List[str], options: dict, emit) -> None:
         # The expected bits of some 1,300 cases: recomputed by the next variant in about
         # 2 s, cheaper than holding them (and their three dequantized dtypes) throughout.
         forget_reference_outputs()
-        emit("variant-done", key, None)
+
+    for (_, ops), checks in zip(named, per_variant):
+        for share in _shares_of(checks):
+            if ask(("claim", f"{ops.name}/{ops.variant}", share)):
+                run(ops, [c for c in checks if c.format == share])
+        done_with(ops, checks)
+    stolen = None  # (name, variant, ops, checks) of the variant shares were last taken from
+    while True:
+        job = ask(("steal",))
+        if stolen is not None and (job is None or job[:2] != stolen[:2]):
+            done_with(*stolen[2:])
+        if job is None:
+            return
+        name, variant, share = job
+        if stolen is None or job[:2] != stolen[:2]:
+            (ops,) = backend_variants([name], [variant])
+            stolen = (name, variant, ops, checks_of(ops))
+        run(stolen[2], [c for c in stolen[3] if c.format == share])
+
+
+class _Shares:
+    """Which process runs each share of each variant (its checks of one format).
+
+    Each process claims the shares of its own backends in order; one that has run out
+    takes the last share not yet started of the process with the most left. Without
+    it the default run's two processes ended minutes apart on a first run: torch's
+    (torch.compile compiling some 180 kernels) long after JAX's."""
+
+    LATER = "later"  # a steal asked before every process has said what it checks
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        self.open: dict = {}  # variant key -> its shares no process has started, in order
+        self.owner: dict = {}  # variant key -> (lane, backend name, variant)
+        self.settled: set = set()  # lanes that said what they check, or ended
+
+    def add(self, lane: int, variants: List[dict]) -> None:
+        for v in variants:
+            self.open[v["key"]] = list(v["shares"])
+            self.owner[v["key"]] = (lane, v["name"], v["variant"])
+        self.settled.add(lane)
+
+    def gone(self, lane: int) -> None:
+        self.settled.add(lane)
+
+    def answer(self, lane: int, request: tuple):
+        if request[0] == "claim":
+            _, key, share = request
+            left = self.open.get(key, [])
+            if share in left:
+                left.remove(share)
+                return True
+            return False
+        if len(self.settled) < self.lanes:
+            return self.LATER
+        left_by_lane: dict = {}
+        for key, shares in self.open.items():
+            owner = self.owner[key][0]
+            if owner != lane and shares:
+                left_by_lane.setdefault(owner, []).append(key)
+        if not left_by_lane:
+            return None
+        busiest = max(left_by_lane, key=lambda o: sum(len(self.open[k]) for k in left_by_lane[o]))
+        key = left_by_lane[busiest][-1]
+        _, name, variant = self.owner[key]
+        return name, variant, self.open[key].pop()
 
 
 def _lane_process(names: List[str], options: dict, conn) -> None:
-    """A worker process: one lane, its messages sent on its own pipe, then "done"."""
+    """A worker process: one lane, its messages sent on its own pipe, its requests for
+    shares answered on it, then "done"."""
+    def ask(request):
+        conn.send(("ask", None, request))
+        return conn.recv()
+
     try:
-        _run_lane(names, options, lambda kind, key, payload: conn.send((kind, key, payload)))
+        _run_lane(names, options, lambda kind, key, payload: conn.send((kind, key, payload)), ask)
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which fails the run
         import traceback
 
@@ -217,8 +306,9 @@ def _lane_process(names: List[str], options: dict, conn) -> None:
 
 def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
     """Every lane, each message passed to ``handle(lane, kind, key, payload)`` as it
-    comes: one lane in this process, more in one spawned process each (spawned: forking
-    a process that has imported a framework is not safe).
+    comes, and each request for shares ("ask") answered with what it returns: one lane
+    in this process, more in one spawned process each (spawned: forking a process that
+    has imported a framework is not safe).
 
     Each process has a pipe of its own. With one multiprocessing.Queue shared by all, a
     process that died while its queue's feeder thread held the queue's lock (a kernel
@@ -226,36 +316,49 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
     on that lock for good: a CI run hung there, in test_a_process_that_dies_fails_the_run.
     A pipe's reader also learns of its writer's death at once, as the end of the pipe."""
     if len(lanes) == 1:
-        _run_lane(lanes[0], options, lambda kind, key, payload: handle(0, kind, key, payload))
+        _run_lane(lanes[0], options, lambda kind, key, payload: handle(0, kind, key, payload),
+                  lambda request: handle(0, "ask", None, request))
         handle(0, "done", None, None)
         return
     import multiprocessing
     from multiprocessing.connection import wait
 
     ctx = multiprocessing.get_context("spawn")
-    procs, open_lanes = [], {}
+    procs, open_lanes, waiting = [], {}, []
     for i, names in enumerate(lanes):
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_lane_process, args=(names, options, writer), daemon=True)
+        parent_end, child_end = ctx.Pipe()
+        proc = ctx.Process(target=_lane_process, args=(names, options, child_end), daemon=True)
         proc.start()
-        writer.close()  # the child holds the only writing end: its exit ends the pipe
+        child_end.close()  # the child holds the only other end: its exit ends the pipe
         procs.append(proc)
-        open_lanes[reader] = i
+        open_lanes[parent_end] = i
     try:
         while open_lanes:
-            for reader in wait(list(open_lanes)):
-                i = open_lanes[reader]
+            for conn in wait(list(open_lanes)):
+                i = open_lanes[conn]
                 try:
-                    kind, key, payload = reader.recv()
+                    kind, key, payload = conn.recv()
                 except (EOFError, OSError):  # the process ended without "done": it died
-                    del open_lanes[reader]
+                    del open_lanes[conn]
                     procs[i].join(timeout=10)
                     handle(i, "crash", None, f"the process checking {', '.join(lanes[i])} "
                                              f"exited with code {procs[i].exitcode}")
                     continue
                 if kind == "done":
-                    del open_lanes[reader]
-                handle(i, kind, key, payload)
+                    del open_lanes[conn]
+                if kind == "ask":
+                    waiting.append((conn, i, payload))
+                else:
+                    handle(i, kind, key, payload)
+            # Asked for a share before every process said what it checks: answered once they have.
+            still = []
+            for conn, i, request in waiting:
+                answer = handle(i, "ask", None, request)
+                if answer == _Shares.LATER:
+                    still.append((conn, i, request))
+                elif conn in open_lanes:
+                    conn.send(answer)
+            waiting = still
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -278,14 +381,21 @@ class _Report:
         self.crashed: List[str] = []
         self.bar = not args.no_progress and sys.stderr.isatty()
         self.started = time.time()
+        self.shares = _Shares(len(lanes))
+        self.process_of: dict = {}  # check id -> the process (lane) that ran it
 
-    def __call__(self, lane: int, kind: str, key, payload) -> None:
+    def __call__(self, lane: int, kind: str, key, payload):
+        if kind == "ask":
+            return self.shares.answer(lane, payload)
         if kind == "usage":
             raise UsageError(payload)
+        if kind in ("crash", "done"):
+            self.shares.gone(lane)
         if kind == "crash":
             self.crashed.append(payload)
             print(f"kvquant conformance: {payload}", file=sys.stderr, flush=True)
         elif kind == "ready":
+            self.shares.add(lane, payload)
             self.ready[lane] = payload
             if len(self.ready) == len(self.lanes):
                 self._start()
@@ -293,8 +403,8 @@ class _Report:
             self.backlog.append((lane, kind, key, payload))  # told before the header
         elif kind == "outcome":
             self._outcome(key, payload)
-        elif kind == "variant-done" and key in self.progress:
-            self.progress[key].close()
+            self.process_of[payload["id"]] = lane
+        return None
 
     def _start(self) -> None:
         """Every lane has said what it will check: validate, print the header, then
@@ -346,6 +456,8 @@ class _Report:
         self.outcomes[key].append(outcome)
         failed = outcome.status == "fail"
         self.progress[key].update(failed)
+        if self.progress[key].done == self.progress[key].total:  # its shares may have run in several processes
+            self.progress[key].close()
         if failed:
             self.failures.append(outcome)
             if len(self.failures) <= self.args.show:
@@ -355,13 +467,19 @@ class _Report:
                 else:
                     print(text, flush=True)
 
+    @staticmethod
+    def _order(variant: dict):
+        position = {cid: i for i, cid in enumerate(variant["ids"])}
+        return lambda outcome: position[outcome.check.id]
+
     def finish(self) -> int:
         import kvquant
         from kvquant.conformance.suite import format_table
 
         for p in self.progress.values():
             p.close()
-        every = [o for v in self.variants for o in self.outcomes[v["key"]]]
+        # In the order of one process, whichever processes ran the shares.
+        every = [o for v in self.variants for o in sorted(self.outcomes[v["key"]], key=self._order(v))]
         print()
         print(format_table(every))
         passed = sum(o.status in ("pass", "known", "xpass") for o in every)
@@ -388,6 +506,7 @@ class _Report:
                 "failed": len(self.failures),
                 "checks": [
                     {"id": o.check.id, "status": o.status, "known_reason": o.known_reason,
+                     "process": self.process_of.get(o.check.id),
                      "mismatches": [m.as_dict() for m in o.mismatches]}
                     for o in every
                 ],

@@ -4,6 +4,7 @@ The conformance suite must fail every one of them, and say where. Each entry nam
 the operation and output where the bug must show up first.
 """
 import os
+import time
 import types
 
 import ml_dtypes
@@ -160,9 +161,21 @@ def make_broken(name: str, versions=("1", "1.1")) -> BackendOps:
 
 
 # Entry points for tests of the command, which runs backends in processes of its own:
-# a backend with one bug, and one whose process dies inside a kernel.
+# a backend with one bug, the same slowed down, and one whose process dies inside a kernel.
 def round_half_away_backend() -> BackendOps:
     return make_broken("round-half-away")
+
+
+def slow_round_half_away_backend() -> BackendOps:
+    """Slow enough that a process checking the reference beside it runs out of work
+    first and takes shares of this one's."""
+    ops = make_broken("round-half-away")
+    for fn in CONTRACT + CONTRACT_V11:
+        def slowed(*args, _impl=getattr(ops.kernels, fn), **kwargs):
+            time.sleep(0.1)
+            return _impl(*args, **kwargs)
+        setattr(ops.kernels, fn, slowed)
+    return ops
 
 
 def dying_backend() -> BackendOps:

@@ -122,9 +122,10 @@ def _run(args, env, cwd):
 
 
 def test_backends_side_by_side_give_the_report_of_one_process(tmp_path):
-    """--jobs 2 checks backends in two processes; the checks, their order and their
-    outcomes are those of one process, failures included."""
-    env = _with_backends(tmp_path, broken="broken_backends:round_half_away_backend")
+    """--jobs 2 checks backends in two processes, and the one that runs out of work
+    first takes shares of the other's; the checks, their order and their outcomes are
+    those of one process, failures included."""
+    env = _with_backends(tmp_path, broken="broken_backends:slow_round_half_away_backend")
     args = ["conformance", "--backend", "numpy", "--backend", "broken", "--family", "rounding-ties", "--no-progress"]
     one = _run(args + ["--jobs", "1", "--json", str(tmp_path / "1.json")], env, tmp_path)
     two = _run(args + ["--jobs", "2", "--json", str(tmp_path / "2.json")], env, tmp_path)
@@ -136,6 +137,9 @@ def test_backends_side_by_side_give_the_report_of_one_process(tmp_path):
     assert [(c["id"], c["status"]) for c in r1["checks"]] == [(c["id"], c["status"]) for c in r2["checks"]]
     assert r2["failed"] == r1["failed"] > 0 and r2["passed"] == r1["passed"] > 0
     assert {"numpy", "broken-round-half-away"} <= set(r2["versions"])
+    ran = {(c["id"].split("/")[0], c["process"]) for c in r2["checks"]}
+    assert ("broken-round-half-away-eager", 0) in ran and ("broken-round-half-away-eager", 1) in ran, ran
+    assert {c["process"] for c in r1["checks"]} == {0}
 
 
 def test_a_process_that_dies_fails_the_run(tmp_path):
@@ -166,10 +170,46 @@ def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, caps
         report = cli._Report(args, [["torch"]], ["torch"], KnownFailures.load([]))
         report(0, "ready", None, [
             {"key": "torch/eager", "name": "torch", "backend": "torch", "variant": "eager", "empty_caches": [],
-             "ids": ["a"]},
+             "ids": ["a"], "shares": ["int8"]},
             {"key": "torch/compile", "name": "torch", "backend": "torch", "variant": "compile",
-             "empty_caches": empty, "ids": ["b"]}])
+             "empty_caches": empty, "ids": ["b"], "shares": ["int8"]}])
         return capsys.readouterr().out
 
     assert "First run: torch.compile's compile cache is empty" in header(["torch.compile's"])
     assert "First run" not in header([])
+
+
+def test_each_share_runs_once_and_idle_processes_take_the_last_ones():
+    """The parent's bookkeeping of shares (a variant's checks of one format): a process
+    claims its own in order, one out of work takes the last share not yet started of
+    the process with the most left, nothing is handed out twice, and a request made
+    before every process has said what it checks waits."""
+    from kvquant import cli
+
+    def variant(name, variant, shares):
+        return {"key": f"{name}/{variant}", "name": name, "variant": variant, "shares": shares}
+
+    shares = cli._Shares(3)
+    shares.add(0, [variant("numpy", "eager", ["fp8", "int8"])])
+    assert shares.answer(0, ("steal",)) == cli._Shares.LATER
+    shares.add(1, [variant("torch", "eager", ["fp8", "int8"]), variant("torch", "compile", ["fp8", "int8", "int4"])])
+    shares.add(2, [variant("jax", "jit", ["fp8"])])
+    assert shares.answer(0, ("claim", "numpy/eager", "fp8")) and shares.answer(0, ("claim", "numpy/eager", "int8"))
+    assert shares.answer(1, ("claim", "torch/eager", "fp8"))
+    assert shares.answer(0, ("steal",)) == ("torch", "compile", "int4")  # torch's process has the most left
+    assert not shares.answer(1, ("claim", "torch/compile", "int4"))  # taken: its owner skips it
+    assert shares.answer(2, ("steal",)) == ("torch", "compile", "int8")
+    assert shares.answer(1, ("claim", "torch/eager", "int8")) and shares.answer(1, ("claim", "torch/compile", "fp8"))
+    assert shares.answer(1, ("steal",)) == ("jax", "jit", "fp8")
+    assert not shares.answer(2, ("claim", "jax/jit", "fp8"))
+    assert [shares.answer(lane, ("steal",)) for lane in range(3)] == [None, None, None]
+
+
+def test_a_steal_waits_for_a_process_that_ended_before_saying_what_it_checks():
+    from kvquant import cli
+
+    shares = cli._Shares(2)
+    shares.add(0, [{"key": "numpy/eager", "name": "numpy", "variant": "eager", "shares": ["fp8"]}])
+    assert shares.answer(0, ("steal",)) == cli._Shares.LATER
+    shares.gone(1)  # it died, or stopped at a usage error
+    assert shares.answer(0, ("steal",)) is None
