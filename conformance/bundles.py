@@ -35,11 +35,10 @@ from kvquant._formats import FORMATS
 from kvquant._spec import OUTPUT_DTYPES
 from kvquant._types import Format
 
-from .cases import DTYPES, NP_DTYPES, Case, Spec
+from .cases import DTYPES, NP_DTYPES, WIDTH, Case, Spec
 from .reference import dequantize_with, output_names, quantize_with, reference_backend, reference_outputs
 from .runner import Mismatch, with_arbiter, compare, to_backend
 
-WIDTH = 256  # the row width: the case families' head_dims reach 256
 CHUNK_ROWS = 512  # a multiple of every G, so per-channel blocks never straddle a call
 
 

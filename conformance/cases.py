@@ -22,6 +22,10 @@ DTYPES = _spec.INPUT_DTYPES
 NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 GROUP_SIZES = (32, 64, 128)
 HEAD_DIMS = (64, 80, 96, 128, 256)
+# The widest head_dim above: the row width of bundles (conformance/bundles.py) and of
+# the invariance checks' inputs, so that a variant compiling per shape compiles one
+# kernel for both.
+WIDTH = max(HEAD_DIMS)
 NARROW_HEAD_DIMS = (6, 34)
 
 

@@ -18,7 +18,7 @@ from kvquant._formats import FORMATS
 from kvquant._spec import OUTPUT_DTYPES
 from kvquant._types import Format
 
-from .cases import Case, Spec
+from .cases import WIDTH, Case, Spec
 from .reference import dequantize_with as _dequantize
 from .reference import output_names as _names
 from .reference import quantize_with as _quantize
@@ -240,17 +240,19 @@ def _same(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Optional[str]:
 
 
 def invariance_inputs(spec: Optional[Spec] = None) -> Dict[str, np.ndarray]:
-    """[12, 96] tokens with an outlier token and a zero one; for per-channel formats
-    [256, 96] (8 blocks of the smallest G, 2 of the largest) with outlier channels and a
-    zero channel, the shape per-channel groups are for."""
+    """[12, WIDTH] tokens with an outlier token and a zero one; for per-channel formats
+    [256, WIDTH] (8 blocks of the smallest G, 2 of the largest) with outlier channels
+    and a zero channel, the shape per-channel groups are for. WIDTH, the bundles' row
+    width: a variant that compiles per shape then checks them with the kernels it
+    compiled for the bundles (a head_dim of their own cost torch.compile 23 more)."""
     rng = np.random.default_rng(99)
     if spec is not None and FORMATS[spec.format].per_channel:
-        x = rng.standard_normal((256, 96)).astype(np.float32)
+        x = rng.standard_normal((256, WIDTH)).astype(np.float32)
         x[:, [3, 50]] *= 40
         x[:, 7] = 0
         x[70:90] *= 8
         return {"float32": x}
-    x = rng.standard_normal((12, 96)).astype(np.float32)
+    x = rng.standard_normal((12, WIDTH)).astype(np.float32)
     x[3, :5] *= 50
     x[7] = 0
     return {"float32": x}
@@ -301,7 +303,7 @@ def run_invariance(ops, check: str, spec: Spec, device=None, trace: bool = True)
             problem = _same(inside, alone)
             if problem:
                 return fail(f"tokens {start}:{stop} alone differ from the same tokens inside the batch: {problem}")
-        batched = x_np.reshape(2, 3, 2, 96) if per_unit == 1 else x_np.reshape(2, 1, 128, 96)
+        batched = x_np.reshape(2, 3, 2, -1) if per_unit == 1 else x_np.reshape(2, 1, 128, -1)
         four = _as_np(ops, _quantize(ops, spec, to_backend(ops, batched, device), on))
         problem = _same(_flat_layout(four, spec), _flat_layout(whole, spec))
         return fail(f"the 4-D layout differs from the same tokens in 2-D: {problem}") if problem else []
@@ -354,20 +356,21 @@ def raise_inputs(spec: Spec) -> List[Tuple[str, np.ndarray, Tuple[int, ...]]]:
     nan[4, 70] = np.nan
     inf = x.copy()
     inf[9, 3] = np.inf
-    inf[10, 95] = -np.inf
-    # 160 tokens per head; 256 per channel, whole blocks of every G.
-    cache = np.random.default_rng(5).standard_normal((2, 4, 256 if info.per_channel else 160, 96)).astype(np.float32)
+    last = WIDTH - 1
+    inf[10, last] = -np.inf
+    # 160 tokens per head; 256 per channel, whole blocks of every G; the invariance width.
+    cache = np.random.default_rng(5).standard_normal((2, 4, 256 if info.per_channel else 160, WIDTH)).astype(np.float32)
     cache_inf = cache.copy()
     cache_inf[1, 2, 150, 64] = -np.inf
     cache_inf[1, 3, 7, 0] = np.inf
     cache_nan = cache.copy()
-    cache_nan[0, 3, 101, 95] = np.nan
+    cache_nan[0, 3, 101, last] = np.nan
     cache_nan[1, 0, 0, 33] = np.inf
     return [
         ("a NaN", nan, index((4,), 70)),
         ("+-inf and no NaN", inf, index((9,), 3)),
-        ("-inf and +inf in a [2, 4, 160, 96] cache", cache_inf, index((1, 2, 150), 64)),
-        ("a NaN and an inf in a [2, 4, 160, 96] cache", cache_nan, index((0, 3, 101), 95)),
+        ("-inf and +inf in a [2, 4, 160, 256] cache", cache_inf, index((1, 2, 150), 64)),
+        ("a NaN and an inf in a [2, 4, 160, 256] cache", cache_nan, index((0, 3, 101), last)),
     ]
 
 
@@ -456,10 +459,10 @@ def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
     scales = np.array([1.0, 2.0**-118, 1e36, np.nan, np.inf, 0.0], np.float32)
     info = FORMATS[spec.format]
     if info.has_zeros:
-        # 11 tokens (128 per channel: whole blocks of every G) of head_dim 128, every byte.
+        # 11 tokens (128 per channel: whole blocks of every G) of head_dim WIDTH, every byte.
         rows = 128 if info.per_channel else 11
-        packed = np.resize(np.arange(256, dtype=np.uint8), (rows, 128 // info.codes_per_byte))
-        shape = info.param_shape((rows, 128), spec.group_size)
+        packed = np.resize(np.arange(256, dtype=np.uint8), (rows, WIDTH // info.codes_per_byte))
+        shape = info.param_shape((rows, WIDTH), spec.group_size)
         count = shape[0]
         groups = shape[1]
         scale_g = np.resize(np.array([0.375, 2.0**-110, 1e30, 3.0, np.nan, 1.0, np.inf, 0.0], np.float32), (count - 2 if count > 2 else count, groups))
@@ -475,13 +478,13 @@ def every_code_inputs(spec: Spec) -> Tuple[List[np.ndarray], Tuple[int, int]]:
         if count <= 2:  # one or two blocks per channel: the lowest binade in some channels
             scale_g[:, ::5] = np.resize(lowest, scale_g[:, ::5].shape)
             zeros_g[:, ::5] = np.resize(reads_as_zero, zeros_g[:, ::5].shape)
-        return [packed, scale_g, zeros_g], (rows, 128)
+        return [packed, scale_g, zeros_g], (rows, WIDTH)
     if spec.format is Format.INT8:
-        return [np.resize(np.arange(-128, 128).astype(np.int8), (6, 64)), scales], (6, 64)
-    codes = np.resize(np.arange(256, dtype=np.uint8), (6, 64)).view(ml_dtypes.float8_e4m3fn)
+        return [np.resize(np.arange(-128, 128).astype(np.int8), (6, WIDTH)), scales], (6, WIDTH)
+    codes = np.resize(np.arange(256, dtype=np.uint8), (6, WIDTH)).view(ml_dtypes.float8_e4m3fn)
     if spec.format is Format.FP8_PER_TENSOR:
-        return [codes, np.array(0.3125, np.float32)], (6, 64)
-    return [codes, scales], (6, 64)
+        return [codes, np.array(0.3125, np.float32)], (6, WIDTH)
+    return [codes, scales], (6, WIDTH)
 
 
 # Scales and zeros a cache written elsewhere may hold: each side of every bound a
@@ -503,7 +506,7 @@ def caller_param_inputs(spec: Spec, floor: Optional[float]) -> Tuple[List[np.nda
     import ml_dtypes
 
     rng = np.random.default_rng(0 if floor is None else int(np.float32(floor).view(np.uint32)))
-    rows, head_dim = 32, 128
+    rows, head_dim = 32, WIDTH
     pool = CALLER_PARAMS if floor is None else CALLER_PARAMS[(CALLER_PARAMS >= floor) & (CALLER_PARAMS < np.inf)]
 
     def scales(shape):
