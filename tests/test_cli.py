@@ -152,7 +152,7 @@ def test_a_process_that_dies_fails_the_run(tmp_path):
 
 
 def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, capsys):
-    """A fresh machine's first run compiles every kernel (about 10 of its 11 minutes):
+    """A fresh machine's first run compiles every kernel (nearly all of its 10 to 13 minutes):
     the header says so when a compiling variant's cache is empty, and only then."""
     pytest.importorskip("torch")
     import argparse
