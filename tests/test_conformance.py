@@ -339,6 +339,44 @@ def test_compiling_variants_check_every_case_in_fewer_compilations():
     assert all(o.status == "pass" for o in run_checks(checks))
 
 
+def test_invariance_checks_reuse_the_kernels_the_bundles_compiled():
+    """On a variant that compiles per shape, every quantization the invariance checks
+    run on several tokens, and every dequantization of every-code and caller-params into
+    a dtype the bundles dequantize into, has a (kernel, dtype, width, arguments) the
+    bundles' calls already had: a width of their own cost torch.compile 23 graphs."""
+    import numpy as np
+
+    from kvquant.conformance.suite import CASE_FAMILIES
+
+    ops = _compiling(make_broken("none"))
+    calls, phase = {"bundles": set(), "invariance": set()}, ["bundles"]
+
+    def recorded(name, impl):
+        def kernel(*args):
+            first = args[0]
+            rest = tuple(a if isinstance(a, (int, str)) or a is None else type(a).__name__
+                         for a in args[1:] if not isinstance(a, np.ndarray))
+            # Dynamo specialises a dimension of size 1: one token is a kernel of its own.
+            calls[phase[0]].add((name, str(first.dtype), first.shape[1:], first.shape[0] == 1, rest))
+            return impl(*args)
+        return kernel
+
+    for name in dir(ops.kernels):
+        if name.endswith(("_quantize", "_dequantize", "_quantize_per_token", "_quantize_per_tensor")):
+            setattr(ops.kernels, name, recorded(name, getattr(ops.kernels, name)))
+    checks = list(iter_checks([ops], families=tuple(CASE_FAMILIES) + ("invariance",), profile="quick"))
+    for check in checks:
+        phase[0] = "invariance" if check.family == "invariance" else "bundles"
+        assert not check.run(), check.id
+    bundled = calls["bundles"]
+    out_dtypes = {(k[0], k[-1]) for k in bundled}
+    new = {k for k in calls["invariance"] - bundled
+           if not k[3] and ("quantize" in k[0].replace("dequantize", "") or (k[0], k[-1]) in out_dtypes)}
+    # A dynamic per-tensor scale comes from the whole input, so no bundle holds one:
+    # that kernel is compiled by the invariance checks, at the bundles' width.
+    assert new == {("fp8_quantize_per_tensor", "float32", (256,), False, (None,))}, sorted(new)
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_compiling_variants_still_catch_every_bug_in_every_format_it_touches(name):
     """Sharing compilations gives up the cross product (format, group size, input dtype,
