@@ -234,6 +234,7 @@ def _run_lane(names: List[str], options: dict, emit, ask) -> None:
         name, variant, share = job
         if stolen is None or job[:2] != stolen[:2]:
             (ops,) = backend_variants([name], [variant])
+            _enable_compile_caches()  # its framework may be new to this process
             stolen = (name, variant, ops, checks_of(ops))
         run(stolen[2], [c for c in stolen[3] if c.format == share])
 
