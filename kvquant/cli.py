@@ -142,6 +142,10 @@ def _lanes(names: List[str], jobs: int) -> List[List[str]]:
     return [names[i::count] for i in range(count)]
 
 
+def _variant_key(ops) -> str:
+    return f"{ops.name}/{ops.variant}"
+
+
 def _shares_of(checks) -> List[str]:
     """A variant's shares, in the order its checks run: its checks of one format each.
     Every check of a format compiles the same kernels (bundles, sampled cases,
@@ -181,7 +185,7 @@ def _run_lane(names: List[str], options: dict, emit, ask) -> None:
         return
     _enable_compile_caches()
     empty = _empty_compile_caches()
-    emit("ready", None, [{"key": f"{o.name}/{o.variant}", "name": name, "backend": o.name, "variant": o.variant,
+    emit("ready", None, [{"key": _variant_key(o), "name": name, "backend": o.name, "variant": o.variant,
                           "runtime": o.runtime.version(), "devices": list(o.runtime.devices()),
                           "empty_caches": empty if getattr(o.kernels, "compiles_per_shape", False) else [],
                           "ids": [c.id for c in checks], "shares": _shares_of(checks)}
@@ -190,7 +194,7 @@ def _run_lane(names: List[str], options: dict, emit, ask) -> None:
     release_above = options["release_above"]
 
     def run(ops, checks):
-        key = f"{ops.name}/{ops.variant}"
+        key = _variant_key(ops)
 
         def report(outcome):
             # Compiled kernels are cached per shape and dtype (JAX op by op: every
@@ -221,7 +225,7 @@ def _run_lane(names: List[str], options: dict, emit, ask) -> None:
 
     for (_, ops), checks in zip(named, per_variant):
         for share in _shares_of(checks):
-            if ask(("claim", f"{ops.name}/{ops.variant}", share)):
+            if ask(("claim", _variant_key(ops), share)):
                 run(ops, [c for c in checks if c.format == share])
         done_with(ops, checks)
     stolen = None  # (name, variant, ops, checks) of the variant shares were last taken from

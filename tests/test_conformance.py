@@ -334,8 +334,8 @@ def test_compiling_variants_check_every_case_in_fewer_compilations():
     ops = _compiling(make_broken("none"))
     checks = list(iter_checks([ops], families=("golden", "rounding-ties", "shapes"), profile="quick"))
     assert {c.id.split("/", 1)[1] for c in checks} >= {c.id for c in cases if c.family in ("golden", "rounding-ties")}
-    assert {(c.family, c.label.split("-")[0]) for c in checks if c.family == "shapes"} == \
-        {("shapes", c.spec.label.split("-")[0]) for c in all_cases(("shapes",))}
+    assert {(c.family, c.format) for c in checks if c.family == "shapes"} == \
+        {("shapes", c.spec.format.value) for c in all_cases(("shapes",))}
     assert all(o.status == "pass" for o in run_checks(checks))
 
 
@@ -383,7 +383,7 @@ def test_compiling_variants_still_catch_every_bug_in_every_format_it_touches(nam
     output dtype), not a bug: every format whose cases a broken backend fails case by
     case still has a failing case in the compiling quick profile."""
     families = ("golden", "fp8-boundary", "rounding-ties", "degenerate")
-    fmt = lambda o: o.check.label.split("-")[0]  # noqa: E731
+    fmt = lambda o: o.check.format  # noqa: E731
     alone = run_checks(iter_checks([make_broken(name)], families=families, profile="full"))
     shared = run_checks(iter_checks([_compiling(make_broken(name))], families=families, profile="quick"))
     failing_alone = {fmt(o) for o in alone if o.status == "fail"}
