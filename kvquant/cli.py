@@ -26,6 +26,8 @@ RELEASE_ABOVE_BYTES = 1 << 30
 # must not make every later check release and compile again.
 RELEASE_HEADROOM_BYTES = 128 << 20
 RELEASE_FLOOR_BYTES = 640 << 20  # below this a framework's own baseline would release every check
+PARENT_POLL_SECONDS = 1.0  # how often a lane process looks whether the command is still there
+LANE_EXIT_SECONDS = 30.0  # how long a lane that has finished may take to exit before it is stopped
 
 
 class UsageError(Exception):
@@ -291,9 +293,29 @@ class _Shares:
         return name, variant, self.open[key].pop()
 
 
+def _exit_with_parent() -> None:
+    """End this process once its parent has gone (killed, say, by SIGTERM or the
+    out-of-memory killer, so that no ``finally`` stopped its lanes). A lane otherwise
+    learns of it only at its next message, which a compile can put minutes away: after
+    a killed run its two processes were seen compiling on until killed by hand."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(EXIT_FAILED)
+
+    threading.Thread(target=watch, name="kvquant-exit-with-parent", daemon=True).start()
+
+
 def _lane_process(names: List[str], options: dict, conn) -> None:
     """A worker process: one lane, its messages sent on its own pipe, its requests for
     shares answered on it, then "done"."""
+    _exit_with_parent()
+
     def ask(request):
         conn.send(("ask", None, request))
         return conn.recv()
@@ -330,6 +352,7 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
 
     ctx = multiprocessing.get_context("spawn")
     procs, open_lanes, waiting = [], {}, []
+    finished = False
     for i, names in enumerate(lanes):
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=_lane_process, args=(names, options, child_end), daemon=True)
@@ -364,8 +387,14 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
                 elif conn in open_lanes:
                     conn.send(answer)
             waiting = still
+        finished = True
     finally:
+        # A lane that said "done" is still exiting (its frameworks' exit handlers, their
+        # compile workers): stopped there, it left semaphores behind and the resource
+        # tracker warned of them after the table. After an error or Ctrl-C, at once.
         for proc in procs:
+            if finished:
+                proc.join(timeout=LANE_EXIT_SECONDS)
             if proc.is_alive():
                 proc.terminate()
             proc.join()

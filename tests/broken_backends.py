@@ -186,3 +186,38 @@ def dying_backend() -> BackendOps:
 
     ops.kernels.int8_quantize = die
     return ops
+
+
+def _mark(kind: str) -> None:
+    """An empty file KVQUANT_TEST_MARKS/<kind>.<pid>: what a test's backend process did."""
+    with open(os.path.join(os.environ["KVQUANT_TEST_MARKS"], f"{kind}.{os.getpid()}"), "w"):
+        pass
+
+
+def slow_to_exit_backend() -> BackendOps:
+    """A correct backend whose process takes a while to exit, as one with a framework's
+    exit handlers and compile workers does; it marks when it was made and when it exited."""
+    import atexit
+
+    _mark("made")
+
+    def exit_slowly():
+        time.sleep(2)
+        _mark("exited")
+
+    atexit.register(exit_slowly)
+    return make_broken("none")
+
+
+def hanging_backend() -> BackendOps:
+    """A backend whose process marks itself and then spends minutes inside a kernel, as
+    a long compile does."""
+    _mark("made")
+    ops = make_broken("none")
+
+    def hang(*args, **kwargs):
+        time.sleep(300)
+
+    for fn in CONTRACT + CONTRACT_V11:
+        setattr(ops.kernels, fn, hang)
+    return ops

@@ -151,6 +151,65 @@ def test_a_process_that_dies_fails_the_run(tmp_path):
     assert "not run (a process failed)" in out.stdout
 
 
+def test_a_finished_process_is_let_exit(tmp_path):
+    """A process that has sent its last outcome runs its exit handlers to the end: it
+    used to be stopped in the middle, and the resource tracker then warned of the
+    semaphores it left behind."""
+    (tmp_path / "marks").mkdir()
+    env = {**_with_backends(tmp_path, slow_exit="broken_backends:slow_to_exit_backend"),
+           "KVQUANT_TEST_MARKS": str(tmp_path / "marks")}
+    out = _run(["conformance", "--backend", "numpy", "--backend", "slow_exit", "--family", "rounding-ties",
+                "--jobs", "2", "--no-progress"], env, tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    marks = sorted(p.name for p in (tmp_path / "marks").iterdir())
+    made = [m.split(".")[1] for m in marks if m.startswith("made.")]
+    exited = [m.split(".")[1] for m in marks if m.startswith("exited.")]
+    assert made and exited == made, marks
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie not yet reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
+def test_processes_end_when_the_command_is_killed(tmp_path):
+    """Killed (no finally runs), the command leaves no process behind: each notices
+    within seconds, not at its next message, which a compile can put minutes away."""
+    import signal
+    import time
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**_with_backends(tmp_path, hanging="broken_backends:hanging_backend"), "KVQUANT_TEST_MARKS": str(marks)}
+    env.pop("KVQUANT_BACKEND", None)
+    command = subprocess.Popen([sys.executable, "-m", "kvquant.cli", "conformance", "--backend", "numpy", "--backend",
+                                "hanging", "--family", "golden", "--jobs", "2", "--no-progress"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(marks.iterdir()) and time.time() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.name.split(".")[1]) for p in marks.iterdir()]
+        assert pids, "the hanging backend's process never started"
+        time.sleep(1)  # inside the hanging kernel by now
+        assert not any(_gone(pid) for pid in pids)
+    finally:
+        command.send_signal(signal.SIGKILL)
+        command.wait()
+    deadline = time.time() + 15
+    while not all(_gone(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if not _gone(pid)]
+    for pid in left:  # not to leave it to CI
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the killed command by 15 s"
+
+
 def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, capsys):
     """A fresh machine's first run compiles every kernel (nearly all of its 10 to 13 minutes):
     the header says so when a compiling variant's cache is empty, and only then."""
