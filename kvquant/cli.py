@@ -352,7 +352,6 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
 
     ctx = multiprocessing.get_context("spawn")
     procs, open_lanes, waiting = [], {}, []
-    finished = False
     for i, names in enumerate(lanes):
         parent_end, child_end = ctx.Pipe()
         proc = ctx.Process(target=_lane_process, args=(names, options, child_end), daemon=True)
@@ -387,13 +386,13 @@ def _run_lanes(lanes: List[List[str]], options: dict, handle) -> None:
                 elif conn in open_lanes:
                     conn.send(answer)
             waiting = still
-        finished = True
     finally:
-        # A lane that said "done" is still exiting (its frameworks' exit handlers, their
-        # compile workers): stopped there, it left semaphores behind and the resource
-        # tracker warned of them after the table. After an error or Ctrl-C, at once.
+        # Once every lane has said "done" (or died), each may still be exiting (its
+        # frameworks' exit handlers, their compile workers): stopped there, it left
+        # semaphores behind and the resource tracker warned of them after the table.
+        # After an error or Ctrl-C with lanes still open, they are stopped at once.
         for proc in procs:
-            if finished:
+            if not open_lanes:
                 proc.join(timeout=LANE_EXIT_SECONDS)
             if proc.is_alive():
                 proc.terminate()

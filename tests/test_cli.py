@@ -9,12 +9,18 @@ import sys
 import pytest
 
 
+def _command(args, env=None):
+    """The command's argv, and its environment without KVQUANT_BACKEND (which would
+    choose the backends the test names itself)."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "KVQUANT_BACKEND"}
+    return [sys.executable, "-m", "kvquant.cli", *args], env
+
+
 def kvquant(*args, cwd=None, env=None):
     # A time limit, so that a command that hangs fails its test instead of stalling CI
     # (processes side by side once deadlocked on a shared queue when one of them died).
-    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "KVQUANT_BACKEND"}
-    return subprocess.run([sys.executable, "-m", "kvquant.cli", *args], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=900)
+    argv, env = _command(args, env)
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
 
 
 def test_unknown_backend_is_one_line_and_exit_2(tmp_path):
@@ -185,11 +191,11 @@ def test_processes_end_when_the_command_is_killed(tmp_path):
 
     marks = tmp_path / "marks"
     marks.mkdir()
-    env = {**_with_backends(tmp_path, hanging="broken_backends:hanging_backend"), "KVQUANT_TEST_MARKS": str(marks)}
-    env.pop("KVQUANT_BACKEND", None)
-    command = subprocess.Popen([sys.executable, "-m", "kvquant.cli", "conformance", "--backend", "numpy", "--backend",
-                                "hanging", "--family", "golden", "--jobs", "2", "--no-progress"],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv, env = _command(["conformance", "--backend", "numpy", "--backend", "hanging", "--family", "golden",
+                          "--jobs", "2", "--no-progress"],
+                         {**_with_backends(tmp_path, hanging="broken_backends:hanging_backend"),
+                          "KVQUANT_TEST_MARKS": str(marks)})
+    command = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not list(marks.iterdir()) and time.time() < deadline:
