@@ -28,6 +28,27 @@ def assert_same_bits(expected, actual, what=""):
                     f"expected 0x{int(e[i]):x}, actual 0x{int(a[i]):x}")
 
 
+# The formats the framework-specific tests (tests/test_torch_backend.py,
+# tests/test_jax_backend.py) run, with their pytest ids.
+FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("fp8_per_tensor", {"scale": 0.02}), ("int8", {}),
+           ("int4", {"group_size": 32}), ("int2", {"group_size": 32}), ("int4_per_channel", {"group_size": 32}),
+           ("int2_per_channel", {"group_size": 32})]
+FIDS = ["fp8", "fp8_tensor", "fp8_static", "int8", "int4", "int2", "int4_channel", "int2_channel"]
+
+
+def shape_for(fmt, shape):
+    """``shape`` as a format can take it. Per-channel formats quantize whole blocks of
+    32 tokens here, so every axis a view may move into the token axis (all but the
+    first and last; the first of a 2-D shape) is made 8 times longer and rounded up to
+    whole blocks."""
+    if not fmt.endswith("per_channel"):
+        return tuple(shape)
+    longer = lambda d: -(-d * 8 // 32) * 32  # noqa: E731
+    if len(shape) == 2:
+        return (longer(shape[0]), shape[1])
+    return (shape[0],) + tuple(longer(d) for d in shape[1:-1]) + (shape[-1],)
+
+
 def e4m3_encoder_cases():
     """Inputs for an e4m3 encoder: every rounding boundary (midpoints, ties to even, one
     and two ulp either side), every e4m3 value of both signs, the subnormal e4m3 range,

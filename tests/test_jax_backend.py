@@ -11,10 +11,8 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import kvquant  # noqa: E402
-from conftest import assert_same_bits, check_e4m3_encoder  # noqa: E402
+from conftest import FIDS, FORMATS, assert_same_bits, check_e4m3_encoder, shape_for  # noqa: E402
 
-FORMATS = [("fp8", {}), ("fp8_per_tensor", {}), ("fp8_per_tensor", {"scale": 0.02}), ("int8", {}), ("int4", {"group_size": 32})]
-FIDS = ["fp8", "fp8_tensor", "fp8_static", "int8", "int4"]
 HERE = os.path.dirname(__file__)
 
 
@@ -31,7 +29,7 @@ def same_record(ref, got):
 
 @pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
 def test_eager_and_jit_give_reference_bits(fmt, kw):
-    x = sample()
+    x = sample(shape_for(fmt, (2, 4, 8, 64)))
     ref = kvquant.quantize(x, fmt, **kw)
     eager = kvquant.quantize(jnp.asarray(x), fmt, backend=kvquant.get_backend("jax").variants()["eager"], **kw)
     jitted = jax.jit(lambda t: kvquant.quantize(t, fmt, **kw))(jnp.asarray(x))
@@ -43,7 +41,7 @@ def test_eager_and_jit_give_reference_bits(fmt, kw):
 
 @pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
 def test_vmap_equals_per_element(fmt, kw):
-    x = sample((3, 5, 64), seed=1)
+    x = sample(shape_for(fmt, (3, 5, 64)), seed=1)
     batched = jax.vmap(lambda t: kvquant.quantize(t, fmt, **kw))(jnp.asarray(x))
     for i in range(3):
         ref = kvquant.quantize(x[i], fmt, **kw)
