@@ -102,6 +102,11 @@ class _JaxMath:
         return jax.lax.platform_dependent(blocks, reduced, cpu=_poison_blocks_by_product_with_zeros, default=_as_reduced)
 
     @staticmethod
+    def materialized(*params):
+        out = _materialize(*(p.astype(F32) for p in params))
+        return tuple(o > ZERO if p.dtype == jnp.bool_ else o for p, o in zip(params, out))
+
+    @staticmethod
     def codes(y, levels):
         """round_clamped after a minimum (the spec's upper clamp, which also keeps XLA
         from contracting the product into the magic-number add)."""

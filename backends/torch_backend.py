@@ -105,6 +105,11 @@ class _TorchMath:
     def canonical(p):
         return _canonical_params(p.to(torch.float32))
 
+    @staticmethod
+    def materialized(*params):
+        out = _materialized(*params)
+        return tuple(o != 0 if p.dtype == torch.bool and o.dtype != torch.bool else o for p, o in zip(params, out))
+
 
 M = _TorchMath
 

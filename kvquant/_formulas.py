@@ -16,7 +16,10 @@ The namespace ``m`` provides:
     ``axis``) made non-finite wherever that slice holds NaN or inf, for reductions that
     drop NaN; codes(y, levels): uint8 round-half-even of y in [-tiny, levels * 1.000001];
     stack(list, axis), as_float32(v) and canonical(p), the spec's reading of caller
-    scales and zeros (flushed, NaN canonical).
+    scales and zeros (flushed, NaN canonical); materialized(*params): the same arrays
+    (one shape; bool flags stay bool), computed once before the element loop that
+    reads them, which compilers otherwise fuse into it and redo per element (speed
+    only: no bits change).
 
 Why these bits are safe under any compiler (section 9): every step is one multiply,
 subtract, max, min or select; the only division is reciprocal_rn's, per token or
@@ -146,9 +149,13 @@ def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes
     mn = m.concat([m.amin(p, -1) for p in parts], axis=-1)
     mx = m.concat([m.poisoned_max(p, m.amax(p, -1), -1) for p in parts], axis=-1)
     scale, inv, zero, mn, poisoned = int4_params(m, mn, mx, reciprocal)
-    q = apply_groups(m, xf, (mn, inv, poisoned), group_size,
-                     lambda b, mn_b, inv_b, bad_b: _codes_of_groups(m, b, mn_b, inv_b, bad_b, levels))
-    return pack_codes(m, q, codes_per_byte), scale, zero
+    mn, inv, poisoned = m.materialized(mn, inv, poisoned)
+    # Packed inside each group (G and head_dim are multiples of the codes per byte): the
+    # same bytes, and Inductor vectorises the loop, where packing the joined row read
+    # each code's group parameters per element (INT2 quantize 4.9 ms -> 1.0 ms).
+    packed = apply_groups(m, xf, (mn, inv, poisoned), group_size,
+                          lambda b, mn_b, inv_b, bad_b: pack_codes(m, _codes_of_groups(m, b, mn_b, inv_b, bad_b, levels), codes_per_byte))
+    return packed, scale, zero
 
 
 def quantize_channel_blocks(m, xf, group_size: int, reciprocal, levels: int, codes_per_byte: int):
@@ -160,6 +167,7 @@ def quantize_channel_blocks(m, xf, group_size: int, reciprocal, levels: int, cod
     mn = m.amin(blocks, -2)
     mx = m.poisoned_max(blocks, m.amax(blocks, -2), -2)
     scale, inv, zero, mn, poisoned = int4_params(m, mn, mx, reciprocal)
+    mn, inv, poisoned = m.materialized(mn, inv, poisoned)
     q = _codes_of_groups(m, blocks, mn[..., None, :], inv[..., None, :], poisoned[..., None, :], levels)
     return pack_codes(m, q.reshape(lead + (tokens, width)), codes_per_byte), scale, zero
 
