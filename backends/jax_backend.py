@@ -101,6 +101,9 @@ class _JaxMath:
             return _poison_nonfinite(blocks, reduced)
         return jax.lax.platform_dependent(blocks, reduced, cpu=_poison_blocks_by_product_with_zeros, default=_as_reduced)
 
+    zero_poisoned = staticmethod(lambda y, poisoned: jnp.where(poisoned, ZERO, y))
+    flush_products = staticmethod(lambda v, scales, zeros: flush_product(v))
+
     @staticmethod
     def materialized(*params):
         out = _materialize(*(p.astype(F32) for p in params))

@@ -99,7 +99,20 @@ class _TorchMath:
 
     @staticmethod
     def codes(y, levels):
-        return y.round().clamp(0.0, float(levels)).to(torch.uint8)
+        if torch.compiler.is_compiling():
+            return y.round().clamp(0.0, float(levels)).to(torch.uint8)
+        # Eagerly as int4_quantize: in place, and through int8 (the same bytes).
+        return _clamp_proven(y.round_(), 0.0, float(levels)).to(torch.int8).view(torch.uint8)
+
+    @staticmethod
+    def zero_poisoned(y, poisoned):
+        return _zero_poisoned(y, poisoned)
+
+    @staticmethod
+    def flush_products(v, scales, zeros):
+        if _host_checks_allowed(v) and not bool(_asymmetric_at_risk(scales, zeros).any()):
+            return v
+        return flush_product(v)
 
     @staticmethod
     def canonical(p):
@@ -512,14 +525,18 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
     else:
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: b.sub_(z).mul_(sc))
-    if not _host_checks_allowed(v) or bool(_int4_at_risk(scales, zeros).any()):
-        v = flush_product(v)
-    return _to_output(v, out_dtype, ~(torch.isfinite(scales) & torch.isfinite(zeros)))
+    return _to_output(M.flush_products(v, scales, zeros), out_dtype, _suspects(scales, zeros))
 
 
-def _int4_at_risk(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Groups whose dequantized values can fall below 2^-125: a scale below 2^-99, or
-    0 < |zero * scale| < 2^-124 (docs/spec.md, section 8, item 7); canonical params."""
+def _suspects(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Groups whose parameters can make a NaN (_to_output's ``suspects``)."""
+    return ~(torch.isfinite(scales) & torch.isfinite(zeros))
+
+
+def _asymmetric_at_risk(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Groups whose dequantized values can fall below 2^-125, whatever their codes' width:
+    a scale below 2^-99, or 0 < |zero * scale| < 2^-124 (docs/spec.md, section 8, item 7);
+    canonical params."""
     return (scales < INT4_PLAIN_SCALE) | ((zeros.abs() * scales < INT4_PLAIN_ZERO_PRODUCT) & (zeros != 0))
 
 
@@ -529,17 +546,18 @@ def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tens
     make the look stricter."""
     s, z = scales.to(torch.float32), zeros.to(torch.float32)
     # A NaN scale is not at risk (its comparisons are false) but fails s < inf.
-    return ((s < float("inf")) & (z.abs() < float("inf")) & ~_int4_at_risk(s, z)).all()
+    return ((s < float("inf")) & (z.abs() < float("inf")) & ~_asymmetric_at_risk(s, z)).all()
 
 
 # ------------------------------------------ INT2, per channel (spec v1.1)
 # Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
+
 def int2_quantize(x: torch.Tensor, group_size: int):
     return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
 
 
 def int2_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
-    return _to_output(_formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 4), out_dtype)
+    return _to_output(_formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 4), out_dtype, _suspects(scales, zeros))
 
 
 def int4_channel_quantize(x: torch.Tensor, group_size: int):
@@ -547,7 +565,7 @@ def int4_channel_quantize(x: torch.Tensor, group_size: int):
 
 
 def int4_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
-    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 2), out_dtype)
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 2), out_dtype, _suspects(scales, zeros))
 
 
 def int2_channel_quantize(x: torch.Tensor, group_size: int):
@@ -555,7 +573,7 @@ def int2_channel_quantize(x: torch.Tensor, group_size: int):
 
 
 def int2_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
-    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype)
+    return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype, _suspects(scales, zeros))
 
 
 # ----------------------------------------------------------------- Runtime

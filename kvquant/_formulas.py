@@ -14,9 +14,14 @@ The namespace ``m`` provides:
     formats): amin(v, axis), amax(v, axis) (NaN-propagating where the framework's
     reductions are), poisoned_max(blocks, reduced, axis): ``reduced`` (a maximum over
     ``axis``) made non-finite wherever that slice holds NaN or inf, for reductions that
-    drop NaN; codes(y, levels): uint8 round-half-even of y in [-tiny, levels * 1.000001];
-    stack(list, axis), as_float32(v) and canonical(p), the spec's reading of caller
-    scales and zeros (flushed, NaN canonical); materialized(*params): the same arrays
+    drop NaN; codes(y, levels): uint8 round-half-even of y in [-tiny, levels * 1.000001]
+    (y is a fresh array the namespace may overwrite); zero_poisoned(y, poisoned): y made
+    +0.0 where ``poisoned`` (broadcast) holds; flush_products(v, scales, zeros):
+    flush_product(v) for values dequantized with these canonical scales and zeros,
+    which may skip the element-wise pass after a look at the parameters (docs/spec.md,
+    section 8, item 7; the reference does); stack(list, axis), as_float32(v) and
+    canonical(p), the spec's reading of caller scales and zeros (flushed, NaN
+    canonical); materialized(*params): the same arrays
     (one shape; bool flags stay bool), computed once before the element loop that
     reads them, which compilers otherwise fuse into it and redo per element (speed
     only: no bits change).
@@ -137,9 +142,9 @@ def unpack_codes(m, packed, codes_per_byte: int):
 
 
 def _codes_of_groups(m, x, mn, inv, poisoned, levels):
-    """q = clamp(round_half_even((x - mn) * inv), 0, L), 0 for a poisoned group; the
-    select stands between the product and the rounding, so no FMA can form."""
-    return m.codes(m.where(poisoned, m.ZERO, (x - mn) * inv), levels)
+    """q = clamp(round_half_even((x - mn) * inv), 0, L), 0 for a poisoned group. No
+    product feeds an add (the subtraction comes first), so no FMA can form."""
+    return m.codes(m.zero_poisoned((x - mn) * inv, poisoned), levels)
 
 
 def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes_per_byte: int):
@@ -177,7 +182,7 @@ def dequantize_token_groups(m, packed, scales, zeros, group_size: int, codes_per
     scale or zero is (the backend writes its canonical bits when rounding the output)."""
     q = m.as_float32(unpack_codes(m, packed, codes_per_byte))
     scales, zeros = m.canonical(scales), m.canonical(zeros)
-    return apply_groups(m, q, (zeros, scales), group_size, lambda b, z, s: flush_product(m, (b - z) * s))
+    return m.flush_products(apply_groups(m, q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s), scales, zeros)
 
 
 def dequantize_channel_blocks(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
@@ -186,5 +191,5 @@ def dequantize_channel_blocks(m, packed, scales, zeros, group_size: int, codes_p
     lead, (tokens, width) = tuple(q.shape[:-2]), tuple(q.shape[-2:])
     blocks = q.reshape(lead + (tokens // group_size, group_size, width))
     scales, zeros = m.canonical(scales), m.canonical(zeros)
-    v = flush_product(m, (blocks - zeros[..., None, :]) * scales[..., None, :])
+    v = m.flush_products((blocks - zeros[..., None, :]) * scales[..., None, :], scales, zeros)
     return v.reshape(lead + (tokens, width))
