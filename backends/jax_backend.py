@@ -103,6 +103,8 @@ class _JaxMath:
 
     zero_poisoned = staticmethod(lambda y, poisoned: jnp.where(poisoned, ZERO, y))
     flush_products = staticmethod(lambda v, scales, zeros: flush_product(v))
+    pack_codes = staticmethod(lambda q, codes_per_byte: _formulas.pack_codes(M, q, codes_per_byte))
+    unpack_codes = staticmethod(lambda packed, codes_per_byte: _formulas.unpack_codes(M, packed, codes_per_byte))
 
     @staticmethod
     def materialized(*params):

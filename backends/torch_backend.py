@@ -104,6 +104,9 @@ class _TorchMath:
         # Eagerly as int4_quantize: in place, and through int8 (the same bytes).
         return _clamp_proven(y.round_(), 0.0, float(levels)).to(torch.int8).view(torch.uint8)
 
+    pack_codes = staticmethod(lambda q, codes_per_byte: pack_codes(q, codes_per_byte))
+    unpack_codes = staticmethod(lambda packed, codes_per_byte: unpack_codes(packed, codes_per_byte))
+
     @staticmethod
     def zero_poisoned(y, poisoned):
         return _zero_poisoned(y, poisoned)
@@ -470,6 +473,39 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     several times slower."""
     pairs = q.contiguous().view(torch.int16)
     return ((pairs | (pairs >> 4)) & 0xFF).to(torch.uint8)
+
+
+def pack_codes(q: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
+    """_formulas.pack_codes (the spec's packing, 2 or 4 codes per byte), the fastest
+    way measured here. Compiled, by 32-bit words: four uint8 codes read as one
+    little-endian int32 w give their bytes as ORs of shifts of w, and Inductor
+    vectorises int32 loops where it left the ORs of shifted uint8 codes scalar (INT4 per
+    channel quantize 13.4 -> 5.9 ms on [32768, 128]). The codes are below 16, so w is
+    positive and every shift brings in zeros. Eagerly, nibbles as INT4's pack_nibbles;
+    words were no faster."""
+    if not torch.compiler.is_compiling():
+        return pack_nibbles(q) if codes_per_byte == 2 else _formulas.pack_codes(M, q, codes_per_byte)
+    if q.shape[-1] % 4:
+        return _formulas.pack_codes(M, q, codes_per_byte)
+    w = q.contiguous().view(torch.int32)
+    if codes_per_byte == 4:
+        return ((w | (w >> 6) | (w >> 12) | (w >> 18)) & 0xFF).to(torch.uint8)
+    pairs = (w | (w >> 4)) & 0x00FF00FF  # bytes 0 and 2: codes 0-1 and 2-3
+    # As int16, the two bytes in order; a value above 0x7FFF wraps, keeping its bits.
+    return ((pairs | (pairs >> 8)) & 0xFFFF).to(torch.int16).view(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
+    """_formulas.unpack_codes: nibbles as INT4's unpack_nibbles; crumbs, compiled, each
+    byte spread into one int32 word holding its four codes, little-endian (Inductor
+    vectorises it, and not the uint8 shifts and stack, which are faster eagerly)."""
+    lead, width = tuple(packed.shape[:-1]), packed.shape[-1]
+    if codes_per_byte == 2:
+        return unpack_nibbles(packed.reshape(-1, width)).reshape(lead + (2 * width,))
+    if not torch.compiler.is_compiling():
+        return _formulas.unpack_codes(M, packed, codes_per_byte)
+    b = packed.to(torch.int32)
+    return ((b | (b << 6) | (b << 12) | (b << 18)) & 0x03030303).view(torch.uint8)
 
 
 def pack_rounded_pairs(q: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ The namespace ``m`` provides:
     which may skip the element-wise pass after a look at the parameters (docs/spec.md,
     section 8, item 7; the reference does); stack(list, axis), as_float32(v) and
     canonical(p), the spec's reading of caller scales and zeros (flushed, NaN
-    canonical); materialized(*params): the same arrays
+    canonical); pack_codes(q, codes_per_byte): pack_codes() below, or another way to
+the same bytes, and unpack_codes(packed, codes_per_byte) likewise; materialized(*params): the same arrays
     (one shape; bool flags stay bool), computed once before the element loop that
     reads them, which compilers otherwise fuse into it and redo per element (speed
     only: no bits change).
@@ -159,7 +160,7 @@ def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes
     # same bytes, and Inductor vectorises the loop, where packing the joined row read
     # each code's group parameters per element (INT2 quantize 4.9 ms -> 1.0 ms).
     packed = apply_groups(m, xf, (mn, inv, poisoned), group_size,
-                          lambda b, mn_b, inv_b, bad_b: pack_codes(m, _codes_of_groups(m, b, mn_b, inv_b, bad_b, levels), codes_per_byte))
+                          lambda b, mn_b, inv_b, bad_b: m.pack_codes(_codes_of_groups(m, b, mn_b, inv_b, bad_b, levels), codes_per_byte))
     return packed, scale, zero
 
 
@@ -174,20 +175,20 @@ def quantize_channel_blocks(m, xf, group_size: int, reciprocal, levels: int, cod
     scale, inv, zero, mn, poisoned = int4_params(m, mn, mx, reciprocal)
     mn, inv, poisoned = m.materialized(mn, inv, poisoned)
     q = _codes_of_groups(m, blocks, mn[..., None, :], inv[..., None, :], poisoned[..., None, :], levels)
-    return pack_codes(m, q.reshape(lead + (tokens, width)), codes_per_byte), scale, zero
+    return m.pack_codes(q.reshape(lead + (tokens, width)), codes_per_byte), scale, zero
 
 
 def dequantize_token_groups(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
     """float32 flush_product((q - zero) * scale) per group inside a token; NaN where a
     scale or zero is (the backend writes its canonical bits when rounding the output)."""
-    q = m.as_float32(unpack_codes(m, packed, codes_per_byte))
+    q = m.as_float32(m.unpack_codes(packed, codes_per_byte))
     scales, zeros = m.canonical(scales), m.canonical(zeros)
     return m.flush_products(apply_groups(m, q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s), scales, zeros)
 
 
 def dequantize_channel_blocks(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
     """The same per channel: packed [..., tokens, head_dim / k], params [..., tokens / G, head_dim]."""
-    q = m.as_float32(unpack_codes(m, packed, codes_per_byte))
+    q = m.as_float32(m.unpack_codes(packed, codes_per_byte))
     lead, (tokens, width) = tuple(q.shape[:-2]), tuple(q.shape[-2:])
     blocks = q.reshape(lead + (tokens // group_size, group_size, width))
     scales, zeros = m.canonical(scales), m.canonical(zeros)

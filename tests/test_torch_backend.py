@@ -121,6 +121,32 @@ def test_output_dtype_choices(out):
     assert kvquant.dequantize(q).dtype == torch.bfloat16  # the source dtype by default
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("codes_per_byte", [2, 4], ids=["nibbles", "crumbs"])
+@pytest.mark.parametrize("width", [4, 6, 8, 12, 128], ids=lambda w: f"width{w}")
+def test_code_packing_gives_the_spec_bytes(width, codes_per_byte, compiled):
+    # The torch packers take shortcuts by 16- and 32-bit words, with a fallback where
+    # the width is not a multiple of four; kvquant/_formulas.py writes the spec's packing.
+    # Every code value at every position within a word, in both directions.
+    from kvquant import _formulas
+    from kvquant.backends import torch_backend
+
+    levels = 1 << (8 // codes_per_byte)
+    if width % codes_per_byte:
+        pytest.skip("not a packable width")
+    rows = torch.arange(levels ** 4 * 4)
+    codes = torch.stack([(rows // levels ** (i % 4)) % levels for i in range(width)], dim=-1).to(torch.uint8)
+    codes = torch.cat([codes, codes.flip(-1)]).reshape(-1, 2, width)  # leading axes too
+    spec = _formulas.pack_codes(torch_backend.M, codes, codes_per_byte)
+    pack, unpack = torch_backend.pack_codes, torch_backend.unpack_codes
+    if compiled:
+        torch._dynamo.reset()
+        pack = torch.compile(pack, fullgraph=True, dynamic=False)
+        unpack = torch.compile(unpack, fullgraph=True, dynamic=False)
+    assert_same_bits(np_of(spec), np_of(pack(codes, codes_per_byte)), "packed")
+    assert_same_bits(np_of(codes), np_of(unpack(spec, codes_per_byte)), "unpacked")
+
+
 def _encode_compiled(values):
     from kvquant.backends.torch_backend import encode_e4m3_words
 
