@@ -220,3 +220,23 @@ def test_sharded_caches_keep_bits_and_sharding_with_no_collectives():
             assert sum(row["quantize_collectives"].values()) == 1 and list(row["quantize_collectives"]) == ["all-reduce"], where
         else:
             assert row["quantize_collectives"] == {}, f"{where}: {row['quantize_collectives']}"
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("codes_per_byte", [2, 4], ids=["nibbles", "crumbs"])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 8, 32], ids=lambda w: f"bytes{w}")
+def test_code_unpacking_gives_the_spec_codes(width, codes_per_byte, jitted):
+    # The JAX unpackers read four bytes as one word, with a fallback for other widths;
+    # kvquant/_formulas.py writes the spec's unpacking. Every byte at every position.
+    from kvquant import _formulas
+    from kvquant.backends import jax_backend
+
+    rows = np.arange(256 * 4)
+    packed = np.stack([(rows >> (2 * (i % 4))) % 256 for i in range(width)], axis=-1).astype(np.uint8)
+    packed = jnp.asarray(np.concatenate([packed, packed[::-1]]).reshape(-1, 2, width))  # leading axes too
+    unpack = jax_backend.unpack_codes
+    if jitted:
+        unpack = jax.jit(unpack, static_argnums=1)
+    want = _formulas.unpack_codes(jax_backend.M, packed, codes_per_byte)
+    assert_same_bits(np.asarray(want), np.asarray(unpack(packed, codes_per_byte)), "codes")
+
