@@ -436,40 +436,29 @@ def pack_nibbles(q):
     return ((pairs | (pairs >> 4)) & 0xFF).astype(jnp.uint8)
 
 
-def unpack_nibbles(packed):
-    """The inverse of pack_nibbles: bytes [..., n] to uint8 codes [..., 2n].
+def unpack_codes(packed, codes_per_byte: int):
+    """_formulas.unpack_codes (the inverse of pack_nibbles for 2 codes per byte): bytes
+    [..., n] to uint8 codes [..., n * k].
 
-    Four bytes at a time when n allows: as one little-endian uint32 word, code k of the
-    word's eight is (word >> 4k) & 15, a broadcast over k that XLA fuses into the
-    dequantization loop. Unpacking uint8 or uint16 lanes on their own took as long as
-    the float arithmetic after it (docs/performance.md)."""
+    Four bytes at a time when n allows: as one little-endian uint32 word, code j of the
+    word's 4k is (word >> (8 / k) j) & (2^(8/k) - 1), a broadcast over j that XLA fuses
+    into the dequantization loop. Unpacking uint8 or uint16 lanes on their own took as
+    long as the float arithmetic after it, and the formulas' uint8 shifts and stack ran
+    INT2 2 times slower (docs/performance.md)."""
     lead, n = packed.shape[:-1], packed.shape[-1]
     if n % 4 == 0:
+        bits = 8 // codes_per_byte
         words = jax.lax.bitcast_convert_type(packed.reshape(lead + (n // 4, 4)), U32)
-        codes = (words[..., None] >> _NIBBLE_SHIFTS) & U32(0x0F)
-        return codes.astype(jnp.uint8).reshape(lead + (2 * n,))
+        codes = (words[..., None] >> _CODE_SHIFTS[codes_per_byte]) & U32((1 << bits) - 1)
+        return codes.astype(jnp.uint8).reshape(lead + (codes_per_byte * n,))
+    if codes_per_byte != 2:
+        return _formulas.unpack_codes(M, packed, codes_per_byte)
     w = packed.astype(jnp.uint16)
     pairs = jax.lax.bitcast_convert_type((w & 0x0F) | ((w >> 4) << 8), jnp.uint8)
     return pairs.reshape(lead + (2 * n,))
 
 
-_NIBBLE_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
-_CRUMB_SHIFTS = np.arange(0, 32, 2, dtype=np.uint32)
-
-
-def unpack_codes(packed, codes_per_byte: int):
-    """_formulas.unpack_codes, four bytes at a time as unpack_nibbles does: code k of a
-    little-endian uint32 word's sixteen crumbs is (word >> 2k) & 3. The uint8 shifts and
-    stack of the formulas ran 2 times slower (INT2 quantize + dequantize, jit: 12.2 -> 5.7
-    copies; docs/performance.md)."""
-    lead, n = packed.shape[:-1], packed.shape[-1]
-    if codes_per_byte == 2:
-        return unpack_nibbles(packed)
-    if n % 4:
-        return _formulas.unpack_codes(M, packed, codes_per_byte)
-    words = jax.lax.bitcast_convert_type(packed.reshape(lead + (n // 4, 4)), U32)
-    codes = (words[..., None] >> _CRUMB_SHIFTS) & U32(3)
-    return codes.astype(jnp.uint8).reshape(lead + (4 * n,))
+_CODE_SHIFTS = {k: np.arange(0, 32, 8 // k, dtype=np.uint32) for k in (2, 4)}
 
 
 def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, params_checked: bool = False):
@@ -479,7 +468,7 @@ def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, para
     value below 2^-125 (int4_params_checked). Then the flush changes nothing and no value
     is NaN, and of the reading rules only the flush of subnormal zeros can act (the
     scales are not canonicalised either: XLA redid that per element)."""
-    q = unpack_nibbles(packed).astype(F32)
+    q = unpack_codes(packed, 2).astype(F32)
     if params_checked:
         zeros, scales = flush(zeros.astype(F32)), scales.astype(F32)
         return _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s).astype(_DTYPES[out_dtype])

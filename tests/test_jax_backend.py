@@ -226,7 +226,7 @@ def test_sharded_caches_keep_bits_and_sharding_with_no_collectives():
 @pytest.mark.parametrize("codes_per_byte", [2, 4], ids=["nibbles", "crumbs"])
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 8, 32], ids=lambda w: f"bytes{w}")
 def test_code_unpacking_gives_the_spec_codes(width, codes_per_byte, jitted):
-    # The JAX unpackers read four bytes as one word, with a fallback for other widths;
+    # The JAX unpacker reads four bytes as one word, with fallbacks for other widths;
     # kvquant/_formulas.py writes the spec's unpacking. Every byte at every position.
     from kvquant import _formulas
     from kvquant.backends import jax_backend
@@ -239,4 +239,3 @@ def test_code_unpacking_gives_the_spec_codes(width, codes_per_byte, jitted):
         unpack = jax.jit(unpack, static_argnums=1)
     want = _formulas.unpack_codes(jax_backend.M, packed, codes_per_byte)
     assert_same_bits(np.asarray(want), np.asarray(unpack(packed, codes_per_byte)), "codes")
-
