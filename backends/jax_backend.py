@@ -305,8 +305,8 @@ def _as_reduced(x, reduced):
 
 def _per_token_params(xf, reciprocal):
     scale, inv, poisoned = _symmetric_scale(_absmax(xf, per_token=True), reciprocal)
-    inv, poisoned_f = _materialize(inv, poisoned.astype(F32))
-    return scale, inv, poisoned_f > ZERO
+    inv, poisoned = M.materialized(inv, poisoned)
+    return scale, inv, poisoned
 
 
 def fp8_quantize_per_token(x):

@@ -124,7 +124,9 @@ class _TorchMath:
     @staticmethod
     def materialized(*params):
         out = _materialized(*params)
-        return tuple(o != 0 if p.dtype == torch.bool and o.dtype != torch.bool else o for p, o in zip(params, out))
+        out = out if len(params) > 1 else (out,)
+        # Compiled, a bool flag comes back as float32 0/1.
+        return tuple(o if o.dtype == p.dtype else o != 0 for p, o in zip(params, out))
 
 
 M = _TorchMath
@@ -217,8 +219,8 @@ def _symmetric_scale(amax: torch.Tensor, reciprocal: float):
     """The spec's symmetric scale (kvquant/_formulas.py), with 1 / scale and the poisoned
     flags materialised for the element loop."""
     scale, inv, poisoned = _formulas.symmetric_scale(M, amax, reciprocal)
-    inv, poisoned = _materialized(inv, poisoned)
-    return scale, inv, poisoned != 0
+    inv, poisoned = M.materialized(inv, poisoned)
+    return scale, inv, poisoned
 
 
 def _zero_poisoned(y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
@@ -443,8 +445,8 @@ def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
 def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
     """The spec's INT4 parameters (kvquant/_formulas.py), materialised for the element loop."""
     scale, inv, zero, mn, poisoned = _formulas.int4_params(M, mn, mx, R15)
-    mn, inv, poisoned = _materialized(mn, inv, poisoned)
-    return scale, inv, zero, mn, poisoned != 0
+    mn, inv, poisoned = M.materialized(mn, inv, poisoned)
+    return scale, inv, zero, mn, poisoned
 
 
 def int4_quantize(x: torch.Tensor, group_size: int):
@@ -587,7 +589,6 @@ def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tens
 
 # ------------------------------------------ INT2, per channel (spec v1.1)
 # Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
-
 def int2_quantize(x: torch.Tensor, group_size: int):
     return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
 

@@ -22,10 +22,10 @@ The namespace ``m`` provides:
     section 8, item 7; the reference does); stack(list, axis), as_float32(v) and
     canonical(p), the spec's reading of caller scales and zeros (flushed, NaN
     canonical); pack_codes(q, codes_per_byte): pack_codes() below, or another way to
-the same bytes, and unpack_codes(packed, codes_per_byte) likewise; materialized(*params): the same arrays
-    (one shape; bool flags stay bool), computed once before the element loop that
-    reads them, which compilers otherwise fuse into it and redo per element (speed
-    only: no bits change).
+    the same bytes, and unpack_codes(packed, codes_per_byte) likewise;
+    materialized(*params): the same arrays (one shape; bool flags stay bool, a tuple
+    even for one), computed once before the element loop that reads them, which
+    compilers otherwise fuse into it and redo per element (speed only: no bits change).
 
 Why these bits are safe under any compiler (section 9): every step is one multiply,
 subtract, max, min or select; the only division is reciprocal_rn's, per token or

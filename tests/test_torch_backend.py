@@ -11,6 +11,7 @@ from conftest import FIDS, FORMATS, assert_same_bits, check_e4m3_encoder, shape_
 # backend was not preloaded; torch.compile cannot trace its import (see README).
 kvquant.get_backend("torch")
 
+
 def np_ref(x, fmt, kw):
     q = kvquant.quantize(x.detach().cpu().numpy() if x.dtype != torch.bfloat16 else kvquant.get_backend("torch").runtime.to_numpy(x), fmt, **kw)
     return q, kvquant.dequantize(q, "float32")
