@@ -19,6 +19,8 @@ from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
 from kvquant.attention import token_slice
 
+from .torch_backend import AheadOfTimeGraph
+
 TOKEN_AXIS = -2
 
 
@@ -395,16 +397,14 @@ class _AheadOfTime:
 
     def __init__(self, dynamo):
         self.dynamo = dynamo
-        self.graphs = []  # (graph function, guard check, closure's locals, argument names), newest first
+        self.graphs: List[AheadOfTimeGraph] = []  # newest first
         self.misses = 0
         self.closed = not AHEAD_OF_TIME
 
     def __call__(self, *args):
-        for fn, check, closure, names in self.graphs:
-            f_locals = dict(closure)
-            f_locals.update(zip(names, args))
-            if check(f_locals):
-                return fn(*args)
+        for graph in self.graphs:
+            if graph.accepts(args):
+                return graph.fn(*args)
         if (not self.closed and (not self.graphs or self.misses >= self.MISSES_BEFORE_ANOTHER)
                 and _long_enough(args)):
             made = _ahead_of_time(self.dynamo, args)
@@ -412,7 +412,7 @@ class _AheadOfTime:
             if made is not None:
                 self.graphs.insert(0, made)
                 self.closed = len(self.graphs) >= self.MAX_GRAPHS
-                return made[0](*args)
+                return made.fn(*args)
             self.closed = True
         self.misses += 1
         return self.dynamo(*args)
@@ -431,18 +431,7 @@ def _long_enough(args) -> bool:
 
 def _ahead_of_time(dynamo, args):
     _mark_token_axes(*_history_tensors(args))
-    try:
-        compiled = dynamo.aot_compile((args, {}))
-        manager = compiled._artifacts.guard_manager
-        closure = compiled.prepare_f_locals(*args)
-        names = list(compiled._artifacts.signature.parameters)
-        for n in names:
-            closure.pop(n, None)
-        if not manager.check({**closure, **dict(zip(names, args))}):
-            return None
-        return compiled.fn, manager.check, closure, names
-    except Exception:  # noqa: BLE001 - an older or newer torch: Dynamo serves every call
-        return None
+    return AheadOfTimeGraph.compile(dynamo, args)
 
 
 def _mark_token_axes(*tensors):

@@ -768,9 +768,11 @@ class _Kernels(KernelSet):
         return torch.compile(fn, fullgraph=True)
 
     def release(self):
-        """Forget every compiled specialisation (they are compiled again on next use)."""
+        """Forget every compiled specialisation (loaded or compiled again on next use)."""
         if self.wrapped:
             torch._dynamo.reset()
+            for unit in _SAVED_UNITS:
+                unit.graphs.clear()
 
 
 _COMPILED = None
@@ -793,20 +795,191 @@ def _compile(fn):
     for a few tokens ran serially on 32768 (docs/performance.md). dynamic_threads always emits the parallel
     loop and lets OpenMP pick the thread count per call; a few tokens cost the same.
     The bits cannot depend on it: the reductions are max, min and exact pair sums.
+
+    On the CPU a call is served by a graph saved to disk (_SavedGraphs) where torch
+    allows it; Dynamo serves the rest with the same graph.
     """
     compiled = torch.compile(fn, **COMPILE_OPTIONS)
+    saved = _SavedGraphs(fn.__name__, compiled)
 
     def call(*args):
         if torch.compiler.is_compiling():
             return fn(*args)  # inside a caller's torch.compile: one graph with theirs
         if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in args):
             return fn(*args)  # nothing to compute: not worth a specialisation of its own
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dim() >= 1:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
+        graph = saved.graph_for(args)
+        if graph is not None:
+            return graph.fn(*args)
+        _mark_token_axis(args)
         return compiled(*args)
 
     return call
+
+
+def _mark_token_axis(args):
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() >= 1:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+
+
+class AheadOfTimeGraph:
+    """A function compiled ahead of time (torch.compile's aot_compile): the graph's own
+    function and the C++ check of Dynamo's guards, without Dynamo's frame evaluation
+    (which re-traces every graph in each new process, 0.5 s each here, and costs tens of
+    microseconds per call). ``closure``: the locals the guards read besides the
+    arguments (a closure's cells)."""
+
+    def __init__(self, compiled, args):
+        self.compiled = compiled
+        self.fn = compiled.fn
+        self.check = compiled._artifacts.guard_manager.check
+        self.names = list(compiled._artifacts.signature.parameters)
+        self.closure = {k: v for k, v in compiled.prepare_f_locals(*args).items() if k not in self.names}
+
+    def accepts(self, args) -> bool:
+        f_locals = dict(self.closure)
+        f_locals.update(zip(self.names, args))
+        return self.check(f_locals)
+
+    @classmethod
+    def compile(cls, dynamo, args, example_args=None) -> Optional["AheadOfTimeGraph"]:
+        """``dynamo`` (a torch.compile'd function) compiled for calls like ``args``, or
+        None where this torch cannot or the guards refuse ``args`` themselves.
+        ``example_args``: what to trace instead (e.g. views marked dynamic)."""
+        try:
+            compiled = dynamo.aot_compile((tuple(args if example_args is None else example_args), {}))
+            graph = cls(compiled, args)
+            return graph if graph.accepts(args) else None
+        except Exception:  # noqa: BLE001 - an older or newer torch: Dynamo serves the call
+            return None
+
+
+SAVE_COMPILED = True  # False: Dynamo serves every compiled call (tests compare the two)
+
+
+class _SavedGraphs:
+    """One kernel unit's graphs, compiled ahead of time and saved to disk
+    (``saved_graphs_dir``), loaded in later processes: a warm process then spends about
+    15 ms per graph instead of Dynamo's 0.5 s re-trace (docs/performance.md).
+
+    Safe because every call is checked against the graph's own guards (dtype, static
+    sizes, strides, constant arguments, grad mode, thread count), and the directory is
+    named by everything else a graph depends on (torch, Python, the CPU's vector
+    instructions, Inductor's configuration, kvquant's source): a call the guards refuse
+    is compiled anew (or, within a process, served by Dynamo), and a changed kvquant
+    compiles everything anew. CPU only: on an
+    accelerator Dynamo serves every call. The file name is a hash of what the guards
+    check (_specialisation), so a process loads only the graphs it calls."""
+
+    def __init__(self, name, dynamo):
+        self.name, self.dynamo = name, dynamo
+        self.graphs = {}
+        _SAVED_UNITS.append(self)
+
+    def graph_for(self, args) -> Optional[AheadOfTimeGraph]:
+        if not SAVE_COMPILED or not all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
+            return None
+        key = _specialisation(args)
+        graph = self.graphs.get(key, False)
+        if graph is False:
+            graph = self.graphs[key] = self._load_or_compile(key, args)
+        # A call its guards refuse (a specialisation the key does not tell apart, e.g.
+        # aliased arguments) goes to Dynamo, which keeps its own specialisations.
+        return graph if graph is not None and graph.accepts(args) else None
+
+    def _load_or_compile(self, key, args) -> Optional[AheadOfTimeGraph]:
+        directory = saved_graphs_dir()
+        if directory is None:
+            return None
+        import hashlib
+        import os
+
+        path = os.path.join(directory, f"{self.name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.pt2")
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    loaded = torch.compiler.load_compiled_function(f)
+                graph = AheadOfTimeGraph(loaded, args)
+                if graph.accepts(args):
+                    return graph
+            except Exception:  # noqa: BLE001 - unreadable or from another torch: compiled anew
+                pass
+        # Traced on views marked dynamic: the caller's tensors keep no marking.
+        views = [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+        _mark_token_axis(views)
+        graph = AheadOfTimeGraph.compile(self.dynamo, args, views)
+        if graph is not None:
+            try:
+                graph.compiled.save_compiled_function(path)
+            except Exception:  # noqa: BLE001 - a read-only or full disk: used unsaved
+                pass
+        return graph
+
+
+_SAVED_UNITS: list = []
+
+
+def _specialisation(args) -> tuple:
+    """What a call's graph is specialised on, as the guards check it: per tensor its
+    dtype, sizes but the token count's (apart from 0/1, which Dynamo specialises),
+    strides and autograd state; the other arguments' values; the process's grad mode,
+    inference mode and thread count."""
+    parts = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append((str(a.dtype), a.dim() and min(a.shape[0], 2), tuple(a.shape[1:]),
+                          "c" if a.is_contiguous() else tuple(a.stride()), a.requires_grad, a.is_inference()))
+        else:
+            parts.append((type(a).__name__, repr(a)))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def saved_graphs_dir() -> Optional[str]:
+    """Where this process's graphs are saved: under KVQUANT_TORCH_GRAPHS_DIR (empty or
+    "0": saved nowhere) or ~/.cache/kvquant/torch-graphs, a directory named by the hash
+    of everything a graph depends on beyond its guards; the oldest of the others beyond
+    the three most recently used are removed."""
+    import hashlib
+    import os
+    import platform
+    import sys
+
+    root = os.environ.get("KVQUANT_TORCH_GRAPHS_DIR")
+    if root is not None and root.strip() in ("", "0"):
+        return None
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvquant", "torch-graphs")
+    if not hasattr(torch.compiler, "load_compiled_function"):
+        return None
+    import torch._inductor.config as inductor_config
+
+    digest = hashlib.sha256()
+    for part in (torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                 repr(COMPILE_OPTIONS), repr(sorted(inductor_config.save_config_portable().items(), key=str))):
+        digest.update(part.encode() + b"\0")
+    import kvquant
+
+    for package in (os.path.dirname(kvquant.__file__), os.path.dirname(__file__)):
+        for dirpath, dirnames, filenames in sorted(os.walk(package)):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                if filename.endswith(".py"):
+                    with open(os.path.join(dirpath, filename), "rb") as f:
+                        digest.update(filename.encode() + b"\0" + f.read())
+    directory = os.path.join(root, digest.hexdigest()[:24])
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.utime(directory)
+        others = sorted((os.path.join(root, d) for d in os.listdir(root) if d != os.path.basename(directory)),
+                        key=os.path.getmtime, reverse=True)
+        import shutil
+
+        for old in others[2:]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        return None
+    return directory
 
 
 def _compiled_kernels():

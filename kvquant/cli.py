@@ -117,11 +117,15 @@ def _empty_compile_caches() -> List[str]:
     import os
 
     empty = []
-    if "torch" in sys.modules:
+    torch_backend = sys.modules.get("kvquant.backends.torch_backend")
+    if torch_backend is not None:
+        # The graphs saved for this kvquant and torch; where saving is off, Inductor's.
+        graphs = torch_backend.saved_graphs_dir()
         try:
-            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+            if graphs is None:
+                from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-            graphs = os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), "fxgraph")
+                graphs = os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), "fxgraph")
             if not (os.path.isdir(graphs) and os.listdir(graphs)):
                 empty.append("torch.compile's")
         except ImportError:  # another torch: say nothing rather than guess

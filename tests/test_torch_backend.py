@@ -1,4 +1,6 @@
 """PyTorch specifics: torch.compile without graph breaks, threads, views, autograd."""
+import os
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,8 @@ def test_raise_becomes_propagate_while_compiling():
     assert e.value.index == (1,)
 
 
-def test_compiled_kernel_first_called_on_few_tokens_keeps_a_parallel_loop():
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-graph", "dynamo"])
+def test_compiled_kernel_first_called_on_few_tokens_keeps_a_parallel_loop(saved, tmp_path, monkeypatch):
     # Inductor picks serial or parallel CPU code from the first call's token count and
     # reuses it for every later count (and from its disk cache in later processes): a
     # first call with four tokens once left 32768-token dequantizations serial.
@@ -71,10 +74,18 @@ def test_compiled_kernel_first_called_on_few_tokens_keeps_a_parallel_loop():
     from kvquant.backends import torch_backend
 
     torch._dynamo.reset()
-    kernel = torch_backend._compile(torch_backend.int8_dequantize)
-    with torch._inductor.config.patch(force_disable_caches=True):
-        _, sources = run_and_get_code(kernel, torch.ones((4, 64), dtype=torch.int8), torch.ones((4, 1)), "float32")
+    monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path))  # compiled here, not loaded
+    monkeypatch.setattr(torch_backend, "SAVE_COMPILED", saved)
+    torch_backend.saved_graphs_dir.cache_clear()
+    try:
+        kernel = torch_backend._compile(torch_backend.int8_dequantize)
+        # Dynamo's path would read Inductor's cache; a saved graph's compile never does.
+        with torch._inductor.config.patch(force_disable_caches=not saved):
+            _, sources = run_and_get_code(kernel, torch.ones((4, 64), dtype=torch.int8), torch.ones((4, 1)), "float32")
+    finally:
+        torch_backend.saved_graphs_dir.cache_clear()
     assert sources and all("#pragma omp parallel" in src for src in sources)
+    assert bool(list(tmp_path.glob("*/*.pt2"))) == saved
 
 
 @pytest.mark.parametrize("fmt, kw", FORMATS, ids=FIDS)
@@ -178,3 +189,110 @@ def test_e4m3_bit_decoder_is_exact_on_every_code():
     assert_same_bits(expected[finite], (scaled * 2.0**120).numpy()[finite], "decoded codes")
     assert_same_bits(~finite, nan_codes.numpy(), "NaN codes flagged")
     assert decode_e4m3_scaled(torch.from_numpy(codes[finite]).view(torch.float8_e4m3fn))[1] is None
+
+
+# A later process's view of the compiled variant: its graphs come from the directory
+# an earlier process saved them in, not from Dynamo.
+_SAVED_GRAPHS_CHILD = r"""
+import json, sys
+import numpy as np, torch, kvquant
+from torch._dynamo.utils import counters
+ops = kvquant.get_backend("torch").variants()["compile"]
+out = {}
+for dtype in ("float32", "bfloat16"):
+    x = torch.from_numpy(np.load(sys.argv[1])).to(getattr(torch, dtype))
+    for fmt in ("int8", "fp8"):
+        q = kvquant.quantize(x, fmt, backend=ops)
+        d = kvquant.dequantize(q, "float32", backend=ops)
+        out[f"{fmt}/{dtype}"] = [ops.runtime.to_numpy(a).tobytes().hex() for a in (q.codes, q.scales, d)]
+out["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+print(json.dumps(out))
+"""
+
+
+def test_compiled_graphs_saved_by_one_process_serve_the_next(tmp_path):
+    """The compiled variant saves each graph (aot_compile) and a new process loads it
+    instead of tracing again with Dynamo: the second process traces nothing, and both
+    give the reference's bits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    x = (np.random.default_rng(7).standard_normal((33, 96)) * 2.0 ** np.arange(-60, 36, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, KVQUANT_TORCH_GRAPHS_DIR=str(tmp_path / "graphs"))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _SAVED_GRAPHS_CHILD, str(tmp_path / "x.npy")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    (saved,) = list((tmp_path / "graphs").iterdir())
+    assert len(list(saved.glob("*.pt2"))) >= 4
+    assert runs[0]["dynamo_graphs"] > 0 and runs[1]["dynamo_graphs"] == 0
+    for dtype in ("float32", "bfloat16"):
+        xd = torch.from_numpy(x).to(getattr(torch, dtype))
+        for fmt in ("int8", "fp8"):
+            q = kvquant.quantize(np_of(xd).astype(np.float32), fmt)
+            expected = [np.asarray(a) for a in (q.codes, q.scales, kvquant.dequantize(q, "float32"))]
+            for run in runs:
+                for name, want, got in zip(("codes", "scales", "dequant"), expected, run[f"{fmt}/{dtype}"]):
+                    assert_same_bits(want, np.frombuffer(bytes.fromhex(got), want.dtype).reshape(want.shape),
+                                     f"{fmt}/{dtype} {name}")
+
+
+def test_a_saved_graph_serves_only_calls_its_guards_accept(tmp_path, monkeypatch):
+    """Every call whose file name is the same (forced here) but whose dtype, width,
+    output dtype or token count 0/1 differ is compiled anew, not served by the graph
+    saved on disk for another: each gives the reference's bits."""
+    from kvquant.backends import torch_backend
+
+    monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path / "graphs"))
+    monkeypatch.setattr(torch_backend, "_specialisation", lambda args: "one file for every call")
+    torch_backend.saved_graphs_dir.cache_clear()
+    ops = kvquant.get_backend("torch").variants()["compile"]
+    ops.kernels.release()
+    try:
+        for shape, dtype, out in [((8, 64), torch.float32, "float32"), ((8, 64), torch.float16, "float32"),
+                                  ((8, 96), torch.float32, "float32"), ((8, 64), torch.float32, "bfloat16"),
+                                  ((1, 64), torch.float32, "float32"), ((8, 64), torch.float32, "float32")]:
+            x = sample(shape, dtype, seed=shape[0])
+            ops.kernels.release()  # from disk, not from this process's memory
+            q = kvquant.quantize(x, "int8", backend=ops)
+            ref = kvquant.quantize(np_of(x).astype(np.float32), "int8")
+            assert_same_bits(np.asarray(ref.codes), np_of(q.codes), f"{shape} {dtype} codes")
+            assert_same_bits(np.asarray(kvquant.dequantize(ref, out)), np_of(kvquant.dequantize(q, out, backend=ops)),
+                             f"{shape} {dtype} dequantized to {out}")
+        files = list((tmp_path / "graphs").glob("*/*.pt2"))
+        assert {f.name.split("-")[0] for f in files} == {"int8_quantize", "int8_dequantize"}
+    finally:
+        torch_backend.saved_graphs_dir.cache_clear()
+        ops.kernels.release()
+
+
+def test_saved_graphs_are_kept_apart_by_kvquant_source(tmp_path, monkeypatch):
+    """The saved graphs' directory is named by kvquant's source: a changed source
+    compiles everything anew instead of loading graphs of the old code; saving off
+    (KVQUANT_TORCH_GRAPHS_DIR=0) saves nothing."""
+    import shutil
+
+    from kvquant.backends import torch_backend
+
+    copy = tmp_path / "kvquant"
+    shutil.copytree(os.path.dirname(kvquant.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(kvquant, "__file__", str(copy / "__init__.py"))
+    monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path / "graphs"))
+    try:
+        torch_backend.saved_graphs_dir.cache_clear()
+        before = torch_backend.saved_graphs_dir()
+        with open(copy / "_spec.py", "a") as f:
+            f.write("\n# a changed constant would change the graphs\n")
+        torch_backend.saved_graphs_dir.cache_clear()
+        after = torch_backend.saved_graphs_dir()
+        assert before != after and os.path.dirname(before) == os.path.dirname(after)
+        monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", "0")
+        torch_backend.saved_graphs_dir.cache_clear()
+        assert torch_backend.saved_graphs_dir() is None
+    finally:
+        torch_backend.saved_graphs_dir.cache_clear()
