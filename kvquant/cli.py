@@ -112,7 +112,7 @@ def _enable_compile_caches() -> None:
 def _empty_compile_caches() -> List[str]:
     """The on-disk compile caches of this process's frameworks that hold nothing yet: on
     a fresh machine the first run compiles every kernel it checks (nearly all of a quick
-    run's 10 to 13 minutes on 2 cores), which the header then says instead of leaving a
+    run's 7 minutes on 2 cores), which the header then says instead of leaving a
     new user to wonder why the promised minute is not one."""
     import os
 
@@ -465,8 +465,8 @@ class _Report:
         empty = sorted({c for v in self.variants for c in v.get("empty_caches", ())})
         if empty:
             print(f"First run: {' and '.join(empty)} compile cache{'s are' if len(empty) > 1 else ' is'} empty, so "
-                  "every kernel checked is compiled now (a whole default run on 2 cores: 10 to 13 minutes the "
-                  "first time, 1 to 2 minutes once the caches are warm; docs/conformance.md).", flush=True)
+                  "every kernel checked is compiled now (a whole default run on 2 cores: about 7 minutes the "
+                  "first time, about 1 minute once the caches are warm; docs/conformance.md).", flush=True)
         self.started = time.time()
         backlog, self.backlog = self.backlog, []
         for message in backlog:

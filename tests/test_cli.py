@@ -217,7 +217,7 @@ def test_processes_end_when_the_command_is_killed(tmp_path):
 
 
 def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, capsys):
-    """A fresh machine's first run compiles every kernel (nearly all of its 10 to 13 minutes):
+    """A fresh machine's first run compiles every kernel (nearly all of its 7 minutes):
     the header says so when a compiling variant's cache is empty, and only then."""
     pytest.importorskip("torch")
     import argparse
