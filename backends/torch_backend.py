@@ -830,7 +830,6 @@ class AheadOfTimeGraph:
     arguments (a closure's cells)."""
 
     def __init__(self, compiled, args):
-        self.compiled = compiled
         self.fn = compiled.fn
         self.check = compiled._artifacts.guard_manager.check
         self.names = list(compiled._artifacts.signature.parameters)
@@ -842,15 +841,34 @@ class AheadOfTimeGraph:
         return self.check(f_locals)
 
     @classmethod
-    def compile(cls, dynamo, args, example_args=None) -> Optional["AheadOfTimeGraph"]:
+    def compile(cls, dynamo, args, example_args=None, save_to=None) -> Optional["AheadOfTimeGraph"]:
         """``dynamo`` (a torch.compile'd function) compiled for calls like ``args``, or
         None where this torch cannot or the guards refuse ``args`` themselves.
-        ``example_args``: what to trace instead (e.g. views marked dynamic)."""
+        ``example_args``: what to trace instead (e.g. views marked dynamic); ``save_to``:
+        a file to save the graph in, for ``load``."""
         try:
             compiled = dynamo.aot_compile((tuple(args if example_args is None else example_args), {}))
             graph = cls(compiled, args)
-            return graph if graph.accepts(args) else None
+            if not graph.accepts(args):
+                return None
         except Exception:  # noqa: BLE001 - an older or newer torch: Dynamo serves the call
+            return None
+        if save_to is not None:
+            try:
+                compiled.save_compiled_function(save_to)
+            except Exception:  # noqa: BLE001 - a read-only or full disk: used unsaved
+                pass
+        return graph
+
+    @classmethod
+    def load(cls, path, args) -> Optional["AheadOfTimeGraph"]:
+        """The graph saved in ``path``, or None where it cannot be read or its guards
+        refuse ``args``."""
+        try:
+            with open(path, "rb") as f:
+                graph = cls(torch.compiler.load_compiled_function(f), args)
+            return graph if graph.accepts(args) else None
+        except Exception:  # noqa: BLE001 - unreadable, or saved by another torch
             return None
 
 
@@ -895,24 +913,12 @@ class _SavedGraphs:
         import os
 
         path = os.path.join(directory, f"{self.name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.pt2")
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    loaded = torch.compiler.load_compiled_function(f)
-                graph = AheadOfTimeGraph(loaded, args)
-                if graph.accepts(args):
-                    return graph
-            except Exception:  # noqa: BLE001 - unreadable or from another torch: compiled anew
-                pass
-        # Traced on views marked dynamic: the caller's tensors keep no marking.
-        views = [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
-        _mark_token_axis(views)
-        graph = AheadOfTimeGraph.compile(self.dynamo, args, views)
-        if graph is not None:
-            try:
-                graph.compiled.save_compiled_function(path)
-            except Exception:  # noqa: BLE001 - a read-only or full disk: used unsaved
-                pass
+        graph = AheadOfTimeGraph.load(path, args) if os.path.exists(path) else None
+        if graph is None:
+            # Traced on views marked dynamic: the caller's tensors keep no marking.
+            views = [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+            _mark_token_axis(views)
+            graph = AheadOfTimeGraph.compile(self.dynamo, args, views, save_to=path)
         return graph
 
 
@@ -950,14 +956,16 @@ def saved_graphs_dir() -> Optional[str]:
         return None
     if root is None:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvquant", "torch-graphs")
-    if not hasattr(torch.compiler, "load_compiled_function"):
-        return None
-    import torch._inductor.config as inductor_config
-
     digest = hashlib.sha256()
-    for part in (torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                 repr(COMPILE_OPTIONS), repr(sorted(inductor_config.save_config_portable().items(), key=str))):
-        digest.update(part.encode() + b"\0")
+    try:
+        import torch._inductor.config as inductor_config
+
+        torch.compiler.load_compiled_function  # noqa: B018 - a torch without it saves nothing
+        for part in (torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                     repr(COMPILE_OPTIONS), repr(sorted(inductor_config.save_config_portable().items(), key=str))):
+            digest.update(part.encode() + b"\0")
+    except (AttributeError, ImportError):
+        return None
     import kvquant
 
     for package in (os.path.dirname(kvquant.__file__), os.path.dirname(__file__)):
