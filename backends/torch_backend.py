@@ -883,11 +883,11 @@ class _SavedGraphs:
     Safe because every call is checked against the graph's own guards (dtype, static
     sizes, strides, constant arguments, grad mode, thread count), and the directory is
     named by everything else a graph depends on (torch, Python, the CPU's vector
-    instructions, Inductor's configuration, kvquant's source): a call the guards refuse
-    is compiled anew (or, within a process, served by Dynamo), and a changed kvquant
-    compiles everything anew. CPU only: on an
-    accelerator Dynamo serves every call. The file name is a hash of what the guards
-    check (_specialisation), so a process loads only the graphs it calls."""
+    instructions, Inductor's configuration, the kernels' source files): a call the
+    guards refuse is compiled anew (or, within a process, served by Dynamo), and a
+    change to those files compiles everything anew. CPU only: on an accelerator Dynamo
+    serves every call. The file name is a hash of what the guards check
+    (_specialisation), so a process loads only the graphs it calls."""
 
     def __init__(self, name, dynamo):
         self.name, self.dynamo = name, dynamo
@@ -940,12 +940,64 @@ def _specialisation(args) -> tuple:
     return tuple(parts)
 
 
+def _kernel_sources() -> list:
+    """The files a kernel graph can depend on: this module and the kvquant modules it
+    imports at module level, transitively (a graph reads their functions and
+    constants). A change anywhere else in kvquant (the cache, the command, attention)
+    leaves the saved graphs valid."""
+    import ast
+    import os
+
+    import kvquant
+
+    roots = {"kvquant": os.path.dirname(kvquant.__file__), "kvquant.backends": os.path.dirname(__file__)}
+
+    def file_of(module: str):
+        for prefix in sorted(roots, key=len, reverse=True):
+            if module == prefix or module.startswith(prefix + "."):
+                base = os.path.join(roots[prefix], *module[len(prefix) + 1:].split(".")) if module != prefix else roots[prefix]
+                for candidate in (base + ".py", os.path.join(base, "__init__.py")):
+                    if os.path.isfile(candidate):
+                        return candidate
+        return None
+
+    def package_of(path: str) -> str:
+        for prefix, root in roots.items():
+            if os.path.dirname(path) == root:
+                return prefix
+        return ""
+
+    seen, todo = [], [os.path.abspath(__file__)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.append(path)
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:
+                    module = ".".join(filter(None, [package_of(path), module]))
+                # A name that is a submodule is that module's file; any other name is
+                # defined in the module imported from.
+                targets = [f"{module}.{a.name}" if file_of(f"{module}.{a.name}") else module for a in node.names]
+            else:
+                continue
+            todo += [f for f in map(file_of, targets) if f is not None]
+    return sorted(seen)
+
+
 @functools.lru_cache(maxsize=None)
 def saved_graphs_dir() -> Optional[str]:
     """Where this process's graphs are saved: under KVQUANT_TORCH_GRAPHS_DIR (empty or
     "0": saved nowhere) or ~/.cache/kvquant/torch-graphs, a directory named by the hash
-    of everything a graph depends on beyond its guards; the oldest of the others beyond
-    the three most recently used are removed."""
+    of everything a graph depends on beyond its guards (torch, Python, the CPU, Inductor's
+    settings, the kernels' source files); the oldest of the others beyond the three most
+    recently used are removed."""
     import hashlib
     import os
     import platform
@@ -966,15 +1018,9 @@ def saved_graphs_dir() -> Optional[str]:
             digest.update(part.encode() + b"\0")
     except (AttributeError, ImportError):
         return None
-    import kvquant
-
-    for package in (os.path.dirname(kvquant.__file__), os.path.dirname(__file__)):
-        for dirpath, dirnames, filenames in sorted(os.walk(package)):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.endswith(".py"):
-                    with open(os.path.join(dirpath, filename), "rb") as f:
-                        digest.update(filename.encode() + b"\0" + f.read())
+    for path in _kernel_sources():
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     directory = os.path.join(root, digest.hexdigest()[:24])
     try:
         os.makedirs(directory, exist_ok=True)

@@ -272,9 +272,9 @@ def test_a_saved_graph_serves_only_calls_its_guards_accept(tmp_path, monkeypatch
 
 
 def test_saved_graphs_are_kept_apart_by_kvquant_source(tmp_path, monkeypatch):
-    """The saved graphs' directory is named by kvquant's source: a changed source
-    compiles everything anew instead of loading graphs of the old code; saving off
-    (KVQUANT_TORCH_GRAPHS_DIR=0) saves nothing."""
+    """The saved graphs' directory is named by the source the kernels import: a change
+    there compiles everything anew instead of loading graphs of the old code, one
+    elsewhere keeps them; saving off (KVQUANT_TORCH_GRAPHS_DIR=0) saves nothing."""
     import shutil
 
     from kvquant.backends import torch_backend
@@ -286,7 +286,11 @@ def test_saved_graphs_are_kept_apart_by_kvquant_source(tmp_path, monkeypatch):
     try:
         torch_backend.saved_graphs_dir.cache_clear()
         before = torch_backend.saved_graphs_dir()
-        with open(copy / "_spec.py", "a") as f:
+        with open(copy / "cli.py", "a") as f:
+            f.write("\n# no kernel reads the command's code\n")
+        torch_backend.saved_graphs_dir.cache_clear()
+        assert torch_backend.saved_graphs_dir() == before
+        with open(copy / "_types.py", "a") as f:  # imported by _formats, imported by _ops
             f.write("\n# a changed constant would change the graphs\n")
         torch_backend.saved_graphs_dir.cache_clear()
         after = torch_backend.saved_graphs_dir()
