@@ -28,6 +28,8 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from kvquant._cache_dir import user_cache_dir
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
 
@@ -60,9 +62,8 @@ _LOADED = {}
 
 def _cache_dirs() -> List[str]:
     """Where a build is kept: the user's cache, or (read-only home) the temp directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     user = getattr(os, "getuid", lambda: 0)()
-    return [os.path.join(base, "kvquant", "cpu-kernel"), os.path.join(tempfile.gettempdir(), f"kvquant-cpu-kernel-{user}")]
+    return [user_cache_dir("cpu-kernel"), os.path.join(tempfile.gettempdir(), f"kvquant-cpu-kernel-{user}")]
 
 
 def _cpu() -> str:

@@ -19,13 +19,20 @@ written out explicitly exactly where the spec lists them.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
 from typing import Optional
 
 import torch
 
 from kvquant import _formulas, _spec
+from kvquant._cache_dir import user_cache_dir
 from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
 
 NAME = "torch"
@@ -909,9 +916,6 @@ class _SavedGraphs:
         directory = saved_graphs_dir()
         if directory is None:
             return None
-        import hashlib
-        import os
-
         path = os.path.join(directory, f"{self.name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.pt2")
         graph = AheadOfTimeGraph.load(path, args) if os.path.exists(path) else None
         if graph is None:
@@ -945,10 +949,7 @@ def _kernel_sources() -> list:
     imports at module level, transitively (a graph reads their functions and
     constants). A change anywhere else in kvquant (the cache, the command, attention)
     leaves the saved graphs valid."""
-    import ast
-    import os
-
-    import kvquant
+    import kvquant  # here, not at the top: the walk below would count the package's own imports
 
     roots = {"kvquant": os.path.dirname(kvquant.__file__), "kvquant.backends": os.path.dirname(__file__)}
 
@@ -998,16 +999,11 @@ def saved_graphs_dir() -> Optional[str]:
     of everything a graph depends on beyond its guards (torch, Python, the CPU, Inductor's
     settings, the kernels' source files); the oldest of the others beyond the three most
     recently used are removed."""
-    import hashlib
-    import os
-    import platform
-    import sys
-
     root = os.environ.get("KVQUANT_TORCH_GRAPHS_DIR")
     if root is not None and root.strip() in ("", "0"):
         return None
     if root is None:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvquant", "torch-graphs")
+        root = user_cache_dir("torch-graphs")
     digest = hashlib.sha256()
     try:
         import torch._inductor.config as inductor_config
@@ -1027,8 +1023,6 @@ def saved_graphs_dir() -> Optional[str]:
         os.utime(directory)
         others = sorted((os.path.join(root, d) for d in os.listdir(root) if d != os.path.basename(directory)),
                         key=os.path.getmtime, reverse=True)
-        import shutil
-
         for old in others[2:]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError:

@@ -103,8 +103,9 @@ def _enable_compile_caches() -> None:
     import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvquant", "jax")
-        jax.config.update("jax_compilation_cache_dir", cache)
+        from ._cache_dir import user_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", user_cache_dir("jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
