@@ -631,6 +631,11 @@ void with_head_dim(int64_t dim, const F& f) {
 
 }  // namespace
 
+// What cpu_kernel.py checks before its first call: the version of the Side and Problem
+// layout below and in cpu_kernel.py (raise both together on any change), and their sizes.
+extern "C" int64_t kvquant_decode_attention_abi() { return 1; }
+extern "C" int64_t kvquant_decode_attention_problem_size() { return sizeof(Problem); }
+
 extern "C" int kvquant_decode_attention(const Problem* problem) {
     const Problem& p = *problem;
     const int64_t total = p.keys.tokens + p.keys.window;

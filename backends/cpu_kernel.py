@@ -12,10 +12,16 @@ about 4 s where torch.utils.cpp_extension takes a minute, and a call costs a few
 microseconds. It links OpenMP by soname, so in a process that has imported torch it
 shares torch's OpenMP runtime and threads (torch.set_num_threads applies).
 
-A build goes to ~/.cache/kvquant/cpu-kernel (XDG_CACHE_HOME), or where that cannot be
-written to the temp directory. ``load()`` returns None where there is no compiler, the
-build fails, the platform is not x86-64 or aarch64 Linux/macOS, or KVQUANT_CPU_KERNEL=0:
-callers then use torch.compile's path."""
+A build is kept in kvquant's private cache (kvquant/_cache_dir.py: ~/.cache/kvquant/
+cpu-kernel, 0700, this user's only), built under a lock so that processes starting
+together compile once, and named by the hash of the source, compiler, flags and CPU. A
+failed build leaves its compiler message there and is not tried again by later
+processes (delete the .failed file to retry). Without a private cache (read-only home)
+each process builds into a fresh private temporary directory, removed once loaded.
+``load()`` returns None, with a one-line warning where something is wrong, where there
+is no compiler or source, the build fails, the library's ABI is not this module's, the
+platform is not x86-64 or aarch64 Linux/macOS, or KVQUANT_CPU_KERNEL=0: callers then
+use torch.compile's path."""
 from __future__ import annotations
 
 import ctypes
@@ -26,9 +32,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional
+from typing import Optional
 
-from kvquant._cache_dir import user_cache_dir
+from kvquant import _cache_dir
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
@@ -57,13 +63,9 @@ class Problem(ctypes.Structure):
     ]
 
 
+ABI_VERSION = 1  # kvquant_decode_attention_abi() in the C++ source: Side and Problem's layout
+
 _LOADED = {}
-
-
-def _cache_dirs() -> List[str]:
-    """Where a build is kept: the user's cache, or (read-only home) the temp directory."""
-    user = getattr(os, "getuid", lambda: 0)()
-    return [user_cache_dir("cpu-kernel"), os.path.join(tempfile.gettempdir(), f"kvquant-cpu-kernel-{user}")]
 
 
 def _cpu() -> str:
@@ -83,42 +85,96 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(compiler: str, target: str) -> None:
-    """Into a temporary file, then renamed: processes building at once never load a
-    half-written library."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
-    os.close(fd)
+def _compile(compiler: str, target: str) -> Optional[str]:
+    """Build the library at ``target`` (atomically); the compiler's complaint, or None."""
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with _cache_dir.atomic_path(target) as tmp:
+            done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise subprocess.CalledProcessError(done.returncode, compiler, done.stdout, done.stderr)
+            os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
+    except subprocess.CalledProcessError as e:
+        return f"{compiler} exited with {e.returncode}: {(e.stderr or e.output or '').strip()[-2000:]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{compiler} could not be run: {e}"
+    return None
+
+
+def _open(path: str):
+    """The kernel's function from the library at ``path``, or None (with a warning) where
+    it cannot be loaded or was built for another ABI."""
+    try:
+        lib = ctypes.CDLL(path)
+        abi, size = lib.kvquant_decode_attention_abi, lib.kvquant_decode_attention_problem_size
+        abi.restype = size.restype = ctypes.c_int64
+        found = (abi(), size())
+    except (OSError, AttributeError) as e:
+        _cache_dir.warn_once(f"kvquant: the C++ decode kernel at {path} cannot be loaded ({e}); "
+                             "attention uses torch.compile's kernels")
+        return None
+    if found != (ABI_VERSION, ctypes.sizeof(Problem)):
+        _cache_dir.warn_once(f"kvquant: the C++ decode kernel at {path} has ABI {found[0]} with a {found[1]}-byte "
+                             f"Problem, this kvquant expects {ABI_VERSION} and {ctypes.sizeof(Problem)}; "
+                             "attention uses torch.compile's kernels")
+        return None
+    fn = lib.kvquant_decode_attention
+    fn.argtypes = [ctypes.POINTER(Problem)]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _unavailable(compiler: Optional[str]) -> Optional[str]:
+    """Why the kernel cannot be had here (None: it can be built); "" where that is by the
+    user's choice or the platform's, which needs no warning."""
+    if os.environ.get("KVQUANT_CPU_KERNEL", "1") == "0":
+        return ""
+    if sys.platform not in ("linux", "darwin") or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        return ""
+    if compiler is None:
+        return ""  # no C++ compiler: torch.compile's kernels, as documented
+    if not os.path.isfile(SOURCE):
+        return f"its source {SOURCE} is missing from this installation"
+    return None
+
+
+def _build_and_open(compiler: str):
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
+    directory = _cache_dir.cache_dir("cpu-kernel")
+    if directory is None:  # no private cache: a build for this process alone
+        with tempfile.TemporaryDirectory(prefix="kvquant-cpu-kernel-") as private:  # mkdtemp: 0700, new
+            target = os.path.join(private, "decode_attention.so")
+            failure = _compile(compiler, target)
+            if failure is not None:
+                _cache_dir.warn_once(f"kvquant: the C++ decode kernel did not build: {failure}")
+                return None
+            return _open(target)  # the loaded library outlives its file
+    target = os.path.join(directory, f"decode_attention_{digest}.so")
+    failed = target[:-3] + ".failed"
+    with _cache_dir.locked(target[:-3] + ".lock"):
+        if not os.path.exists(target):
+            if os.path.exists(failed):
+                _cache_dir.warn_once(f"kvquant: the C++ decode kernel failed to build before (the compiler's message "
+                                     f"is in {failed}; delete it to try again); attention uses torch.compile's kernels")
+                return None
+            failure = _compile(compiler, target)
+            if failure is not None:
+                _cache_dir.write_atomic(failed, failure + "\n")
+                _cache_dir.warn_once(f"kvquant: the C++ decode kernel did not build (kept in {failed}, not tried "
+                                     f"again): {failure}")
+                return None
+    if not _cache_dir.loadable(target, "the C++ decode kernel"):
+        return None
+    return _open(target)
 
 
 def load():
     """The kernel's function, or None where it cannot be had (see the module's doc)."""
-    if "kernel" in _LOADED:
-        return _LOADED["kernel"]
-    fn = None
-    compiler = _compiler()
-    if (os.environ.get("KVQUANT_CPU_KERNEL", "1") != "0" and compiler is not None
-            and sys.platform in ("linux", "darwin") and platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64")):
-        with open(SOURCE, "rb") as f:
-            digest = hashlib.sha256(f.read() + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
-        for directory in _cache_dirs():
-            target = os.path.join(directory, f"decode_attention_{digest}.so")
-            try:
-                if not os.path.exists(target):
-                    _build(compiler, target)
-                fn = ctypes.CDLL(target).kvquant_decode_attention
-            except subprocess.SubprocessError:
-                break  # the compiler failed: another directory would not help
-            except OSError:
-                continue
-            fn.argtypes = [ctypes.POINTER(Problem)]
-            fn.restype = ctypes.c_int
-            break
-    _LOADED["kernel"] = fn
-    return fn
+    if "kernel" not in _LOADED:
+        compiler = _compiler()
+        reason = _unavailable(compiler)
+        if reason:
+            _cache_dir.warn_once(f"kvquant: the C++ decode kernel cannot be built: {reason}; "
+                                 "attention uses torch.compile's kernels")
+        _LOADED["kernel"] = _build_and_open(compiler) if reason is None else None
+    return _LOADED["kernel"]

@@ -25,14 +25,13 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
 import sys
 from typing import Optional
 
 import torch
 
 from kvquant import _formulas, _spec
-from kvquant._cache_dir import user_cache_dir
+from kvquant import _cache_dir
 from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
 
 NAME = "torch"
@@ -862,7 +861,8 @@ class AheadOfTimeGraph:
             return None
         if save_to is not None:
             try:
-                compiled.save_compiled_function(save_to)
+                with _cache_dir.atomic_path(save_to) as tmp:
+                    compiled.save_compiled_function(tmp)
             except Exception:  # noqa: BLE001 - a read-only or full disk: used unsaved
                 pass
         return graph
@@ -917,7 +917,7 @@ class _SavedGraphs:
         if directory is None:
             return None
         path = os.path.join(directory, f"{self.name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.pt2")
-        graph = AheadOfTimeGraph.load(path, args) if os.path.exists(path) else None
+        graph = AheadOfTimeGraph.load(path, args) if _cache_dir.loadable(path, "a saved torch graph") else None
         if graph is None:
             # Traced on views marked dynamic: the caller's tensors keep no marking.
             views = [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
@@ -992,18 +992,20 @@ def _kernel_sources() -> list:
     return sorted(seen)
 
 
+GRAPH_DIRS_KEPT = 3  # hash directories kept under the root, the current one included
+
+
 @functools.lru_cache(maxsize=None)
 def saved_graphs_dir() -> Optional[str]:
     """Where this process's graphs are saved: under KVQUANT_TORCH_GRAPHS_DIR (empty or
     "0": saved nowhere) or ~/.cache/kvquant/torch-graphs, a directory named by the hash
     of everything a graph depends on beyond its guards (torch, Python, the CPU, Inductor's
-    settings, the kernels' source files); the oldest of the others beyond the three most
-    recently used are removed."""
+    settings, the kernels' source files). The root must be private to this user
+    (kvquant/_cache_dir.py); of the hash directories kvquant made there, all but the
+    GRAPH_DIRS_KEPT most recently used are removed, and nothing else is touched."""
     root = os.environ.get("KVQUANT_TORCH_GRAPHS_DIR")
     if root is not None and root.strip() in ("", "0"):
         return None
-    if root is None:
-        root = user_cache_dir("torch-graphs")
     digest = hashlib.sha256()
     try:
         import torch._inductor.config as inductor_config
@@ -1017,16 +1019,17 @@ def saved_graphs_dir() -> Optional[str]:
     for path in _kernel_sources():
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    directory = os.path.join(root, digest.hexdigest()[:24])
+    root = _cache_dir.cache_dir("torch-graphs") if root is None else _cache_dir.private_dir(root, "saved torch graphs")
+    if root is None:
+        return None
     try:
-        os.makedirs(directory, exist_ok=True)
+        directory = _cache_dir.owned_subdir(root, digest.hexdigest()[:24])
         os.utime(directory)
-        others = sorted((os.path.join(root, d) for d in os.listdir(root) if d != os.path.basename(directory)),
-                        key=os.path.getmtime, reverse=True)
-        for old in others[2:]:
-            shutil.rmtree(old, ignore_errors=True)
     except OSError:
         return None
+    if _cache_dir.why_not_private(directory) is not None:
+        return None
+    _cache_dir.prune_owned(root, GRAPH_DIRS_KEPT, "[0-9a-f]{24}")
     return directory
 
 

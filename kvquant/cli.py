@@ -103,9 +103,12 @@ def _enable_compile_caches() -> None:
     import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from ._cache_dir import user_cache_dir
+        from ._cache_dir import cache_dir
 
-        jax.config.update("jax_compilation_cache_dir", user_cache_dir("jax"))
+        directory = cache_dir("jax")  # executables are code: only a private directory
+        if directory is None:
+            return
+        jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -121,13 +124,14 @@ def _empty_compile_caches() -> List[str]:
     torch_backend = sys.modules.get("kvquant.backends.torch_backend")
     if torch_backend is not None:
         # The graphs saved for this kvquant and torch; where saving is off, Inductor's.
-        graphs = torch_backend.saved_graphs_dir()
+        graphs, suffix = torch_backend.saved_graphs_dir(), ".pt2"
         try:
             if graphs is None:
                 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
                 graphs = os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), "fxgraph")
-            if not (os.path.isdir(graphs) and os.listdir(graphs)):
+                suffix = ""
+            if not (os.path.isdir(graphs) and any(n.endswith(suffix) for n in os.listdir(graphs))):
                 empty.append("torch.compile's")
         except ImportError:  # another torch: say nothing rather than guess
             pass
