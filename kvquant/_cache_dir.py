@@ -122,22 +122,29 @@ def loadable(path: str, what: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, shared: bool = False) -> Iterator[str]:
     """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block
-    ends without error, removed otherwise: readers see the old file or the whole new one."""
+    ends without error, removed otherwise: readers see the old file or the whole new one.
+    The file is this user's alone (0600), or with ``shared`` (a report the user asked
+    for) readable as the umask allows a new file to be."""
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
     os.close(fd)
     try:
         yield tmp
+        if shared:
+            umask = os.umask(0o077)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def write_atomic(path: str, data: "bytes | str") -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+def write_atomic(path: str, data: "bytes | str", shared: bool = False) -> None:
+    with atomic_path(path, shared) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
 
 
 @contextlib.contextmanager

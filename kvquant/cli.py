@@ -553,8 +553,9 @@ class _Report:
                     for o in every
                 ],
             }
-            with open(self.args.json, "w") as fh:
-                json.dump(report, fh, indent=1)
+            from ._cache_dir import write_atomic
+
+            write_atomic(self.args.json, json.dumps(report, indent=1), shared=True)
         return EXIT_FAILED if self.failures or self.crashed or not_run else EXIT_OK
 
 

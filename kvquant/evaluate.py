@@ -340,7 +340,10 @@ def plot(report: Dict[str, Any], path: str) -> None:
     ax.set_title(f"kvquant eval: {os.path.basename(report['model'])}")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ._cache_dir import atomic_path
+
+    with atomic_path(path, shared=True) as tmp:
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
 
 
@@ -363,8 +366,9 @@ def main(args) -> int:
     print(markdown_table(report))
     print(f"\n{report['peers']}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        from ._cache_dir import write_atomic
+
+        write_atomic(args.json, json.dumps(report, indent=1), shared=True)
     if args.plot:
         plot(report, args.plot)
     return 0
