@@ -298,7 +298,8 @@ struct Reader {
         planes_of_16 = k != 1 && per_plane % 16 == 0;
         for (int64_t j = 0; s.kind == PACKED_GROUP && j < per_plane; ++j) byte_group.push_back(j / group_bytes);
         if (s.kind == PACKED_GROUP) {
-            runs_of_16 = planes_of_16 && group_bytes % 16 == 0;
+            // A last group shorter than the rest (head_dim not a multiple of G) is read by lanes.
+            runs_of_16 = planes_of_16 && group_bytes % 16 == 0 && per_plane % group_bytes == 0;
             one_group = runs_of_16 && s.group == d;
         }
         if (s.kind == FP8_TOKEN || s.kind == FP8_TENSOR) row_scale = 256.0f;

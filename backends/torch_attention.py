@@ -503,10 +503,11 @@ def _kernel_codes(q: QuantizedKV):
         if info.params == "token":
             s.scales_b, s.scales_h, s.scales_t = scales.stride()
     else:
-        if (info.params == "group" and q.shape[-1] % q.group_size) or scales.stride(-1) != 1 or zeros.stride(-1) != 1:
+        if scales.stride(-1) != 1 or zeros.stride(-1) != 1:
             return None
         s.kind = cpu_kernel.PACKED_GROUP if info.params == "group" else cpu_kernel.PACKED_CHANNEL
-        s.bits, s.group = info.bits, q.group_size
+        # Groups inside a token longer than it are one group of head_dim (spec section 6).
+        s.bits, s.group = info.bits, min(q.group_size, q.shape[-1]) if info.params == "group" else q.group_size
         s.scales_b, s.scales_h, s.scales_t, _ = scales.stride()
         s.zeros_b, s.zeros_h, s.zeros_t, _ = zeros.stride()
         s.zeros = zeros.data_ptr()

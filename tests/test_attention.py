@@ -407,8 +407,8 @@ def test_cpu_kernel_builds_where_there_is_a_compiler():
 
 def test_cpu_kernel_builds_elsewhere_or_steps_aside(monkeypatch, tmp_path):
     """A cache directory that cannot be written (here: a file where the directory would
-    be) moves the build to the temp directory; a compiler that fails leaves
-    compiled=True to torch.compile, with the same accuracy."""
+    be) moves the build to a private temporary directory of this process's; a compiler
+    that fails leaves compiled=True to torch.compile, with the same accuracy."""
     from kvquant.backends import cpu_kernel
 
     if cpu_kernel._compiler() is None:
@@ -416,10 +416,12 @@ def test_cpu_kernel_builds_elsewhere_or_steps_aside(monkeypatch, tmp_path):
     (tmp_path / "not-a-directory").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-directory"))
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
-    assert cpu_kernel.load() is not None
+    with pytest.warns(RuntimeWarning, match="not keeping"):
+        assert cpu_kernel.load() is not None
     monkeypatch.setattr(cpu_kernel, "_LOADED", {})
     monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "false")  # exits 1: the build fails
-    assert cpu_kernel.load() is None
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert cpu_kernel.load() is None
     q, k, v = data(new=1, tokens=80)
     K, V = history("torch", k, "int8", {}, 64), history("torch", v, "int4", {"group_size": 64}, 64)
     check(run(("torch-compiled", "torch", True), q, K, V), reference_attention(to("torch", q), K, V), v, "fallback")
@@ -446,6 +448,12 @@ KERNEL_LAYOUTS = [
     ("batch-2", 64, ("fp8", {}), ("int4", {"group_size": 64}), 300, 256, "float32", 2),
     ("window-only", 64, ("int8", {}), ("int8", {}), 100, 0, "float32", 1),
     ("quantized-only", 64, ("int4", {"group_size": 64}), ("fp8_per_tensor", {"scale": 0.05}), 256, 256, "float32", 1),
+    ("int4-g64-head_dim-96-a-shorter-last-group", 96, ("int4", {"group_size": 64}), ("int4", {"group_size": 64}),
+     300, 256, "float32", 1),
+    ("int2-g32-head_dim-80-a-shorter-last-group", 80, ("int2", {"group_size": 32}), ("int4", {"group_size": 32}),
+     300, 256, "float32", 1),
+    ("int4-g128-longer-than-head_dim-64", 64, ("int4", {"group_size": 128}), ("int2", {"group_size": 128}), 300,
+     256, "float32", 1),
     ("3000-tokens-many-ranges-a-head", 64, ("int8", {}), ("int4", {"group_size": 64}), 3000, 2944, "float32", 1),
 ]
 
