@@ -64,16 +64,4 @@ def _attend(query, keys, values, scale: float, causal: bool, mask):
 
 
 def attend(query, keys, values, scale: float, causal: bool, mask):
-    _register_history()
     return _attend(query, keys, values, scale, causal, mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _register_history():
-    from kvquant.attention import History
-
-    try:
-        jax.tree_util.register_pytree_node(History, lambda h: ((h.quantized, h.window), None),
-                                           lambda _, children: History(*children))
-    except ValueError:  # already registered
-        pass

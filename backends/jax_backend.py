@@ -596,12 +596,25 @@ class JaxRuntime:
 
 runtime = JaxRuntime()
 
-# QuantizedKV crosses jit boundaries and lives in lax.scan carries: its arrays are
-# the pytree children, format, group size, shape, dtype and backend the static aux data.
-try:
-    jax.tree_util.register_pytree_node(QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten)
-except ValueError:  # already registered (module reloaded)
-    pass
+def _register_pytrees() -> None:
+    """kvquant's containers as pytrees, all in this one place, as soon as the backend
+    loads: they cross jit boundaries and live in lax.scan carries. QuantizedKV: its
+    arrays are the children, format, group size, shape, dtype and backend the static aux
+    data; History: its quantized part and window; JaxLayerCache: its stores."""
+    from kvquant.attention import History
+    from kvquant.cache import JaxLayerCache
+
+    for cls, flatten, unflatten in (
+            (QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten),
+            (History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children)),
+            (JaxLayerCache, JaxLayerCache.tree_flatten, JaxLayerCache.tree_unflatten)):
+        try:
+            jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+        except ValueError:  # already registered (module reloaded)
+            pass
+
+
+_register_pytrees()
 
 
 class _Kernels(KernelSet):

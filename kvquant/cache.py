@@ -37,7 +37,7 @@ from typing import Any, Optional, Tuple
 
 from ._formats import FORMATS, FormatInfo
 from ._ops import canonical_dtype_name, parse_group_size, parse_on_nonfinite, parse_static_scale
-from ._registry import backend_for
+from ._registry import backend_for, get_backend
 from ._types import Format, Int4GroupSize, QuantizedKV
 from .attention import History
 
@@ -660,7 +660,7 @@ class JaxLayerCache:
                keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0) -> "JaxLayerCache":
         import jax.numpy as jnp
 
-        _register_jax_cache()
+        get_backend("jax")  # loads the JAX backend, which makes this class a pytree
         dtype = canonical_dtype_name(dtype)
         formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         residual = _parse_residual(residual)
@@ -780,19 +780,3 @@ class JaxLayerCache:
     def nbytes(self) -> int:
         arrays = [a for store in self.stores for a in store] + list(self.windows)
         return int(sum(a.size * a.dtype.itemsize for a in arrays))
-
-
-_JAX_REGISTERED = False
-
-
-def _register_jax_cache() -> None:
-    global _JAX_REGISTERED
-    if _JAX_REGISTERED:
-        return
-    import jax
-
-    try:
-        jax.tree_util.register_pytree_node(JaxLayerCache, JaxLayerCache.tree_flatten, JaxLayerCache.tree_unflatten)
-    except ValueError:  # already registered
-        pass
-    _JAX_REGISTERED = True

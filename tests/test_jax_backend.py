@@ -239,3 +239,24 @@ def test_code_unpacking_gives_the_spec_codes(width, codes_per_byte, jitted):
         unpack = jax.jit(unpack, static_argnums=1)
     want = _formulas.unpack_codes(jax_backend.M, packed, codes_per_byte)
     assert_same_bits(np.asarray(want), np.asarray(unpack(packed, codes_per_byte)), "codes")
+
+
+def test_a_jax_cache_history_is_a_pytree_in_a_fresh_process():
+    """History (what attention_inputs returns) is a pytree as soon as the JAX backend
+    loads, not after a first eager attend: a fresh process jits attention over a cache."""
+    import subprocess
+    import sys
+
+    code = """
+import jax, jax.numpy as jnp, kvquant
+from kvquant.cache import JaxLayerCache
+c = JaxLayerCache.create(1, 2, 64, 256, keys="int8", values="int4", residual=16)
+c = jax.jit(JaxLayerCache.append)(c, jnp.ones((1, 2, 40, 64)), jnp.ones((1, 2, 40, 64)))[0]
+keys, values, mask = c.attention_inputs()
+out = jax.jit(lambda q, k, v, m: kvquant.attention.attend(q, k, v, mask=m, causal=False))(
+    jnp.ones((1, 4, 1, 64)), keys, values, mask)
+print(out.shape)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(1, 4, 1, 64)"

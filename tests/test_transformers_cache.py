@@ -54,13 +54,13 @@ def test_int8_with_residual_128_generates_the_unquantized_tokens(model, prompt):
 def test_int4_without_residual_is_on_the_path(model, prompt):
     with torch.no_grad():
         base = model(prompt, cache=transformers.DynamicCache(config=model.config)).logits
-        quant = model(prompt, cache=KvquantCache(model.config, keys="int4", values="int4", residual=0)).logits
+        quant = model(prompt, cache=KvquantCache(model.config, keys="int4", values="int4", residual=0, quantize_every=1)).logits
     assert not torch.equal(base, quant)
     assert (base - quant).abs().max() < 1.0  # quantization noise, not garbage
 
 
 def test_stored_bits_are_kvquant_quantize_of_what_the_model_produced(model, prompt):
-    cache = KvquantCache(model.config, keys="int4", values={"format": "int8"}, residual=5)
+    cache = KvquantCache(model.config, keys="int4", values={"format": "int8"}, residual=5, quantize_every=1)
     seen = record_updates(cache)
     greedy(model, prompt, cache, new=6)
     total = prompt.shape[1] + 5  # the last generated token is never fed back
@@ -90,7 +90,7 @@ def test_manual_forward_loop(model, prompt):
 
 
 def test_per_layer_formats_and_a_cache_without_config(model, prompt):
-    cache = KvquantCache(keys="int4", values="int4", residual=0, per_layer={0: {"keys": None, "values": "int8"}})
+    cache = KvquantCache(keys="int4", values="int4", residual=0, per_layer={0: {"keys": None, "values": "int8"}}, quantize_every=1)
     with torch.no_grad():
         model(prompt, cache=cache)
     first, second = cache.layer_caches()
@@ -99,14 +99,14 @@ def test_per_layer_formats_and_a_cache_without_config(model, prompt):
 
 
 def test_beam_search_reorders_the_cache(model, prompt):
-    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
+    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4, quantize_every=1)
     with torch.no_grad():
         out = model.generate(prompt, cache=cache, max_new_tokens=6, num_beams=3, do_sample=False)
     assert out.shape == (1, prompt.shape[1] + 6)
 
 
 def test_crop_inside_the_window_only(model, prompt):
-    cache = KvquantCache(model.config, residual=10)
+    cache = KvquantCache(model.config, residual=10, quantize_every=1)
     with torch.no_grad():
         model(prompt, cache=cache)
     cache.crop(-3)  # transformers' convention: a negative count of tokens to remove
@@ -132,7 +132,7 @@ def test_import_kvquant_does_not_import_transformers():
 
 
 def test_batch_repeat_interleave_and_select(model, prompt):
-    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4)
+    cache = KvquantCache(model.config, keys="int8", values="int8", residual=4, quantize_every=1)
     with torch.no_grad():
         model(prompt.repeat(2, 1), cache=cache)
     layer = cache.layers[0]
@@ -149,7 +149,7 @@ def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
     whole), INT2 values per token; the stored bits are kvquant.quantize of the keys and
     values the model produced."""
     keys_fmt, values_fmt = {"format": "int4_per_channel", "group_size": 32}, {"format": "int2", "group_size": 32}
-    cache = KvquantCache(model.config, keys=keys_fmt, values=values_fmt, residual=5)
+    cache = KvquantCache(model.config, keys=keys_fmt, values=values_fmt, residual=5, quantize_every=1)
     seen = record_updates(cache)
     long_prompt = prompt.repeat(1, 8)[:, :60]
     greedy(model, long_prompt, cache, new=12)
@@ -166,12 +166,13 @@ def test_kivi_cache_keys_per_channel_stored_in_whole_blocks(model, prompt):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-cpu-kernel"])
-def test_kvquant_attention_reads_the_codes_in_generate(model, prompt, compiled, monkeypatch):
-    """With kvquant's attention the layers hand back only the new tokens (no dequantized
-    history is built) and generation gives the tokens of the dequantize-then-attend path,
-    eager and compiled (on the CPU: the C++ kernel, which must serve every decode step)."""
+def test_the_default_cache_reads_the_codes_in_generate(model, prompt, compiled, monkeypatch):
+    """A KvquantCache made from the model's config, with nothing else called, switches
+    that model to kvquant's attention: the layers hand back only the new tokens (no
+    dequantized history is built) and generation gives the tokens of the
+    dequantize-then-attend path, eager and compiled (on the CPU: the C++ kernel, which
+    must serve every decode step). Other caches then get the model's previous attention."""
     from kvquant.backends import torch_attention
-    from kvquant.integrations.transformers import use_kvquant_attention
 
     if compiled:
         def not_served(*args, **kw):
@@ -181,13 +182,13 @@ def test_kvquant_attention_reads_the_codes_in_generate(model, prompt, compiled, 
 
     fmt = dict(keys={"format": "int4_per_channel", "group_size": 32}, values="int8", residual=8)
     long_prompt = prompt.repeat(1, 4)[:, :70]
-    expected = greedy(model, long_prompt, KvquantCache(model.config, **fmt), new=10)
     before = model.config._attn_implementation
-    with pytest.raises(ValueError, match="use_kvquant_attention"):
-        KvquantCache(model.config, attention="kvquant", **fmt)
-    use_kvquant_attention(model, compiled=compiled)
+    dyn_before = greedy(model, long_prompt, transformers.DynamicCache(), new=4)
     try:
-        cache = KvquantCache(model.config, attention="kvquant", **fmt)
+        expected = greedy(model, long_prompt, KvquantCache(model.config, attention="dequantized", **fmt), new=10)
+        assert model.config._attn_implementation == before  # the dequantized path switches nothing
+        cache = KvquantCache(model.config, compiled=compiled, **fmt)
+        assert model.config._attn_implementation == "kvquant"
         histories = []
         original = cache.layers[0].kv._history
         cache.layers[0].kv._history = lambda *a, **k: histories.append(1) or original(*a, **k)
@@ -195,11 +196,48 @@ def test_kvquant_attention_reads_the_codes_in_generate(model, prompt, compiled, 
         assert histories == []  # never dequantized the whole history
         assert torch.equal(got, expected)
         assert cache.layer_caches()[0].quantized("keys").shape[2] == 64  # blocks of 32 left the window
-        # Another cache (or none) under the same attention falls back to SDPA.
+        # Another cache (or none) under the same attention falls back to the model's previous one.
         dyn = greedy(model, long_prompt, transformers.DynamicCache(), new=4)
     finally:
         model.set_attn_implementation(before)
-    assert torch.equal(dyn, greedy(model, long_prompt, transformers.DynamicCache(), new=4))
+    assert torch.equal(dyn, dyn_before)
+
+
+def test_attention_is_switched_per_model_with_its_own_fallback():
+    """Two models in one process: a cache made from one model's config switches that one
+    only, ``use_kvquant_attention(model, compiled=...)`` sets that model's choice only,
+    and an eager model keeps its eager attention for other caches."""
+    from kvquant.integrations.transformers import use_kvquant_attention
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    first = transformers.LlamaForCausalLM(config).eval()
+    second = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_dict())).eval()
+    second.set_attn_implementation("eager")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    eager_tokens = greedy(second, ids, transformers.DynamicCache(), new=6)
+    use_kvquant_attention(first, compiled=False)
+    assert second.config._attn_implementation == "eager"
+    assert KvquantCache(first.config).layers[0].compiled is False
+    cache = KvquantCache(second.config)
+    assert cache.layers[0].compiled is True  # the other model's choice did not leak
+    assert second.config._attn_implementation == "kvquant"
+    greedy(second, ids, cache, new=6)
+    assert torch.equal(greedy(second, ids, transformers.DynamicCache(), new=6), eager_tokens)
+
+
+def test_a_cache_whose_model_did_not_switch_says_so(prompt):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    other = transformers.LlamaConfig(**config.to_dict())  # not the model's own config object
+    cache = KvquantCache(other, residual=8)
+    with pytest.raises(RuntimeError, match="did not read the cache's codes"):
+        greedy(model, prompt, cache, new=4)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        KvquantCache(model.config, attention="flash")
 
 
 def test_cache_argument_follows_the_forward_signature(model):

@@ -4,16 +4,22 @@
     cache = KvquantCache(model.config, keys="int8", values="int4", residual=128)
     out = model.generate(ids, cache=cache, max_new_tokens=64)   # past_key_values=cache before the rename
 
+By default the cache is on kvquant's fast path: made from a model's config, it switches
+that model (its decoder's config, not the process) to kvquant's attention, which reads
+the layers' codes directly (on the CPU kvquant's C++ kernel, elsewhere torch.compile's
+fused kernels) and, for any other cache, defers to the attention the model had (SDPA, or
+eager). Tokens leave the full-precision window 32 at a time (``quantize_every=32``).
+``attention="dequantized"`` keeps the model's own attention over a dequantized history
+instead, as HF's QuantizedCache does.
+
 transformers renamed the cache argument from ``past_key_values`` to ``cache`` (the old
 name warns, and goes in 5.40); ``cache_argument(model)`` says which name a model takes,
 for code that runs on either side of the rename.
 
-Each attention layer gets a ``kvquant.cache.LayerCache``: ``update`` appends the new
-keys and values and returns the whole history (dequantized, then the full-precision
-residual window), which is the contract transformers' attention expects;
-``get_seq_length`` counts every token (positions and masks follow it). Formats can
-differ per layer: ``per_layer={0: {"keys": None, "values": "int8"}}`` overrides the
-defaults for layer 0 (``residual`` too).
+Each attention layer gets a ``kvquant.cache.LayerCache``; ``get_seq_length`` counts
+every token (positions and masks follow it). Formats can differ per layer:
+``per_layer={0: {"keys": None, "values": "int8"}}`` overrides the defaults for layer 0
+(``residual`` too).
 
 ``crop`` works inside the residual window only (quantized tokens cannot be put back);
 ``reorder_cache``, ``batch_repeat_interleave`` and ``batch_select_indices`` (beam
@@ -24,6 +30,7 @@ which a quantized history does not do yet.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
@@ -45,19 +52,22 @@ def cache_argument(model) -> str:
 
 
 class KvquantLayer(DynamicLayer):
-    """One attention layer's cache: a kvquant LayerCache behind transformers' layer API."""
+    """One attention layer's cache: a kvquant LayerCache behind transformers' layer API.
+    ``reads_codes``: hand kvquant's attention the codes rather than a dequantized
+    history; ``compiled``: that attention's compiled path (C++ kernel on the CPU)."""
 
     is_sliding = False
     is_croppable = True
     is_compileable = False
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", residual: int = 128, layer_idx: int = 0,
-                 reads_codes: bool = False, quantize_every: int = 1):
+                 reads_codes: bool = False, quantize_every: int = 1, compiled: bool = True):
         super().__init__()
         self._options = dict(keys=keys, values=values, residual=residual, layer=layer_idx,
                              quantize_every=quantize_every)
         self.kv = LayerCache(**self._options)  # checks the formats now, not at the first token
         self.reads_codes = reads_codes
+        self.compiled = compiled
         self._unconsumed = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -75,8 +85,9 @@ class KvquantLayer(DynamicLayer):
         if self._unconsumed:
             raise RuntimeError(
                 f"kvquant cache layer {self.kv.layer}: the model's attention did not read the cache's codes on the "
-                "last step; a cache made with attention='kvquant' needs the model to use kvquant's attention "
-                "(kvquant.integrations.transformers.use_kvquant_attention(model))")
+                "last step. KvquantCache switches the model whose config it is given to kvquant's attention; this "
+                "model did not use it (another config, or a model that does not take transformers' attention "
+                "interface). Pass that model's config, or attention='dequantized'")
         self.kv.append(key_states, value_states, history=False)
         _PENDING[id(key_states)] = self
         self._unconsumed = True
@@ -94,6 +105,7 @@ class KvquantLayer(DynamicLayer):
     def reset(self) -> None:
         self.kv = LayerCache(**self._options)
         self.is_initialized = False
+        self._unconsumed = False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -119,29 +131,52 @@ class KvquantLayer(DynamicLayer):
     prefetch = offload
 
 
+ATTENTION = "kvquant"  # the name kvquant's attention is registered under in transformers
+ATTENTION_CHOICES = ("auto", "kvquant", "dequantized")
+QUANTIZE_EVERY = 32  # measured fastest in generate (docs/attention.md, "End to end")
+
+
 class KvquantCache(Cache):
     """A transformers Cache whose layers are kvquant caches.
 
-    ``config``: the model's config (layers are made up front and the model's layer
-    types checked); without one, layers are added as the model reaches them.
+    ``config``: the model's config: layers are made up front, the model's layer types
+    checked and, with kvquant's attention, the model switched to it (see the module's
+    doc); without one, layers are added as the model reaches them.
     ``keys``, ``values``, ``residual``, ``quantize_every``: the defaults for every layer
-    (see kvquant.cache.LayerCache); ``per_layer``: {layer index: overrides};
-    ``attention="kvquant"``: the layers hand their codes to kvquant.attention (after
-    use_kvquant_attention(model)) instead of a dequantized history.
+    (see kvquant.cache.LayerCache); ``per_layer``: {layer index: overrides}.
+    ``attention``: "kvquant" (kvquant.attention reads the codes; the default with a
+    config; without one, the model must have been switched by ``use_kvquant_attention``)
+    or "dequantized" (the model's own attention over the dequantized history; the
+    default without a config; None means the same). ``compiled``: kvquant attention's compiled path (C++ kernel on the CPU,
+    torch.compile's kernels elsewhere); None takes ``use_kvquant_attention``'s choice
+    for this model, else True.
     """
 
     def __init__(self, config: Optional[Any] = None, *, keys: Any = "int8", values: Any = "int8",
                  residual: int = 128, per_layer: Optional[Dict[int, Dict[str, Any]]] = None,
-                 attention: Optional[str] = None, quantize_every: int = 1):
-        if attention not in (None, ATTENTION):
-            raise ValueError(f"attention must be None (the model's own, over the dequantized history) or "
-                             f"{ATTENTION!r} (kvquant.attention, reading the codes), got {attention!r}")
-        if attention and config is not None and getattr(config, "_attn_implementation", None) != ATTENTION:
-            raise ValueError(f"attention={ATTENTION!r} needs the model to use it: call "
-                             "kvquant.integrations.transformers.use_kvquant_attention(model) first "
-                             f"(the config says {getattr(config, '_attn_implementation', None)!r})")
+                 attention: Optional[str] = "auto", quantize_every: int = QUANTIZE_EVERY,
+                 compiled: Optional[bool] = None):
+        if attention == "auto":  # a cache can switch only a model whose config it is given
+            attention = ATTENTION if config is not None else "dequantized"
+        attention = "dequantized" if attention is None else attention
+        if attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES} ('kvquant': kvquant.attention reads "
+                             f"the codes; 'dequantized': the model's own attention over the dequantized history), "
+                             f"got {attention!r}")
+        text_config = None
+        if config is not None:
+            text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            _check_layer_types(text_config)
+            if attention == ATTENTION:
+                _switch_to_kvquant_attention(text_config)
+        elif attention == ATTENTION and not _REGISTERED:
+            raise ValueError("KvquantCache() without a config cannot switch the model to kvquant's attention: pass "
+                             "model.config, call kvquant.integrations.transformers.use_kvquant_attention(model) "
+                             "first, or use attention='dequantized'")
+        if compiled is None:
+            compiled = getattr(text_config, "_kvquant_compiled", True)
         defaults = dict(keys=keys, values=values, residual=residual, reads_codes=attention == ATTENTION,
-                        quantize_every=quantize_every)
+                        quantize_every=quantize_every, compiled=bool(compiled))
         per_layer = dict(per_layer or {})
 
         def layer(i: int) -> KvquantLayer:
@@ -157,16 +192,7 @@ class KvquantCache(Cache):
 
             super().__init__(layer_class_to_replicate=next_layer)
             return
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        types = _layer_types(config)
-        unsupported = sorted({t for t in types if t != "full_attention"})
-        if unsupported:
-            raise ValueError(
-                f"KvquantCache handles models whose layers all use full attention; this one has layer types "
-                f"{unsupported} (layers {[i for i, t in enumerate(types) if t != 'full_attention'][:8]}...): "
-                "sliding-window and chunked layers forget old tokens and shared-KV layers reuse another "
-                "layer's cache, which a kvquant cache does not model yet")
-        super().__init__(layers=[layer(i) for i in range(len(types))])
+        super().__init__(layers=[layer(i) for i in range(len(_layer_types(text_config)))])
 
     def layer_caches(self):
         """The kvquant LayerCache of every layer (stored bits, nbytes)."""
@@ -175,6 +201,17 @@ class KvquantCache(Cache):
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layer_caches())
+
+
+def _check_layer_types(config) -> None:
+    types = _layer_types(config)
+    unsupported = sorted({t for t in types if t != "full_attention"})
+    if unsupported:
+        raise ValueError(
+            f"KvquantCache handles models whose layers all use full attention; this one has layer types "
+            f"{unsupported} (layers {[i for i, t in enumerate(types) if t != 'full_attention'][:8]}...): "
+            "sliding-window and chunked layers forget old tokens and shared-KV layers reuse another "
+            "layer's cache, which a kvquant cache does not model yet")
 
 
 def _layer_types(config) -> list:
@@ -194,20 +231,62 @@ def _layer_types(config) -> list:
 
 
 # ------------------------------------------------------------------ attention
-ATTENTION = "kvquant"
-_PENDING: "weakref.WeakValueDictionary" = None  # id(new key states) -> the layer that stored them
+_PENDING: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # id(new key states) -> its layer
+_REGISTERED = False
+
+
+def _register() -> None:
+    """kvquant's attention and its mask function in transformers' registries (once; a
+    name in a registry changes no model until a model's config asks for it)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(ATTENTION, _kvquant_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+        _REGISTERED = True
+
+
+def _switch_to_kvquant_attention(config, compiled: Optional[bool] = None) -> None:
+    """Point the model whose (text) config this is at kvquant's attention, remembering
+    the attention it had for the layers of other caches. Only this config changes: its
+    sub-configs (a vision tower's) and other models keep theirs."""
+    _register()
+    current = getattr(config, "_attn_implementation", None)
+    if current != ATTENTION:
+        config._kvquant_fallback = "eager" if current == "eager" else "sdpa"
+        config._attn_implementation_internal = ATTENTION
+    if compiled is not None:
+        config._kvquant_compiled = compiled
+
+
+def _fallback_attention(module, query, key, value, attention_mask, **kwargs):
+    """The model's attention from before the switch, for layers of other caches: SDPA, or
+    its modeling file's eager attention (which adds a float mask: sdpa_mask's boolean
+    one is turned into one)."""
+    if getattr(getattr(module, "config", None), "_kvquant_fallback", "sdpa") == "eager":
+        import sys
+
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device) \
+                    .masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+            return eager(module, query, key, value, attention_mask, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _kvquant_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                        scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention interface over a kvquant layer's codes (kvquant.attention).
-    Layers of other caches (or none) get torch's scaled_dot_product_attention."""
+    Layers of other caches (or none) get the model's previous attention."""
     layer = _PENDING.pop(id(key), None)
     if layer is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   is_causal=is_causal, **kwargs)
     layer._unconsumed = False
     keys, values = layer.kv.attention_inputs()
     mask = None
@@ -218,7 +297,7 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         else:
             mask = attention_mask.to(torch.float32)
         mask = mask[..., -keys.length:]
-    compiled = torch.compiler.is_compiling() or _COMPILED_ATTENTION
+    compiled = torch.compiler.is_compiling() or layer.compiled
     if scaling is not None and _matches_layer(query, layer.kv, keys.length):
         # The layer's cache built both histories, which agree with each other; the query
         # matches the layer: attend's general checks (about 15 us per layer and step in
@@ -239,24 +318,11 @@ def _matches_layer(query, kv, tokens: int) -> bool:
             and shape[1] % kv_heads == 0 and 0 < shape[2] <= tokens)
 
 
-_COMPILED_ATTENTION = False
-
-
-def use_kvquant_attention(model, compiled: bool = False) -> None:
-    """Make ``model`` (a transformers model) attend with kvquant.attention, which reads a
-    KvquantCache(..., attention="kvquant")'s codes directly; other caches fall back to
-    scaled_dot_product_attention. ``compiled``: instead of eager chunks, compiled code:
-    on the CPU kvquant's C++ kernel (built on first use, about 4 s, then cached on
-    disk), on other devices torch.compile's fused kernels."""
-    global _PENDING, _COMPILED_ATTENTION
-    import weakref
-
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if _PENDING is None:
-        _PENDING = weakref.WeakValueDictionary()
-    _COMPILED_ATTENTION = compiled
-    AttentionInterface.register(ATTENTION, _kvquant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+def use_kvquant_attention(model, compiled: bool = True) -> None:
+    """Switch ``model`` (a transformers model) to kvquant's attention, as a KvquantCache
+    made from its config does, and choose for this model's caches whether it is compiled
+    (on the CPU kvquant's C++ kernel, built on first use in about 4 s and then kept in
+    ~/.cache/kvquant; on other devices torch.compile's fused kernels) or eager chunks.
+    Needed only for a KvquantCache made without a config."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    _switch_to_kvquant_attention(config, compiled)
