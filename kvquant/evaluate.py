@@ -32,14 +32,22 @@ class Config:
     keys: Any
     values: Any
     residual: int
-    peer_bits: Optional[int] = None  # HF's QuantizedCache (quanto) with this many bits
+    peer_bits: Optional[int] = None  # HF's QuantizedCache with this many bits (quanto)
+    peer_backend: Optional[str] = None  # HF's QuantizedCache backend: "quanto" or "fp8"
+
+    @property
+    def peer(self) -> bool:
+        return self.peer_backend is not None
 
 
-# HF transformers' own QuantizedCache with optimum-quanto, at its defaults (groups of 64
-# along axis 0, a 128-token residual that is requantized with the whole history at each
-# flush), run on the same tokens as the peer when optimum-quanto is installed.
+# HF transformers' own QuantizedCache, run on the same tokens: with optimum-quanto (the
+# [eval] extra) at its defaults (groups of 64 along axis 0, a 128-token residual that is
+# requantized with the whole history at each flush), and its "fp8" backend (e4m3, one
+# scale per tensor frozen at the first update, no residual), which needs nothing more.
 PEER_CONFIGS = tuple(Config(f"HF QuantizedCache quanto int{n} (its defaults: g64, r128)", f"quanto qint{n}",
-                            f"quanto qint{n}", 128, peer_bits=n) for n in (4, 2))
+                            f"quanto qint{n}", 128, peer_bits=n, peer_backend="quanto") for n in (4, 2)) + (
+    Config("HF QuantizedCache fp8 (per tensor, scale from the prefill)", "fp8 per tensor", "fp8 per tensor", 0,
+           peer_backend="fp8"),)
 
 
 @dataclass
@@ -91,8 +99,8 @@ def default_configs(quick: bool = False) -> List[Config]:
         configs.append(Config("int2-g32 r128", {"format": "int2", "group_size": 32}, {"format": "int2", "group_size": 32}, 128))
     kivi = KIVI_CONFIGS[:1] if quick else KIVI_CONFIGS
     configs += [Config(name, keys, values, 128) for name, keys, values in kivi]
-    if quanto_installed():
-        configs += PEER_CONFIGS[:1] if quick else PEER_CONFIGS
+    peers = [c for c in PEER_CONFIGS if c.peer_backend != "quanto" or quanto_installed()]
+    configs += [c for c in peers if c.peer_bits in (None, 4)] if quick else peers
     return configs
 
 
@@ -156,12 +164,15 @@ def _tensor_bytes(t) -> int:
 
 
 def _peer_held(layer) -> tuple:
-    """(bytes held, bytes and elements of the quantized part) of one QuantizedCache layer."""
+    """(bytes held, bytes and elements of the quantized part) of one QuantizedCache layer
+    (quanto's hold a tensor subclass per side, the fp8 backend's a (codes, scale) pair)."""
     quantized = [q for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None))
                  if q is not None]
-    q_bytes = sum(_tensor_bytes(q) for q in quantized)
+    q_bytes = sum(sum(map(_tensor_bytes, q)) if isinstance(q, tuple) else _tensor_bytes(q) for q in quantized)
+    elements = sum((q[0] if isinstance(q, tuple) else q).numel() for q in quantized)
+    # The fp8 layer keeps its first update's full-precision keys and values as well.
     window = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None and t.dim() >= 3)
-    return q_bytes + window, q_bytes, sum(q.numel() for q in quantized)
+    return q_bytes + window, q_bytes, elements
 
 
 def _held_bytes(layer_cache) -> int:
@@ -201,7 +212,7 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
     starts = [i * (ids.numel() - span) // max(1, windows - 1) for i in range(windows)] if windows > 1 else [0]
     configs = list(configs or default_configs(quick))
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
-    results = {c.name: Result(c.name, c.keys, c.values, c.residual, float("nan"), peer=True) if c.peer_bits else
+    results = {c.name: Result(c.name, c.keys, c.values, c.residual, float("nan"), peer=True) if c.peer else
                Result(c.name, _label(_calibrated(c.keys, 1.0)), _label(_calibrated(c.values, 1.0)), c.residual,
                       (_bits(_calibrated(c.keys, 1.0), head_dim) + _bits(_calibrated(c.values, 1.0), head_dim)) / 2)
                for c in configs}
@@ -214,8 +225,9 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
             caches = {"base": transformers.DynamicCache(config=lm.config)}
             calibration = None
             for c in configs:
-                if c.peer_bits:
-                    caches[c.name] = transformers.QuantizedCache(backend="quanto", config=lm.config, nbits=c.peer_bits)
+                if c.peer:
+                    options = {"nbits": c.peer_bits} if c.peer_bits else {}
+                    caches[c.name] = transformers.QuantizedCache(backend=c.peer_backend, config=lm.config, **options)
                     continue
                 if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
                     calibration = _calibration_scales(lm, window[:, :prefill], cache_name)
@@ -242,7 +254,7 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
                 for name, logp in logits.items():
                     _score(results[name], logp, base, targets)
             for c in configs:
-                if c.peer_bits:  # bits per element measured from what quanto holds
+                if c.peer:  # bits per element measured from what the peer holds
                     held = [_peer_held(layer) for layer in caches[c.name].layers]
                     results[c.name].cache_bytes_per_token_per_layer = (
                         sum(h[0] for h in held) / len(held) / (prefill + scored))
@@ -305,8 +317,9 @@ def _calibration_scales(lm, ids, cache_name: str):
 
 def _peer_note() -> str:
     if not quanto_installed():
-        return "HF QuantizedCache (quanto) not run: optimum-quanto is not installed"
-    return "HF QuantizedCache (quanto): run on the same tokens, rows marked as peers"
+        return ("HF QuantizedCache: the fp8 backend run on the same tokens; quanto not run: optimum-quanto is not "
+                "installed (pip install \"kvquant-bitexact[eval]\")")
+    return "HF QuantizedCache (quanto and fp8 backends): run on the same tokens, rows marked as peers"
 
 
 def markdown_table(report: Dict[str, Any]) -> str:

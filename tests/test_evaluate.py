@@ -86,3 +86,24 @@ def test_quanto_peer_runs_on_the_same_tokens():
     assert peer["bits_per_element"] == 4 + 64 / 64
     assert peer["kl"] > 0  # the 160-token prefill passed quanto's 128-token residual
     assert "run on the same tokens" in report["peers"]
+
+
+def test_hf_fp8_peer_runs_on_the_same_tokens():
+    """HF's QuantizedCache(backend="fp8") needs nothing beyond transformers: it runs as a
+    peer row, its bits per element measured from what it holds (e4m3 codes, one scale
+    per tensor), and it is not exact."""
+    from kvquant.evaluate import PEER_CONFIGS, default_configs
+
+    (fp8,) = [c for c in PEER_CONFIGS if c.peer_backend == "fp8"]
+    assert fp8 in default_configs(quick=True)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    report = evaluate(text=text, windows=1, prefill=64, chunk=8, scored=40, configs=[fp8], progress=False,
+                      loaded=(lm, ByteTokenizer(), "tiny-llama"))
+    peer = by_name(report)[fp8.name]
+    assert peer["peer"] and peer["scored_tokens"] == 40
+    assert 8 < peer["bits_per_element"] < 8.01  # one float32 scale per layer and side on top of the codes
+    assert peer["kl"] > 0
