@@ -636,6 +636,18 @@ void with_head_dim(int64_t dim, const F& f) {
 // layout below and in cpu_kernel.py (raise both together on any change), and their sizes.
 extern "C" int64_t kvquant_decode_attention_abi() { return 1; }
 extern "C" int64_t kvquant_decode_attention_problem_size() { return sizeof(Problem); }
+// Which vector code this build runs (the benchmarks print it beside their numbers).
+extern "C" const char* kvquant_decode_attention_isa() {
+#if defined(__AVX512F__)
+    return "avx512f";
+#elif defined(__AVX2__) && defined(__F16C__)
+    return "avx2+f16c";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
 
 extern "C" int kvquant_decode_attention(const Problem* problem) {
     const Problem& p = *problem;

@@ -37,7 +37,10 @@ from typing import Optional
 from kvquant import _cache_dir
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17")
+# KVQUANT_CPU_KERNEL_MARCH: another -march than native (e.g. x86-64-v3, AVX2 without
+# AVX-512, to measure that path on a machine that has both).
+FLAGS = ("-O3", f"-march={os.environ.get('KVQUANT_CPU_KERNEL_MARCH') or 'native'}", "-fopenmp", "-shared", "-fPIC",
+         "-std=gnu++17")
 
 # Side.kind in the C++ source.
 NONE, INT8_TOKEN, FP8_TOKEN, FP8_TENSOR, PACKED_GROUP, PACKED_CHANNEL = range(6)
@@ -120,6 +123,9 @@ def _open(path: str):
     fn = lib.kvquant_decode_attention
     fn.argtypes = [ctypes.POINTER(Problem)]
     fn.restype = ctypes.c_int
+    isa = lib.kvquant_decode_attention_isa
+    isa.restype = ctypes.c_char_p
+    _LOADED["isa"] = isa().decode()
     return fn
 
 
@@ -166,6 +172,16 @@ def _build_and_open(compiler: str):
     if not _cache_dir.loadable(target, "the C++ decode kernel"):
         return None
     return _open(target)
+
+
+def describe() -> str:
+    """Which code compiled=True runs on the CPU here, for benchmarks to print: the
+    kernel's vector instructions and torch's thread count, or why torch.compile's."""
+    import torch
+
+    if load() is None:
+        return f"torch.compile's kernels (no C++ kernel), {torch.get_num_threads()} threads"
+    return f"C++ kernel ({_LOADED['isa']}), {torch.get_num_threads()} threads"
 
 
 def load():

