@@ -91,7 +91,9 @@ inline float e4m3(uint8_t code) {
 // Written as selects so that the loop calling it vectorises (libm's expf does not).
 inline float exp_nonpositive(float x) {
     const float clamped = x < -87.3f ? -87.3f : x;
-    const float n = std::nearbyint(clamped * 1.44269504088896341f);
+    // Rounded to nearest by adding and taking away 1.5 * 2^23 (|n| <= 126): nearbyint
+    // kept the loop scalar under AVX2.
+    const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = clamped - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -120,6 +122,73 @@ inline f32x16 load16(const float* p) {
 }
 
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline f32x16 sums16(f32x16* v);
+
+// The machine's own vector width, for the two hottest loops (scores, weighted values):
+// there GCC's lowering of 16-lane vectors to two AVX2 registers spilled every lane to
+// the stack, 8x slower than AVX-512 (docs/performance.md).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#else
+constexpr int kLanes = 4, kRegisters = 16;  // SSE, NEON (which has 32; 16 is safe)
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+
+// exp_nonpositive, kLanes at a time, the same operations.
+inline vf exp_nonpositive_v(vf x) {
+    const vf clamped = x < -87.3f ? vf{} - 87.3f : x;
+    const vf n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vf r = clamped - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    vf p = vf{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * reinterpret_cast<vf>(e);
+    y = x < -87.3f ? vf{} : y;
+    return x != x ? x : y;
+}
+
+inline vf loadv(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// kLanes vectors in, their kLanes sums out (lane j: the sum of v[j]), by pairwise
+// shuffles, halving the vectors at each level.
+inline vf sums_of(vf* v) {
+#if defined(__AVX512F__)
+    return reinterpret_cast<vf>(sums16(reinterpret_cast<f32x16*>(v)));
+#elif defined(__AVX__)
+    vf a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    vf a[2];
+    for (int i = 0; i < 2; ++i)
+        a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 4, 2, 6) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 5, 3, 7);
+    return __builtin_shufflevector(a[0], a[1], 0, 1, 4, 5) + __builtin_shufflevector(a[0], a[1], 2, 3, 6, 7);
+#endif
+}
 
 inline f32x16 floats(i32x16 v) { return __builtin_convertvector(v, f32x16); }
 
@@ -171,6 +240,34 @@ inline f32x16 e4m3_16_scaled(const uint8_t* p) {
     f32x16 r;
     for (int i = 0; i < 16; ++i) r[i] = e4m3(p[i]) * 0x1p-8f;
     return r;
+#endif
+}
+
+// 16 int8 codes as floats into out; under AVX2 eight lanes at a time straight to memory
+// (through a 16-lane vector GCC moved every lane by the stack).
+inline void store_int8_16(float* out, const uint8_t* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    for (int h = 0; h < 16; h += 8) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + h));
+        _mm256_storeu_ps(out + h, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+    }
+#else
+    store16(out, floats(widen16<true>(p)));
+#endif
+}
+
+// e4m3_16_scaled(p) into out, the same way.
+inline void store_e4m3_16(float* out, const uint8_t* p) {
+#if defined(__AVX2__) && defined(__F16C__) && !defined(__AVX512F__)
+    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(c, 8), _mm256_set1_epi16(static_cast<short>(0x8000)));
+    const __m256i mag = _mm256_and_si256(_mm256_slli_epi16(c, 7), _mm256_set1_epi16(0x3F80));
+    const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7F));
+    const __m256i half = _mm256_blendv_epi8(_mm256_or_si256(sign, mag), _mm256_set1_epi16(0x7E00), nan);
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm256_castsi256_si128(half)));
+    _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)));
+#else
+    store16(out, e4m3_16_scaled(p));
 #endif
 }
 
@@ -235,11 +332,24 @@ inline void unpack_runs(const uint8_t* __restrict c, float* __restrict out, int6
     for (int64_t g = 0; g * group_bytes < per_plane; ++g) {
         const float gz = Affine ? zeros[g] : 0.0f, gs = Affine ? scales[g] : 1.0f;
         for (int64_t j0 = g * group_bytes; j0 < (g + 1) * group_bytes; j0 += 16) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            // Eight bytes at a time in AVX2's own registers (see store_int8_16).
+            for (int h = 0; h < 16; h += 8) {
+                const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j0 + h)));
+                for (int i = 0; i < k; ++i) {
+                    __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(bytes, Bits * i),
+                                                                      _mm256_set1_epi32(mask)));
+                    if (Affine) code = _mm256_mul_ps(_mm256_sub_ps(code, _mm256_set1_ps(gz)), _mm256_set1_ps(gs));
+                    _mm256_storeu_ps(out + i * per_plane + j0 + h, code);
+                }
+            }
+#else
             const i32x16 bytes = widen16<false>(c + j0);
             for (int i = 0; i < k; ++i) {
                 const f32x16 code = floats((bytes >> (Bits * i)) & mask);
                 store16(out + i * per_plane + j0, Affine ? (code - gz) * gs : code);
             }
+#endif
         }
     }
 }
@@ -249,12 +359,30 @@ inline void unpack_runs(const uint8_t* __restrict c, float* __restrict out, int6
 template <int Bits, typename Lanes>
 inline void unpack_run(const uint8_t* c, float* out, int64_t per_plane, const Lanes& lanes) {
     constexpr int32_t mask = (1 << Bits) - 1;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    const __m256i halves[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))),
+                               _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8)))};
+    for (int i = 0; i < 8 / Bits; ++i) {
+        f32x16 zero, scale;
+        lanes(i, zero, scale);
+        float zs[16], ss[16];
+        store16(zs, zero);
+        store16(ss, scale);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(halves[h], Bits * i),
+                                                                    _mm256_set1_epi32(mask)));
+            _mm256_storeu_ps(out + i * per_plane + 8 * h,
+                             _mm256_mul_ps(_mm256_sub_ps(code, _mm256_loadu_ps(zs + 8 * h)), _mm256_loadu_ps(ss + 8 * h)));
+        }
+    }
+#else
     const i32x16 bytes = widen16<false>(c);
     for (int i = 0; i < 8 / Bits; ++i) {
         f32x16 zero, scale;
         lanes(i, zero, scale);
         store16(out + i * per_plane, (floats((bytes >> (Bits * i)) & mask) - zero) * scale);
     }
+#endif
 }
 
 constexpr int64_t kBlock = 32;  // tokens dequantized at a time
@@ -346,7 +474,7 @@ struct Reader {
                 for (int64_t j = 0; j < n; ++j, c += stride, out += dim) {
                     factor[j] = sc[j * scale_stride];
                     if (vector) {
-                        for (int64_t i = 0; i < dim; i += 16) store16(out + i, floats(widen16<true>(c + i)));
+                        for (int64_t i = 0; i < dim; i += 16) store_int8_16(out + i, c + i);
                     } else {
                         for (int64_t i = 0; i < dim; ++i) out[i] = static_cast<float>(static_cast<int8_t>(c[i]));
                     }
@@ -358,7 +486,7 @@ struct Reader {
                 for (int64_t j = 0; j < n; ++j, c += stride, out += dim) {
                     factor[j] = tensor ? sc[0] : sc[j * scale_stride];
                     if (vector) {
-                        for (int64_t i = 0; i < dim; i += 16) store16(out + i, e4m3_16_scaled(c + i));
+                        for (int64_t i = 0; i < dim; i += 16) store_e4m3_16(out + i, c + i);
                     } else {
                         for (int64_t i = 0; i < dim; ++i) out[i] = e4m3(c[i]) * 0x1p-8f;
                     }
@@ -487,19 +615,24 @@ void item_scores(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
             const float* qr = layout_q + r * d;
             float* out = scores + r * total + tb;
             if constexpr (DC != 0 && DC % 16 == 0) {
-                f32x16 qv[DC / 16];
-                for (int v = 0; v < DC / 16; ++v) qv[v] = load16(qr + 16 * v);
-                for (int64_t j0 = 0; j0 < n; j0 += 16) {
-                    f32x16 acc[16];
-                    for (int j = 0; j < 16; ++j) {
+                constexpr int V = DC / kLanes;  // vectors per row
+                vf qv[V];
+                for (int v = 0; v < V; ++v) qv[v] = loadv(qr + kLanes * v);
+                for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+                    vf acc[kLanes];
+                    for (int j = 0; j < kLanes; ++j) {
                         const float* row = &keys.rows[(j0 + j) * d];
-                        acc[j] = qv[0] * load16(row);
-                        for (int v = 1; v < DC / 16; ++v) acc[j] += qv[v] * load16(row + 16 * v);
+                        acc[j] = qv[0] * loadv(row);
+                        for (int v = 1; v < V; ++v) acc[j] += qv[v] * loadv(row + kLanes * v);
                     }
-                    const f32x16 s = (sums16(acc) - load16(keys.zero + j0) * query_sums[r]) * load16(keys.factor + j0) * scale;
-                    float lanes[16];
-                    store16(lanes, s);
-                    for (int64_t j = 0; j < 16 && j0 + j < n; ++j) out[j0 + j] = lanes[j];
+                    const vf s = (sums_of(acc) - loadv(keys.zero + j0) * query_sums[r]) * loadv(keys.factor + j0) * scale;
+                    if (j0 + kLanes <= n) {
+                        storev(out + j0, s);
+                    } else {
+                        float lanes[kLanes];
+                        storev(lanes, s);
+                        for (int64_t j = 0; j0 + j < n; ++j) out[j0 + j] = lanes[j];
+                    }
                 }
             } else {
                 for (int64_t j = 0; j < n; ++j) {
@@ -510,6 +643,7 @@ void item_scores(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
                 }
             }
             const int64_t limit = total - p.new_tokens + r % p.new_tokens;
+            if (!mask && !(p.causal && tb + n - 1 > limit)) continue;  // decode: nothing hidden
             for (int64_t j = 0; j < n; ++j) {
                 // A hidden token's score is -inf even where its key is NaN.
                 if (mask) out[j] = mask[r * total + tb + j] == -kInf ? -kInf : out[j] + mask[r * total + tb + j];
@@ -532,9 +666,18 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
     for (int64_t r = 0; r < rows; ++r) {
         float* s = scores + r * total;
         const float m = maxima[r];
+        // kLanes at a time by exp_nonpositive_v (GCC left `omp simd` over the scalar
+        // version scalar under AVX2), the tail one by one.
+        vf lanes_sum = vf{};
+        int64_t t = t0;
+        for (; t + kLanes <= t1; t += kLanes) {
+            const vf w = exp_nonpositive_v(loadv(s + t) - m);
+            storev(s + t, w);
+            lanes_sum += w;
+        }
         float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = t0; t < t1; ++t) {
+        for (int i = 0; i < kLanes; ++i) sum += lanes_sum[i];
+        for (; t < t1; ++t) {
             const float w = exp_nonpositive(s[t] - m);
             s[t] = w;
             sum += w;
@@ -568,32 +711,36 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
             float offset = 0.0f;
             // A zero weight is passed over, not multiplied: its row may be NaN.
             if constexpr (DC != 0 && DC % 16 == 0) {
-                // Two sets of sums, even and odd tokens: with one, each token's adds
-                // waited for the previous token's (4 cycles a vector).
-                f32x16 even[DC / 16], odd[DC / 16];
-                for (int v = 0; v < DC / 16; ++v) {
-                    even[v] = load16(a + 16 * v);
-                    odd[v] = f32x16{};
+                // Two sets of sums, even and odd tokens, where the registers hold them:
+                // with one, each token's adds waited for the previous token's (4 cycles
+                // a vector) when a row is only a few vectors.
+                constexpr int V = DC / kLanes;
+                constexpr bool two = 2 * V + 4 <= kRegisters;
+                vf even[V], odd[V];
+                for (int v = 0; v < V; ++v) {
+                    even[v] = loadv(a + kLanes * v);
+                    odd[v] = vf{};
                 }
                 for (int64_t j = 0; j + 1 < n; j += 2) {
                     const float* row0 = &values.rows[j * d];
                     if (w[j] != 0.0f) {
                         const float wf = w[j] * values.factor[j];
                         offset += wf * values.zero[j];
-                        for (int v = 0; v < DC / 16; ++v) even[v] += wf * load16(row0 + 16 * v);
+                        for (int v = 0; v < V; ++v) even[v] += wf * loadv(row0 + kLanes * v);
                     }
                     if (w[j + 1] != 0.0f) {
                         const float wf = w[j + 1] * values.factor[j + 1];
                         offset += wf * values.zero[j + 1];
-                        for (int v = 0; v < DC / 16; ++v) odd[v] += wf * load16(row0 + d + 16 * v);
+                        vf* sums = two ? odd : even;
+                        for (int v = 0; v < V; ++v) sums[v] += wf * loadv(row0 + d + kLanes * v);
                     }
                 }
                 if (n % 2 && w[n - 1] != 0.0f) {
                     const float wf = w[n - 1] * values.factor[n - 1];
                     offset += wf * values.zero[n - 1];
-                    for (int v = 0; v < DC / 16; ++v) even[v] += wf * load16(&values.rows[(n - 1) * d] + 16 * v);
+                    for (int v = 0; v < V; ++v) even[v] += wf * loadv(&values.rows[(n - 1) * d] + kLanes * v);
                 }
-                for (int v = 0; v < DC / 16; ++v) store16(a + 16 * v, even[v] + odd[v]);
+                for (int v = 0; v < V; ++v) storev(a + kLanes * v, two ? even[v] + odd[v] : even[v]);
             } else {
                 for (int64_t j = 0; j < n; ++j) {
                     if (w[j] == 0.0f) continue;

@@ -58,7 +58,7 @@ def _nbytes(*arrays) -> int:
     return sum(a.numel() * a.element_size() for a in arrays if a is not None)
 
 
-def bench(shape: str, tokens: int, repeats: int):
+def bench(shape: str, tokens: int, repeats: int, only=()):
     q_heads, kv_heads, head_dim = SHAPES[shape]
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
@@ -75,18 +75,18 @@ def bench(shape: str, tokens: int, repeats: int):
     base = _time(lambda: sdpa(q, k, v, enable_gqa=True), repeats)
     rows.append(("sdpa float32", base, f32_bytes))
     rows.append(("sdpa bfloat16", _time(lambda: sdpa(qb, kb, vb, enable_gqa=True), repeats), _nbytes(kb, vb)))
+    wanted = (lambda name: not only or any(w in name for w in only))
     for fmt, kw in FORMATS:
         kq, vq = kvquant.quantize(k, fmt, **kw), kvquant.quantize(v, fmt, **kw)
         held = _nbytes(kq.codes, kq.scales, kq.zeros, vq.codes, vq.scales, vq.zeros)
         label = fmt + ("-g64" if fmt == "int4" else "")
-        rows.append((f"{label} dequantize+sdpa",
-                     _time(lambda: sdpa(q, kvquant.dequantize(kq), kvquant.dequantize(vq), enable_gqa=True), repeats),
-                     held))
         keys, values = History(kq, None), History(vq, None)
-        rows.append((f"{label} kvquant cpu kernel", _time(lambda: attend(q, keys, values, compiled=True), repeats),
-                     held))
-        rows.append((f"{label} kvquant torch.compile", _time(lambda: _torch_compile(q, keys, values), repeats), held))
-        rows.append((f"{label} kvquant eager", _time(lambda: attend(q, keys, values), repeats), held))
+        candidates = [
+            (f"{label} dequantize+sdpa", lambda: sdpa(q, kvquant.dequantize(kq), kvquant.dequantize(vq), enable_gqa=True)),
+            (f"{label} kvquant cpu kernel", lambda: attend(q, keys, values, compiled=True)),
+            (f"{label} kvquant torch.compile", lambda: _torch_compile(q, keys, values)),
+            (f"{label} kvquant eager", lambda: attend(q, keys, values))]
+        rows += [(name, _time(fn, repeats), held) for name, fn in candidates if wanted(name)]
     copy_bandwidth = f32_bytes / copy  # bytes read per second by the copy
     return [{"shape": shape, "tokens": tokens, "candidate": name, "ms": t * 1e3, "ratio_to_sdpa_f32": t / base,
              "bytes_read": nbytes, "bandwidth_fraction_of_copy": (nbytes / t) / copy_bandwidth}
@@ -100,6 +100,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", action="append", default=[],
+                        help="only the candidates whose name contains this (repeatable); SDPA always runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,9 +110,11 @@ def main():
     results = []
     for shape in shapes:
         for tokens in tqdm(lengths, desc=shape, unit="length"):
-            results += bench(shape, tokens, args.repeats)
+            results += bench(shape, tokens, args.repeats, args.only)
+    from kvquant.backends import cpu_kernel
+
     print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; compiled=True ran: {cpu_kernel.describe()}")
     print(f"{'shape':<9}{'tokens':>7}  {'candidate':<32}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
     for r in results:
         print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<32}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"

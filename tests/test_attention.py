@@ -532,3 +532,46 @@ def test_cpu_kernel_nan_rules():
     out = run(KERNEL, q, K, V3, mask=to("torch", mask))
     check(out, reference_attention(to("torch", q), K, V3, mask=to("torch", mask)), v, "masked NaN value")
     assert not np.isnan(out).any()
+
+
+def test_cpu_kernel_avx2_build_within_the_bound():
+    """The kernel as an AVX2 machine without AVX-512 builds it (-march=x86-64-v3, its
+    own vector width in the hot loops), in a subprocess, every format against the
+    float64 reference: this machine may itself have AVX-512."""
+    import platform
+    import subprocess
+    import sys
+
+    from kvquant.backends import cpu_kernel
+
+    if platform.machine() not in ("x86_64", "AMD64") or cpu_kernel._compiler() is None \
+            or "avx2" not in cpu_kernel._cpu():
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C++ compiler")
+    code = """
+import numpy as np, torch, kvquant
+from kvquant.attention import History, reference_attention
+from kvquant.backends import cpu_kernel, torch_attention
+assert "avx2" in cpu_kernel.describe(), cpu_kernel.describe()
+rng = np.random.default_rng(0)
+worst = 0.0
+for d in (64, 128):
+    for fmt, kw in [("int8", {}), ("fp8", {}), ("int4", {"group_size": 64}), ("int2", {"group_size": 32}),
+                    ("int4_per_channel", {"group_size": 32}), ("int4", {"group_size": 32})]:
+        k = torch.from_numpy(rng.standard_normal((1, 2, 300, d)).astype(np.float32))
+        v = torch.from_numpy(rng.standard_normal((1, 2, 300, d)).astype(np.float32))
+        for n in (1, 3):
+            q = torch.from_numpy(rng.standard_normal((1, 6, n, d)).astype(np.float32))
+            K = History(kvquant.quantize(k[:, :, :256], fmt, **kw), k[:, :, 256:])
+            V = History(kvquant.quantize(v[:, :, :256], fmt, **kw), v[:, :, 256:])
+            out = torch_attention.cpu_kernel_attend(q, K, V, d ** -0.5, True, None)
+            assert out is not None, (d, fmt)
+            ref = reference_attention(q, K, V)
+            worst = max(worst, float(np.abs(out.double().numpy() - ref).max() / v.abs().max()))
+print(worst)
+"""
+    import os
+
+    env = dict(os.environ, KVQUANT_CPU_KERNEL_MARCH="x86-64-v3")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip()) <= BOUND
