@@ -58,7 +58,14 @@ def _variant_id(ops) -> str:
     return f"{ops.name}-{ops.variant}"
 
 
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "first", "full")
+# The first profile: what the default run checks on a variant whose framework's compile
+# cache is empty, so that a first run answers in minutes rather than compiling every
+# kernel (docs/conformance.md, "First run"): on compiling variants every format's
+# bundled cases at its default group size (one compiled quantize and dequantize per
+# format, mostly); on the others the quick profile without the checks that compile
+# (seed-types traces the seed's calls under the framework's compiler).
+FIRST_RUN_SKIPPED_INVARIANCE = ("seed-types",)
 # The quick profile: per backend variant and (family, format, dtype) cell, at most this
 # many cases, chosen to cover the cell's edge-case flags first; fewer property draws.
 QUICK_CASES_PER_CELL = 1
@@ -140,6 +147,9 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
     every cell (sample_cases), fewer property draws, and property draws and
     invariances at one group size per format; on variants that compile per shape, unless
     ``share_compilations`` is False, with compilations shared (bundles.SharedCompilations).
+    "first" is the quick profile for a first run with cold compile caches: on variants
+    that compile per shape only the bundles at each format's default group size; on the
+    others no check that compiles (FIRST_RUN_SKIPPED_INVARIANCE).
     A format
     a backend does not implement gets one "unimplemented" check instead of its cases,
     which fails only if its spec version is in ``require``."""
@@ -154,6 +164,9 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
     cases = all_cases(case_families) if case_families else ()
     bundled: Sequence[C.Case] = ()
     alone: Sequence[C.Case] = cases
+    first = profile == "first"
+    if first:
+        profile = "quick"
     if profile == "quick":
         # Every case that can share a call with others runs as rows of a bundle
         # (conformance/bundles.py); of the rest, a sample runs case by case.
@@ -172,11 +185,17 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
         missing = {spec.format for spec in C.all_specs() if not implements(ops, spec)}
         for fmt in sorted(missing, key=lambda f: f.value):
             yield _unimplemented_check(ops, fmt, C.FORMATS[fmt].spec_version in require)
-        for bundle in make_bundles([c for c in bundled if c.spec.format not in missing], sharing):
+        sample_only = first and sharing.compiling  # a cold compiler: one group size per format, bundled
+        chosen = _first_run_groups(bundled) if sample_only else {}
+        for bundle in make_bundles([c for c in bundled if c.spec.format not in missing
+                                    and chosen.get(c.spec.format, c.spec.group_size) == c.spec.group_size],
+                                   sharing):
             shared = SharedRun(ops, bundle, device)
             for case in bundle.cases:
                 yield Check(f"{vid}/{case.id}", ops.name, ops.variant, case.family, case.spec.label, case.dtype,
                             functools.partial(shared.mismatches, case), case.flags, format=case.spec.format.value)
+        if sample_only:
+            continue
         for case in (sample_cases(alone, QUICK_CASES_PER_CELL, sharing) if profile == "quick" else alone):
             if case.spec.format in missing:
                 continue
@@ -203,9 +222,21 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                 if spec.format in missing:
                     continue
                 for check in INVARIANCE_CHECKS:
+                    if first and check in FIRST_RUN_SKIPPED_INVARIANCE:
+                        continue
                     yield Check(f"{vid}/invariance/{spec.label}/float32/{check}", ops.name, ops.variant,
                                 "invariance", spec.label, "float32", _bind_invariance(ops, check, spec, device, trace),
                                 format=spec.format.value)
+
+
+def _first_run_groups(bundled: Sequence[C.Case]) -> Dict[Any, Optional[int]]:
+    """Per format, the group size the first profile checks: the one most of its
+    bundleable cases have (the default, 64, among equals)."""
+    counts: Dict[Any, Dict[Optional[int], int]] = {}
+    for c in bundled:
+        counts.setdefault(c.spec.format, {}).setdefault(c.spec.group_size, 0)
+        counts[c.spec.format][c.spec.group_size] += 1
+    return {fmt: max(groups, key=lambda g: (groups[g], g == 64)) for fmt, groups in counts.items()}
 
 
 def _bind_case(ops, case, device, out_dtypes):

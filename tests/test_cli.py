@@ -217,8 +217,9 @@ def test_processes_end_when_the_command_is_killed(tmp_path):
 
 
 def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, capsys):
-    """A fresh machine's first run compiles every kernel (nearly all of its 7 minutes):
-    the header says so when a compiling variant's cache is empty, and only then."""
+    """A fresh machine's first run would compile every kernel: the header says when a
+    framework's compile cache is empty (and which variants therefore check a sample,
+    and how many checks are left for the next run), and only then."""
     pytest.importorskip("torch")
     import argparse
 
@@ -233,32 +234,35 @@ def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, caps
     try:
         # The graphs saved for this kvquant (the compiled variant's cache) ...
         torch_backend.saved_graphs_dir.cache_clear()
-        assert "torch.compile's" in cli._empty_compile_caches()
+        assert "torch.compile's" in cli._empty_compile_caches().values()
         (tmp_path / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
-        assert "torch.compile's" in cli._empty_compile_caches()
+        assert "torch.compile's" in cli._empty_compile_caches().values()
         with open(os.path.join(torch_backend.saved_graphs_dir(), "int8_quantize-0.pt2"), "wb"):
             pass
-        assert "torch.compile's" not in cli._empty_compile_caches()
+        assert "torch.compile's" not in cli._empty_compile_caches().values()
         # ... or, where saving is off, Inductor's.
         monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", "0")
         torch_backend.saved_graphs_dir.cache_clear()
-        assert "torch.compile's" not in cli._empty_compile_caches()
+        assert "torch.compile's" not in cli._empty_compile_caches().values()
         (tmp_path / "inductor" / "fxgraph" / "ab").rmdir()
-        assert "torch.compile's" in cli._empty_compile_caches()
+        assert "torch.compile's" in cli._empty_compile_caches().values()
     finally:
         torch_backend.saved_graphs_dir.cache_clear()
 
-    def header(empty):
+    def header(empty, deferred=0):
         args = argparse.Namespace(full=False, variant=[], no_progress=True, json=None)
         report = cli._Report(args, [["torch"]], ["torch"], KnownFailures.load([]))
         report(0, "ready", None, [
             {"key": "torch/eager", "name": "torch", "backend": "torch", "variant": "eager", "empty_caches": [],
-             "ids": ["a"], "shares": ["int8"]},
+             "profile": "quick", "deferred": 0, "ids": ["a"], "shares": ["int8"]},
             {"key": "torch/compile", "name": "torch", "backend": "torch", "variant": "compile",
-             "empty_caches": empty, "ids": ["b"], "shares": ["int8"]}])
+             "empty_caches": empty, "profile": "first" if deferred else "quick", "deferred": deferred,
+             "ids": ["b"], "shares": ["int8"]}])
         return capsys.readouterr().out
 
     assert "First run: torch.compile's compile cache is empty" in header(["torch.compile's"])
+    sampled = header(["torch.compile's"], deferred=12)
+    assert "torch/compile check a sample now (12 checks left for the next run" in sampled
     assert "First run" not in header([])
 
 
@@ -270,7 +274,8 @@ def test_each_share_runs_once_and_idle_processes_take_the_last_ones():
     from kvquant import cli
 
     def variant(name, variant, shares):
-        return {"key": f"{name}/{variant}", "name": name, "variant": variant, "shares": shares}
+        return {"key": f"{name}/{variant}", "name": name, "variant": variant, "shares": shares,
+                "profile": "first" if variant == "compile" else "quick"}
 
     shares = cli._Shares(3)
     shares.add(0, [variant("numpy", "eager", ["fp8", "int8"])])
@@ -279,11 +284,12 @@ def test_each_share_runs_once_and_idle_processes_take_the_last_ones():
     shares.add(2, [variant("jax", "jit", ["fp8"])])
     assert shares.answer(0, ("claim", "numpy/eager", "fp8")) and shares.answer(0, ("claim", "numpy/eager", "int8"))
     assert shares.answer(1, ("claim", "torch/eager", "fp8"))
-    assert shares.answer(0, ("steal",)) == ("torch", "compile", "int4")  # torch's process has the most left
+    # torch's process has the most left; the taker checks the owner's profile
+    assert shares.answer(0, ("steal",)) == ("torch", "compile", "int4", "first")
     assert not shares.answer(1, ("claim", "torch/compile", "int4"))  # taken: its owner skips it
-    assert shares.answer(2, ("steal",)) == ("torch", "compile", "int8")
+    assert shares.answer(2, ("steal",)) == ("torch", "compile", "int8", "first")
     assert shares.answer(1, ("claim", "torch/eager", "int8")) and shares.answer(1, ("claim", "torch/compile", "fp8"))
-    assert shares.answer(1, ("steal",)) == ("jax", "jit", "fp8")
+    assert shares.answer(1, ("steal",)) == ("jax", "jit", "fp8", "quick")
     assert not shares.answer(2, ("claim", "jax/jit", "fp8"))
     assert [shares.answer(lane, ("steal",)) for lane in range(3)] == [None, None, None]
 
@@ -292,7 +298,7 @@ def test_a_steal_waits_for_a_process_that_ended_before_saying_what_it_checks():
     from kvquant import cli
 
     shares = cli._Shares(2)
-    shares.add(0, [{"key": "numpy/eager", "name": "numpy", "variant": "eager", "shares": ["fp8"]}])
+    shares.add(0, [{"key": "numpy/eager", "name": "numpy", "variant": "eager", "shares": ["fp8"], "profile": "quick"}])
     assert shares.answer(0, ("steal",)) == cli._Shares.LATER
     shares.gone(1)  # it died, or stopped at a usage error
     assert shares.answer(0, ("steal",)) is None

@@ -12,6 +12,7 @@ import kvquant
 from broken_backends import BROKEN, make_broken
 from kvquant.conformance.runner import backend_variants
 from kvquant.conformance.suite import (
+    SUITE_FAMILIES,
     KnownFailures,
     UnmatchedKnownFailureWarning,
     format_table,
@@ -445,3 +446,60 @@ def test_bundles_check_the_whole_output_shape():
     bundled = [o.mismatches[0].message for o in outcomes if "bundle of" in o.mismatches[0].message]
     assert len(bundled) > len(outcomes) / 2  # the others (an empty input) run alone
     assert all("output shape" in m and "expected (512, 256)" in m for m in bundled)
+
+
+# ------------------------------------------------------ the first run's sample
+def test_first_run_profile_is_a_sample_of_the_quick_one(monkeypatch):
+    """With a cold compile cache the default run checks the first profile: on compiling
+    variants the bundles at one group size per format (every format still checked), on
+    the others everything but the checks that compile; always a subset of the quick
+    profile's checks, with the same ids."""
+    from kvquant._formats import FORMATS
+
+    for compiling in (False, True):
+        ops = backend_variants(["numpy"])[0]
+        monkeypatch.setattr(ops.kernels, "compiles_per_shape", compiling, raising=False)
+        quick = {c.id: c for c in iter_checks([ops], profile="quick")}
+        first = {c.id: c for c in iter_checks([ops], profile="first")}
+        assert set(first) < set(quick)
+        assert {c.format for c in first.values()} == {f.value for f in FORMATS}
+        skipped = {quick[i].family for i in set(quick) - set(first)}
+        if compiling:
+            assert {c.family for c in first.values()} <= set(SUITE_FAMILIES) - {"property", "invariance"}
+            assert len(first) < 0.7 * len(quick)
+        else:
+            assert skipped == {"invariance"}
+            assert all(i.endswith("/seed-types") for i in set(quick) - set(first))
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_first_run_profile_still_fails_every_broken_backend(name):
+    """The sample a first run checks on a compiling variant still fails every planted
+    bug of tests/broken_backends.py in at least one format."""
+    families = ("golden", "fp8-boundary", "rounding-ties", "degenerate")
+    first = run_checks(iter_checks([_compiling(make_broken(name))], families=families, profile="first"))
+    assert any(o.status == "fail" for o in first), name
+
+
+def test_a_cold_framework_gets_the_first_profile_and_every_check_turns_it_off(monkeypatch):
+    """The lane decides once per variant: a framework whose compile cache is empty gets
+    the first profile and says how many checks it leaves; --every-check keeps quick."""
+    from kvquant import cli
+
+    monkeypatch.setattr(cli, "_empty_compile_caches", lambda: {"numpy": "NumPy's"})
+    for sample, profile in ((True, "first"), (False, "quick")):
+        told = []
+        options = {"chosen": True, "variants": [], "families": ["golden", "invariance"], "device": None,
+                   "profile": "quick", "require": [], "known_files": [], "release_above": 2 ** 40,
+                   "first_run_sample": sample}
+        answers = iter([True] * 100)
+
+        def ask(request):
+            return next(answers) if request[0] == "claim" else None
+
+        cli._run_lane(["numpy"], options, lambda kind, key, payload: told.append((kind, payload)), ask)
+        (ready,) = [p for k, p in told if k == "ready"]
+        assert ready[0]["profile"] == profile and ready[0]["empty_caches"] == ["NumPy's"]
+        assert (ready[0]["deferred"] > 0) == sample
+        outcomes = [p for k, p in told if k == "outcome"]
+        assert len(outcomes) == len(ready[0]["ids"]) and not any(o["mismatches"] for o in outcomes)

@@ -1,5 +1,6 @@
-"""The README matches the code: CI runs its test command, its error table is what the
-library measures, and its quickstart snippets run."""
+"""The README matches the code: CI runs its test command, its error table (and
+docs/formats.md's) is what the library measures, its quickstart snippets run, it stays
+a front door (at most about 150 lines) and its links lead somewhere."""
 import re
 from pathlib import Path
 
@@ -17,14 +18,15 @@ def bash_blocks():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    test_command = bash_blocks()[1].strip()
+    test_command = next(b for b in bash_blocks() if "pytest" in b).strip()
     assert "pytest" in test_command
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
 
 
 def test_main_command_runs_the_conformance_suite():
-    assert bash_blocks()[0].strip().endswith("kvquant conformance")
+    main = [b for b in bash_blocks() if b.strip().startswith("python3 -m venv")]
+    assert main[0].strip().endswith("kvquant conformance")  # the first of the two commands
 
 
 ROWS = {
@@ -46,10 +48,13 @@ KEY_ROWS = {
 }
 
 
+FORMATS_PAGE = (ROOT / "docs" / "formats.md").read_text()
+
+
 @pytest.mark.parametrize("row", sorted(KEY_ROWS))
 def test_outlier_key_table_matches_library(row):
     fmt, kw = KEY_ROWS[row]
-    line = next(text for text in README.splitlines() if text.startswith(f"| {row} |"))
+    line = next(text for text in FORMATS_PAGE.splitlines() if text.startswith(f"| {row} |"))
     printed = line.strip("| ").split("|")[-1].strip()
     rng = np.random.default_rng(1)
     k = rng.standard_normal((4096, 128)).astype(np.float32)
@@ -133,3 +138,23 @@ def test_markdown_tables_have_one_row_per_line(page):
     path = ROOT / page if page == "README.md" else ROOT / "docs" / page
     bad = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.startswith("|") and "|\\n|" in line]
     assert not bad, f"{page}: table rows joined by a literal \\n on lines {bad}"
+
+
+def test_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 155
+
+
+@pytest.mark.parametrize("page", ["README.md"] + sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_relative_links_lead_to_files_and_headings(page):
+    path = ROOT / page if page == "README.md" else ROOT / "docs" / page
+    text = path.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if "://" in target:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{page}: link to missing {target}"
+        if anchor and linked.suffix == ".md":
+            slugs = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+                     for h in re.findall(r"^#+ (.*)$", linked.read_text(), re.M)}
+            assert anchor in slugs, f"{page}: no heading #{anchor} in {file or page}"
