@@ -127,7 +127,7 @@ inline f32x16 sums16(f32x16* v);
 
 // The machine's own vector width, for the two hottest loops (scores, weighted values):
 // there GCC's lowering of 16-lane vectors to two AVX2 registers spilled every lane to
-// the stack, 8x slower than AVX-512 (docs/performance.md).
+// the stack (docs/performance.md).
 #if defined(__AVX512F__)
 constexpr int kLanes = 16, kRegisters = 32;
 #elif defined(__AVX__)

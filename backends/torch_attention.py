@@ -99,8 +99,8 @@ def keeps_subnormals(device: torch.device) -> bool:
 
 def _planes(codes: torch.Tensor, codes_per_byte: int):
     """Packed codes [..., T, D / k] as k float32 planes: plane i holds elements k*j + i.
-    Widened to int32 first: Inductor's loops on uint8 lanes did not vectorise (INT4
-    scores at 16k tokens: 1.68 ms against 0.46 for INT8's one byte per code)."""
+    Widened to int32 first: Inductor's loops on uint8 lanes did not vectorise
+    (docs/attention.md)."""
     bits = 8 // codes_per_byte
     mask = (1 << bits) - 1
     c = codes.to(torch.int32)
@@ -381,9 +381,8 @@ class _AheadOfTime:
     (Dynamo specialises lengths 0 and 1), the function is compiled ahead of time
     (torch.compile's aot_compile) for calls like that one, instead of by Dynamo: the
     same graph and the same guards, but a later call is the graph's own function after
-    one check of those guards in C++, where Dynamo's frame evaluation took 40 to 60 us
-    more per call in a model's decode step (its Python objects are cold there, after
-    each layer's weights have streamed through the CPU's caches; docs/attention.md).
+    one check of those guards in C++, cheaper than Dynamo's frame evaluation in a
+    model's decode step (docs/attention.md).
 
     A call that fails every check (a mask, another dtype, a history past 4,096 tokens,
     where Inductor changes how it sums) goes to Dynamo, which compiles what it needs as
@@ -457,9 +456,8 @@ def _dense_history(side) -> torch.Tensor:
 def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
     """Several query tokens at once (a prompt, a chunk): the history dequantized once,
     for this call only, and torch's scaled_dot_product_attention. The reductions over
-    the codes are built for decode's single query row: a 2048-token prefill through
-    them took 1.1 s (INT8) to 1.7 s (INT4) per layer here, and through eager chunks
-    0.4 s, against 0.04 s for SDPA. None where the history holds a NaN: SDPA lets a NaN
+    the codes are built for decode's single query row, many times slower for a prompt
+    (docs/attention.md). None where the history holds a NaN: SDPA lets a NaN
     reach rows that never see it (a masked score, a zero weight times NaN), and the
     chunked paths keep the spec's rule (see _weighted)."""
     k, v = _dense_history(keys), _dense_history(values)
@@ -469,7 +467,7 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
     total = k.shape[TOKEN_AXIS]
     if causal and mask is None and n == total:
         # A prompt with no history before it: SDPA's own causal path, which skips the
-        # hidden half (a bias matrix made a 4096-token prefill 2x slower).
+        # hidden half; a bias matrix cannot (docs/performance.md).
         return torch.nn.functional.scaled_dot_product_attention(
             query.to(torch.float32), k, v, is_causal=True, scale=scale, enable_gqa=hq != k.shape[1]).to(query.dtype)
     bias = None

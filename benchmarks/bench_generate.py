@@ -134,6 +134,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per cache (the median is reported)")
     parser.add_argument("--cache", action="append", default=[],
                         help="only the caches whose name contains this (repeatable); DynamicCache always runs")
+    parser.add_argument("--skip", action="append", default=[], help="leave out the caches whose name contains this")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -151,6 +152,7 @@ def main():
     default_attention = model.config._attn_implementation
     configs = [c for i, c in enumerate(CONFIGS) if i == 0 or not args.cache or any(w in c[0] for w in args.cache)]
     configs = [c for c in configs if not (c[1][0] == "hf" and c[1][1] == "quanto" and not quanto_installed())]
+    configs = [c for i, c in enumerate(configs) if i == 0 or not any(w in c[0] for w in args.skip)]
 
     def maker(how):
         # Each cache from the model as a user has it: peers see the model's own attention.

@@ -51,7 +51,7 @@ class Check:
     run: Callable[[], List[Mismatch]]
     flags: Tuple[str, ...] = ()  # the edge cases its input covers (case families)
     not_implemented: bool = False  # the backend lacks this format (family "unimplemented")
-    format: str = ""  # the format's name: a variant's checks are shared out by format (kvquant/cli.py)
+    format: str = ""  # the format's name: a variant's checks are shared out by format (conformance/scheduler.py)
 
 
 def _variant_id(ops) -> str:

@@ -223,7 +223,7 @@ def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, caps
     pytest.importorskip("torch")
     import argparse
 
-    from kvquant import cli
+    from kvquant.conformance import scheduler as cli
     from kvquant.conformance.suite import KnownFailures
 
     import importlib
@@ -271,7 +271,7 @@ def test_each_share_runs_once_and_idle_processes_take_the_last_ones():
     claims its own in order, one out of work takes the last share not yet started of
     the process with the most left, nothing is handed out twice, and a request made
     before every process has said what it checks waits."""
-    from kvquant import cli
+    from kvquant.conformance import scheduler as cli
 
     def variant(name, variant, shares):
         return {"key": f"{name}/{variant}", "name": name, "variant": variant, "shares": shares,
@@ -295,7 +295,7 @@ def test_each_share_runs_once_and_idle_processes_take_the_last_ones():
 
 
 def test_a_steal_waits_for_a_process_that_ended_before_saying_what_it_checks():
-    from kvquant import cli
+    from kvquant.conformance import scheduler as cli
 
     shares = cli._Shares(2)
     shares.add(0, [{"key": "numpy/eager", "name": "numpy", "variant": "eager", "shares": ["fp8"], "profile": "quick"}])

@@ -484,7 +484,7 @@ def test_first_run_profile_still_fails_every_broken_backend(name):
 def test_a_cold_framework_gets_the_first_profile_and_every_check_turns_it_off(monkeypatch):
     """The lane decides once per variant: a framework whose compile cache is empty gets
     the first profile and says how many checks it leaves; --every-check keeps quick."""
-    from kvquant import cli
+    from kvquant.conformance import scheduler as cli
 
     monkeypatch.setattr(cli, "_empty_compile_caches", lambda: {"numpy": "NumPy's"})
     for sample, profile in ((True, "first"), (False, "quick")):

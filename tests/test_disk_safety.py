@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 
