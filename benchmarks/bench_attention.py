@@ -35,13 +35,18 @@ SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 FORMATS = [("int8", {}), ("fp8", {}), ("int4", {"group_size": 64})]
 
 
+SYNC = lambda: None  # noqa: E731 - torch.cuda.synchronize on a GPU: its calls return before the work ends
+
+
 def _time(fn, repeats: int) -> float:
     fn()
     fn()
+    SYNC()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        SYNC()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -58,17 +63,17 @@ def _nbytes(*arrays) -> int:
     return sum(a.numel() * a.element_size() for a in arrays if a is not None)
 
 
-def bench(shape: str, tokens: int, repeats: int, only=()):
+def bench(shape: str, tokens: int, repeats: int, only=(), device: str = "cpu"):
     q_heads, kv_heads, head_dim = SHAPES[shape]
     gen = torch.Generator().manual_seed(0)
-    k = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
-    v = torch.randn(1, kv_heads, tokens, head_dim, generator=gen)
-    q = torch.randn(1, q_heads, 1, head_dim, generator=gen)
+    k = torch.randn(1, kv_heads, tokens, head_dim, generator=gen).to(device)
+    v = torch.randn(1, kv_heads, tokens, head_dim, generator=gen).to(device)
+    q = torch.randn(1, q_heads, 1, head_dim, generator=gen).to(device)
     kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
     qb = q.to(torch.bfloat16)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     f32_bytes = _nbytes(k, v)
-    dst = torch.empty(2 * k.numel())
+    dst = torch.empty(2 * k.numel(), device=device)
     src = torch.cat([k.reshape(-1), v.reshape(-1)])
     rows = []
     copy = _time(lambda: dst.copy_(src), repeats)
@@ -83,8 +88,10 @@ def bench(shape: str, tokens: int, repeats: int, only=()):
         keys, values = History(kq, None), History(vq, None)
         candidates = [
             (f"{label} dequantize+sdpa", lambda: sdpa(q, kvquant.dequantize(kq), kvquant.dequantize(vq), enable_gqa=True)),
-            (f"{label} kvquant cpu kernel", lambda: attend(q, keys, values, compiled=True)),
-            (f"{label} kvquant torch.compile", lambda: _torch_compile(q, keys, values)),
+            # Off the CPU compiled=True is torch.compile's path: one row for it.
+            (f"{label} kvquant cpu kernel" if device == "cpu" else f"{label} kvquant compiled",
+             lambda: attend(q, keys, values, compiled=True)),
+            *([(f"{label} kvquant torch.compile", lambda: _torch_compile(q, keys, values))] if device == "cpu" else []),
             (f"{label} kvquant eager", lambda: attend(q, keys, values))]
         rows += [(name, _time(fn, repeats), held) for name, fn in candidates if wanted(name)]
     copy_bandwidth = f32_bytes / copy  # bytes read per second by the copy
@@ -100,21 +107,26 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda:0 (scripts/device_check.sh)")
     parser.add_argument("--only", action="append", default=[],
                         help="only the candidates whose name contains this (repeatable); SDPA always runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        global SYNC
+        SYNC = torch.cuda.synchronize
     shapes = args.shape or ["smollm2", "llama8b"]
     lengths = args.tokens or [1024, 4096, 16384, 65536]
     results = []
     for shape in shapes:
         for tokens in tqdm(lengths, desc=shape, unit="length"):
-            results += bench(shape, tokens, args.repeats, args.only)
+            results += bench(shape, tokens, args.repeats, args.only, args.device)
     from kvquant.backends import cpu_kernel
 
+    ran = cpu_kernel.describe() if args.device == "cpu" else f"torch.compile's kernels on {args.device}"
     print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
-          f"{torch.get_num_threads()} threads; compiled=True ran: {cpu_kernel.describe()}")
+          f"{torch.get_num_threads()} threads; compiled=True ran: {ran}")
     print(f"{'shape':<9}{'tokens':>7}  {'candidate':<32}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
     for r in results:
         print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<32}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
