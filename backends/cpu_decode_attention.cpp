@@ -86,29 +86,6 @@ inline float e4m3(uint8_t code) {
     return bits_to_float(bits | ((c & 0x80u) << 24));
 }
 
-// exp for x <= 0 (a score minus its row's maximum): Cody-Waite reduction and a degree-6
-// polynomial, about 1 ulp; -inf and anything below -87.3 give exactly 0, NaN stays NaN.
-// Written as selects so that the loop calling it vectorises (libm's expf does not).
-inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.3f ? -87.3f : x;
-    // Rounded to nearest by adding and taking away 1.5 * 2^23 (|n| <= 126): nearbyint
-    // kept the loop scalar under AVX2.
-    const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = clamped - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    float y = p * bits_to_float(e);
-    y = x < -87.3f ? 0.0f : y;
-    return x != x ? x : y;
-}
-
 // ---------------------------------------------------------------- 16 lanes at a time
 // GCC lowers these to one AVX-512 register, two AVX2 ones, or four NEON ones.
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -139,7 +116,11 @@ typedef float vf __attribute__((vector_size(4 * kLanes)));
 
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-// exp_nonpositive, kLanes at a time, the same operations.
+// exp for x <= 0 (a score minus its row's maximum), kLanes at a time: Cody-Waite
+// reduction and a degree-6 polynomial, about 1 ulp; -inf and anything below -87.3 give
+// exactly 0, NaN stays NaN. Written on vectors: GCC left `omp simd` over a scalar
+// version scalar under AVX2. Rounded to nearest by adding and taking away 1.5 * 2^23
+// (|n| <= 126), which nearbyint did not vectorise.
 inline vf exp_nonpositive_v(vf x) {
     const vf clamped = x < -87.3f ? vf{} - 87.3f : x;
     const vf n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -666,8 +647,6 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
     for (int64_t r = 0; r < rows; ++r) {
         float* s = scores + r * total;
         const float m = maxima[r];
-        // kLanes at a time by exp_nonpositive_v (GCC left `omp simd` over the scalar
-        // version scalar under AVX2), the tail one by one.
         vf lanes_sum = vf{};
         int64_t t = t0;
         for (; t + kLanes <= t1; t += kLanes) {
@@ -675,13 +654,15 @@ void item_values(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1,
             storev(s + t, w);
             lanes_sum += w;
         }
+        if (t < t1) {  // the tail, padded with -inf (weight exactly 0)
+            float tail[kLanes];
+            for (int i = 0; i < kLanes; ++i) tail[i] = t + i < t1 ? s[t + i] - m : -kInf;
+            const vf w = exp_nonpositive_v(loadv(tail));
+            for (int i = 0; t + i < t1; ++i) s[t + i] = w[i];
+            lanes_sum += w;
+        }
         float sum = 0.0f;
         for (int i = 0; i < kLanes; ++i) sum += lanes_sum[i];
-        for (; t < t1; ++t) {
-            const float w = exp_nonpositive(s[t] - m);
-            s[t] = w;
-            sum += w;
-        }
         sums[r] = sum;
     }
     Reader<DC> values(p.values, d, b, h);
@@ -780,8 +761,9 @@ void with_head_dim(int64_t dim, const F& f) {
 }  // namespace
 
 // What cpu_kernel.py checks before its first call: the version of the Side and Problem
-// layout below and in cpu_kernel.py (raise both together on any change), and their sizes.
-extern "C" int64_t kvquant_decode_attention_abi() { return 1; }
+// layout and of these exports, here and in cpu_kernel.py (raise both together on any
+// change), and Problem's size.
+extern "C" int64_t kvquant_decode_attention_abi() { return 2; }
 extern "C" int64_t kvquant_decode_attention_problem_size() { return sizeof(Problem); }
 // Which vector code this build runs (the benchmarks print it beside their numbers).
 extern "C" const char* kvquant_decode_attention_isa() {

@@ -66,7 +66,7 @@ class Problem(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 1  # kvquant_decode_attention_abi() in the C++ source: Side and Problem's layout
+ABI_VERSION = 2  # kvquant_decode_attention_abi() in the C++ source: Side and Problem's layout, the exports
 
 _LOADED = {}
 
@@ -111,6 +111,7 @@ def _open(path: str):
         abi, size = lib.kvquant_decode_attention_abi, lib.kvquant_decode_attention_problem_size
         abi.restype = size.restype = ctypes.c_int64
         found = (abi(), size())
+        isa = lib.kvquant_decode_attention_isa
     except (OSError, AttributeError) as e:
         _cache_dir.warn_once(f"kvquant: the C++ decode kernel at {path} cannot be loaded ({e}); "
                              "attention uses torch.compile's kernels")
@@ -123,7 +124,6 @@ def _open(path: str):
     fn = lib.kvquant_decode_attention
     fn.argtypes = [ctypes.POINTER(Problem)]
     fn.restype = ctypes.c_int
-    isa = lib.kvquant_decode_attention_isa
     isa.restype = ctypes.c_char_p
     _LOADED["isa"] = isa().decode()
     return fn

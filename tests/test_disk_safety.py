@@ -44,6 +44,7 @@ def _stub_compiler(tmp_path, *, abi: int = cpu_kernel.ABI_VERSION, fail: bool = 
         int64_t kvquant_decode_attention_abi(void) {{ return {abi}; }}
         int64_t kvquant_decode_attention_problem_size(void) {{ return {ctypes.sizeof(cpu_kernel.Problem)}; }}
         int kvquant_decode_attention(const void* p) {{ return 1; }}
+        const char* kvquant_decode_attention_isa(void) {{ return "stub"; }}
     """))
     script = tmp_path / "fake-cxx"
     script.write_text(textwrap.dedent(f"""\
