@@ -8,8 +8,8 @@ into a buffer that every query row of its head then reads, and splits the work a
 threads by token ranges as well as heads.
 
 Why ctypes rather than a torch extension: it includes no torch header, so it builds in
-about 4 s where torch.utils.cpp_extension takes a minute, and a call costs a few
-microseconds. It links OpenMP by soname, so in a process that has imported torch it
+seconds where torch.utils.cpp_extension takes a minute, and a call costs little
+(docs/attention.md). It links OpenMP by soname, so in a process that has imported torch it
 shares torch's OpenMP runtime and threads (torch.set_num_threads applies).
 
 A build is kept in kvquant's private cache (kvquant/_cache_dir.py: ~/.cache/kvquant/

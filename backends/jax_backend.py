@@ -419,7 +419,7 @@ def int4_quantize(x, group_size: int):
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
     mn, inv, poisoned_f = _materialize(mn, inv, poisoned.astype(F32))
     # A poisoned group's NaN or inf elements give garbage codes, replaced by 0 once packed:
-    # a select on the bytes keeps XLA's loop vectorised, one on the floats ran 5x slower.
+    # a select on the bytes keeps XLA's loop vectorised, one on the floats did not.
     q = _apply_groups(xf, (mn, inv), group_size,
                       lambda b, mn_b, inv_b: round_clamped(jnp.minimum((b - mn_b) * inv_b, INT4_MAX), ROUND_MAGIC_UNSIGNED))
     packed = pack_nibbles(q.astype(jnp.uint8))
@@ -443,8 +443,8 @@ def unpack_codes(packed, codes_per_byte: int):
     Four bytes at a time when n allows: as one little-endian uint32 word, code j of the
     word's 4k is (word >> (8 / k) j) & (2^(8/k) - 1), a broadcast over j that XLA fuses
     into the dequantization loop. Unpacking uint8 or uint16 lanes on their own took as
-    long as the float arithmetic after it, and the formulas' uint8 shifts and stack ran
-    INT2 2 times slower (docs/performance.md)."""
+    long as the float arithmetic after it, and the formulas' uint8 shifts and stack were
+    slower still (docs/performance.md)."""
     lead, n = packed.shape[:-1], packed.shape[-1]
     if n % 4 == 0:
         bits = 8 // codes_per_byte
@@ -586,7 +586,7 @@ class JaxRuntime:
 
     def detach(self, arr):
         # Only a tracer can carry a gradient; stop_gradient on a concrete array returns
-        # it unchanged after 7 us of dispatch, per call.
+        # it unchanged, after a dispatch paid per call.
         return jax.lax.stop_gradient(arr) if isinstance(arr, jax.core.Tracer) else arr
 
     def first_nan_index(self, values) -> Optional[int]:

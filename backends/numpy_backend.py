@@ -68,8 +68,7 @@ _NP_DTYPES = {
 
 # Rows per chunk: 2 MiB of float32. A chunk costs about 30 NumPy calls, each a GIL
 # hand-off between threads, and that, more than cache misses, decided the
-# size on 2 cores: 512 KiB chunks made FP8 quantization 1.7 times slower, 64 KiB 5
-# times; 4 MiB chunks were 1.1 times slower in the benchmark.
+# size on 2 cores: smaller and larger chunks were both slower (docs/performance.md).
 _CHUNK_BYTES = 1 << 21
 
 # x + 1.5*2^23 rounds x (|x| < 2^22) to an integer, ties to even, because the sum's
@@ -105,7 +104,7 @@ def _each_chunk(rows: int, width: int, body: Callable[[int, int], object]) -> Li
     the same whichever thread does it, so the bits do not depend on the thread count
     (the conformance suite's ``threads`` check runs 1 and 2). np.errstate is per thread:
     bodies set their own. Working on the calling thread, rather than waiting there for
-    two pool threads, was 2 to 5 percent faster on 2 cores (one hand-off fewer).
+    two pool threads, saves a hand-off.
     """
     chunks = list(_row_chunks(rows, width))
     workers = min(_threads, len(chunks))
@@ -245,8 +244,7 @@ def _segment_offsets(rows: int, width: int, starts: Tuple[int, ...]) -> np.ndarr
 
 def _any_per_row(mask: np.ndarray) -> np.ndarray:
     """mask.any(axis=1) for a [rows, groups] mask with few groups, a column at a time:
-    the reduction along the short axis cost 0.35 ms for 32768 rows (NumPy 2.4), a
-    tenth of an INT4 dequantization."""
+    NumPy's reduction along the short axis is slow."""
     out = np.zeros(mask.shape[0], bool)
     for column in range(mask.shape[1]):
         out |= mask[:, column]
@@ -293,8 +291,8 @@ _E4M3_REBIAS_MOD_256 = np.uint8(64)
 
 def _sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
     """np.flatnonzero for a mask that is almost all False: a scan of 8 flags at a time,
-    then only the hit words. flatnonzero of the mask took 2.5 times as long, and of the
-    uint64 words themselves 5 times (NumPy 2.4 vectorises nonzero for bool only)."""
+    then only the hit words, cheaper than flatnonzero of the mask or of the words
+    (NumPy vectorises nonzero for bool only)."""
     flat = mask.reshape(-1)
     if flat.size % 8:
         return np.flatnonzero(flat)
@@ -318,7 +316,7 @@ def _encode_e4m3_magnitudes(mag: np.ndarray, scratch: np.ndarray, out: np.ndarra
     np.subtract(mag, scratch, out=mag)
     mag += scratch
     # Shifting straight into the uint8 output (NumPy narrows in its buffered loop) was
-    # 1.2 times faster than a shift pass followed by a narrowing copy.
+    # faster than a shift pass followed by a narrowing copy.
     np.right_shift(mag.view(U32), U32(20), out=out, casting="unsafe")
     out += _E4M3_REBIAS_MOD_256
     out.reshape(-1)[small] = small_codes
@@ -328,7 +326,7 @@ def _or_sign_bits(out: np.ndarray, signed: np.ndarray) -> None:
     """Set bit 7 of each code whose value in signed has its sign bit set (-0.0 included,
     as ml_dtypes does)."""
     sign = np.signbit(signed).view(np.uint8)
-    sign *= np.uint8(0x80)  # NumPy's uint8 left shift is not vectorised: 13x slower
+    sign *= np.uint8(0x80)  # NumPy's uint8 left shift is not vectorised
     out |= sign
 
 

@@ -144,7 +144,7 @@ def compiled_scores(qg: torch.Tensor, q: QuantizedKV, subnormal_floats: bool = F
     groups, per = d // g, g // k
     # One flat reduction per plane over all of its D / k codes, the scale inside the
     # product (as INT8's loop), the zeros apart. (The token axis outermost with the query
-    # rows inside it, to widen each code once, ran 10 times slower.)
+    # rows inside it, to widen each code once, was many times slower.)
     total = None
     for i in range(k):
         lane = lanes[i].reshape(b, h, rows, 1, groups, per)
@@ -320,7 +320,7 @@ _DETACHED: dict = {}  # id(QuantizedKV) -> (a weak reference to it, its arrays d
 
 
 def _detached(q: QuantizedKV):
-    """q's arrays detached (about 6 us per layer call in a model's decode step)."""
+    """q's arrays detached, kept for as long as q lives: paid once, not per layer call."""
     return _memo(_DETACHED, q, lambda q: (q.codes.detach(), q.scales.detach(),
                                           None if q.zeros is None else q.zeros.detach()))
 
@@ -343,7 +343,7 @@ def _guards_on_arguments(constants):
     (kvquant's own functions and tables, torch's), whose code nothing is meant to patch
     while it runs, and those on ``constants``, the function's closure (formats, scale,
     causality), which no call can change: each function is made for one set of them.
-    Together about 6 us per call alone, 15 to 20 in a model's decode step."""
+    A cost paid per layer call in a model's decode step (docs/attention.md)."""
     def keep(entries):
         return [(not e.is_global or e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV"))
                 and e.name.split("[")[0].split(".")[0] not in constants for e in entries]
@@ -605,7 +605,7 @@ def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool
         fp8 = any(meta is not None and FORMATS[meta[0]].code_dtype == "float8_e4m3fn" for meta in (k_meta, v_meta))
         key = (k_meta, v_meta, scale, causal, fp8 and keeps_subnormals(query.device))
         args = (query, k_parts, k_window, v_parts, v_window, mask)
-        if key not in _COMPILED:  # marking costs about 2 us a tensor, per layer and step
+        if key not in _COMPILED:  # marking costs per tensor, per layer and step
             _mark_token_axes(*_history_tensors(args))
         if query.shape[TOKEN_AXIS] > 1:  # chunks of any length share a graph; one token has its own
             _mark_token_axes(query)

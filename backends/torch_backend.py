@@ -250,7 +250,7 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
     """
     if _host_checks_allowed(v) and suspects is not None and not bool(suspects.any()):
         return _rounded(v, out_dtype)
-    # v != v: isnan, but vectorised by Inductor on the CPU (torch.isnan was 8x slower)
+    # v != v: isnan, but vectorised by Inductor on the CPU (torch.isnan is not)
     return _to_output_nan_where(v, v != v, out_dtype)
 
 
@@ -462,7 +462,7 @@ def int4_quantize(x: torch.Tensor, group_size: int):
     mx = torch.cat([p.amax(-1) for p in parts], dim=1)
     scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
     if torch.compiler.is_compiling():
-        # Compiled, in place on views made Inductor's kernel 2x slower.
+        # Compiled, in place on views made Inductor's kernel slower.
         packed = _apply_groups(xf, (mn, inv, poisoned), group_size,
                                lambda b, mn_b, inv_b, bad_b: pack_rounded_pairs(_zero_poisoned((b - mn_b) * inv_b, bad_b).round().clamp(0.0, 15.0)))
         return packed.to(torch.uint8), scale, zero
@@ -487,8 +487,8 @@ def pack_codes(q: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
     """_formulas.pack_codes (the spec's packing, 2 or 4 codes per byte), the fastest
     way measured here. Compiled, by 32-bit words: four uint8 codes read as one
     little-endian int32 w give their bytes as ORs of shifts of w, and Inductor
-    vectorises int32 loops where it left the ORs of shifted uint8 codes scalar (INT4 per
-    channel quantize 13.4 -> 5.9 ms on [32768, 128]). The codes are below 16, so w is
+    vectorises int32 loops where it left the ORs of shifted uint8 codes scalar
+    (docs/performance.md). The codes are below 16, so w is
     positive and every shift brings in zeros. Eagerly, nibbles as INT4's pack_nibbles;
     words were no faster."""
     if not torch.compiler.is_compiling():
@@ -564,7 +564,7 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         return _rounded(_apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc), out_dtype)
     scales, zeros = _canonical_params(scales, zeros)
     # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
-    # than the arithmetic. Compiled, in place on views made Inductor's kernel 2x slower.
+    # than the arithmetic. Compiled, in place on views made Inductor's kernel slower.
     if torch.compiler.is_compiling():
         v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
     else:
@@ -755,9 +755,9 @@ class _Kernels(KernelSet):
 
     # Per channel, the quantize units see the token axis already cut into blocks,
     # [blocks, G, head_dim] (a view, made outside the compiled graph): with only the
-    # token count dynamic, Inductor's loops over tokens // G blocks ran scalar (INT4 per
-    # channel quantize 9.9 ms on [4096, 256], 2.5 ms on the blocks). The bits are the
-    # same: each block is the same G tokens. Dequantizing on blocks ran 2x slower.
+    # token count dynamic, Inductor's loops over tokens // G blocks ran scalar
+    # (docs/performance.md). The bits are the same: each block is the same G tokens.
+    # Dequantizing on blocks was slower, so it is not done.
     def int4_channel_quantize(self, x, group_size):
         return _on_blocks(self.units["int4_channel_quantize"], x, group_size)
 
@@ -831,8 +831,8 @@ def _mark_token_axis(args):
 class AheadOfTimeGraph:
     """A function compiled ahead of time (torch.compile's aot_compile): the graph's own
     function and the C++ check of Dynamo's guards, without Dynamo's frame evaluation
-    (which re-traces every graph in each new process, 0.5 s each here, and costs tens of
-    microseconds per call). ``closure``: the locals the guards read besides the
+    (which re-traces every graph in each new process and costs more per call;
+    docs/performance.md). ``closure``: the locals the guards read besides the
     arguments (a closure's cells)."""
 
     def __init__(self, compiled, args):
@@ -885,7 +885,7 @@ SAVE_COMPILED = True  # False: Dynamo serves every compiled call (tests compare 
 class _SavedGraphs:
     """One kernel unit's graphs, compiled ahead of time and saved to disk
     (``saved_graphs_dir``), loaded in later processes: a warm process then spends about
-    15 ms per graph instead of Dynamo's 0.5 s re-trace (docs/performance.md).
+    a load per graph instead of Dynamo's re-trace (docs/performance.md).
 
     Safe because every call is checked against the graph's own guards (dtype, static
     sizes, strides, constant arguments, grad mode, thread count), and the directory is

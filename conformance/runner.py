@@ -409,8 +409,7 @@ def _check_seed_types(ops, spec: Spec, label: str, device, trace_too: bool = Tru
     # One output dtype as a string, the others as framework dtype objects (and the
     # reverse in the second call): every form reaches every kernel across the two.
     # Traced, the first alone: a tracer meets each kind of argument there, and the
-    # form is read while tracing, so the second would only grow the caller's graph
-    # (torch.compile of both: 30 s per format cold here, of the first: 20 s).
+    # form is read while tracing, so the second would only grow the caller's graph.
     forms = [[dt if i % 2 else ops.runtime.dtype(dt) for i, dt in enumerate(OUTPUT_DTYPES)],
              [ops.runtime.dtype(dt) if i % 2 else dt for i, dt in enumerate(OUTPUT_DTYPES)]]
 

@@ -204,8 +204,8 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
                         format=case.spec.format.value)
         # Property draws and invariances take spec v1.1's formats at one group size each
         # (cases.V11_SAMPLED_GROUPS), and in the quick profile INT4 too: under
-        # torch.compile every draw's shape is compiled anew, 45 s per format here; the
-        # other group sizes are swept by the case families.
+        # torch.compile every draw's shape is compiled anew; the other group sizes are
+        # swept by the case families.
         if "property" in families:
             for spec in family_specs:
                 if spec.format in missing:

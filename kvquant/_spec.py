@@ -112,7 +112,7 @@ def reciprocal_rn_bits(bits, where, floor_div_estimate=None):
     that may be off by one either way (a float32 division, however approximate or
     rewritten, is: the quotient is below 2^8 and its relative error below 2^-20);
     one exact integer correction step then makes each digit exact. Integer division
-    does not vectorise on CPUs (XLA: 0.77 ms for 65,536 scales, 0.13 ms this way).
+    does not vectorise on CPUs (docs/performance.md).
     """
     exp = (bits >> 23) & 0xFF
     m = (bits & 0x7FFFFF) | 0x800000

@@ -139,7 +139,7 @@ def _token_first(shape):
     allocated that way and seen through a permuted view, so the first L tokens are a
     view whose strides do not depend on the capacity: torch.compile guards on strides,
     and a [batch, heads, capacity, ...] buffer recompiled the attention every time the
-    capacity doubled (about 3 s each on the development VM)."""
+    capacity doubled."""
     return (shape[TOKEN_AXIS],) + tuple(shape[:TOKEN_AXIS]) + tuple(shape[TOKEN_AXIS + 1:])
 
 
@@ -239,8 +239,7 @@ class _GrowingStore:
         self.length = 0
         self.shape = None  # the quantized tensor's [batch, kv_heads, tokens, head_dim], tokens = length
         # view()'s last answer, until the next write or reorder: attention asks every
-        # decode step, and with quantize_every > 1 the quantized part rarely changes
-        # (building it anew cost about 10 us a side, per layer and step).
+        # decode step, and with quantize_every > 1 the quantized part rarely changes.
         self._view = None
 
     def capacity(self) -> int:
@@ -529,8 +528,7 @@ class LayerCache:
         """Everything an append needs, checked before anything changes."""
         # A decode loop appends the same kind of tensors at every step: an append whose
         # types, dtypes, devices, layouts and shapes all equal those of the last append
-        # that passed is let through without the checks below (about 3 us per layer and
-        # step).
+        # that passed is let through without the checks below, paid per layer and step.
         try:
             seen = (type(keys), type(values), keys.dtype, values.dtype, getattr(keys, "device", None),
                     getattr(values, "device", None), getattr(keys, "layout", None), getattr(values, "layout", None),

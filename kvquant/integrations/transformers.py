@@ -300,8 +300,8 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
     compiled = torch.compiler.is_compiling() or layer.compiled
     if scaling is not None and _matches_layer(query, layer.kv, keys.length):
         # The layer's cache built both histories, which agree with each other; the query
-        # matches the layer: attend's general checks (about 15 us per layer and step in
-        # a model's decode) have nothing left to find.
+        # matches the layer: attend's general checks, a cost in every layer and step,
+        # have nothing left to find.
         out = torch_attention.attend(query, keys, values, float(scaling), mask is None, mask, compiled,
                                      DEFAULT_CHUNK_TOKENS)
     else:  # the general path, which says what is wrong
@@ -321,7 +321,7 @@ def _matches_layer(query, kv, tokens: int) -> bool:
 def use_kvquant_attention(model, compiled: bool = True) -> None:
     """Switch ``model`` (a transformers model) to kvquant's attention, as a KvquantCache
     made from its config does, and choose for this model's caches whether it is compiled
-    (on the CPU kvquant's C++ kernel, built on first use in about 4 s and then kept in
+    (on the CPU kvquant's C++ kernel, built on first use and then kept in
     ~/.cache/kvquant; on other devices torch.compile's fused kernels) or eager chunks.
     Needed only for a KvquantCache made without a config."""
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
