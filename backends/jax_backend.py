@@ -521,6 +521,18 @@ class JaxRuntime:
 
     name = NAME
 
+    @staticmethod
+    def register_pytree(cls, flatten, unflatten) -> None:
+        register_pytree(cls, flatten, unflatten)
+
+    @staticmethod
+    def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
+        """kvquant.attention for JAX arrays (jax_attention.py): always the fused form,
+        which jit compiles; ``compiled`` and ``chunk_tokens`` do not apply."""
+        from . import jax_attention
+
+        return jax_attention.attend(query, keys, values, scale, causal, mask)
+
     def is_array(self, obj) -> bool:
         return isinstance(obj, (jax.Array, jax.core.Tracer))
 
@@ -596,25 +608,26 @@ class JaxRuntime:
 
 runtime = JaxRuntime()
 
-def _register_pytrees() -> None:
-    """kvquant's containers as pytrees, all in this one place, as soon as the backend
-    loads: they cross jit boundaries and live in lax.scan carries. QuantizedKV: its
-    arrays are the children, format, group size, shape, dtype and backend the static aux
-    data; History: its quantized part and window; JaxLayerCache: its stores."""
-    from kvquant.attention import History
-    from kvquant.cache import JaxLayerCache
-
-    for cls, flatten, unflatten in (
-            (QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten),
-            (History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children)),
-            (JaxLayerCache, JaxLayerCache.tree_flatten, JaxLayerCache.tree_unflatten)):
-        try:
-            jax.tree_util.register_pytree_node(cls, flatten, unflatten)
-        except ValueError:  # already registered (module reloaded)
-            pass
+def register_pytree(cls, flatten, unflatten) -> None:
+    """kvquant's containers become pytrees here and nowhere else (they cross jit
+    boundaries and live in lax.scan carries): QuantizedKV (its arrays the children,
+    format, group size, shape, dtype and backend the static aux data) and History (its
+    quantized part and window) as soon as the backend loads; JaxLayerCache (its stores)
+    through the runtime, when the first one is made."""
+    try:
+        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+    except ValueError:  # already registered (module reloaded)
+        pass
 
 
-_register_pytrees()
+def _register_history() -> None:
+    from kvquant._history import History
+
+    register_pytree(History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children))
+
+
+register_pytree(QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten)
+_register_history()
 
 
 class _Kernels(KernelSet):

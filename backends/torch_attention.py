@@ -17,7 +17,7 @@ import torch
 from kvquant._formats import FORMATS
 from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
-from kvquant.attention import token_slice
+from kvquant._history import token_slice
 
 from .torch_backend import AheadOfTimeGraph
 
@@ -326,7 +326,7 @@ def _detached(q: QuantizedKV):
 
 
 def _unflat(parts, window, meta, head_dim: int):
-    from kvquant.attention import History
+    from kvquant._history import History
 
     if parts is None:
         return History(None, window)

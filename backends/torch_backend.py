@@ -625,6 +625,14 @@ class TorchRuntime:
 
     name = NAME
 
+    @staticmethod
+    def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
+        """kvquant.attention for tensors (torch_attention.py, imported on first use:
+        it imports this module)."""
+        from . import torch_attention
+
+        return torch_attention.attend(query, keys, values, scale, causal, mask, compiled, chunk_tokens)
+
     def is_array(self, obj) -> bool:
         return isinstance(obj, torch.Tensor)
 

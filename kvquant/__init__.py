@@ -20,7 +20,7 @@ from ._spec import SPEC_VERSION
 from ._types import Format, Int4GroupSize, KvQuantMode, NonFiniteInputError, QuantizedKV
 from .api import adapt, dequantize, quantize
 from .protocols import Kernels, KvCacheQuantOps, Runtime, TensorAdapter
-from . import cache  # noqa: E402  (imports no framework: containers load theirs on first append)
+from . import attention, cache  # noqa: E402  (import no framework: containers load theirs on first append)
 
 __version__ = "0.1.0"
 

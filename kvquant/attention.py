@@ -44,53 +44,11 @@ NaN value element: that channel), while masked positions never poison anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._types import QuantizedKV
+from ._history import DEFAULT_CHUNK_TOKENS, TOKEN_AXIS, History, as_history, token_slice
 
-TOKEN_AXIS = -2
-DEFAULT_CHUNK_TOKENS = 4096
-
-
-@dataclass(frozen=True)
-class History:
-    """One side (keys or values) of a layer's history: the quantized tokens, then the
-    full-precision window; either may be None."""
-
-    quantized: Optional[QuantizedKV] = None
-    window: Any = None
-
-    @property
-    def length(self) -> int:
-        n = 0 if self.quantized is None else self.quantized.shape[TOKEN_AXIS]
-        return n + (0 if self.window is None else self.window.shape[TOKEN_AXIS])
-
-
-def token_slice(q: QuantizedKV, start: int, stop: int) -> QuantizedKV:
-    """Tokens start:stop (along dimension -2) of a quantized history, any framework's
-    arrays; for a per-channel format start and stop are whole blocks."""
-    from ._formats import FORMATS
-
-    info = FORMATS[q.format]
-    per = q.group_size if info.per_channel else 1
-    if info.params == "tensor":
-        scales, zeros = q.scales, q.zeros
-    elif info.params == "token":
-        scales, zeros = q.scales[..., start:stop], None
-    else:
-        scales, zeros = q.scales[..., start // per:stop // per, :], q.zeros[..., start // per:stop // per, :]
-    shape = tuple(q.shape[:-2]) + (stop - start, q.shape[-1])
-    return QuantizedKV(q.codes[..., start:stop, :], scales, zeros, q.format, q.group_size, shape, q.source_dtype,
-                       q.backend)
-
-
-def _as_history(side: Any) -> History:
-    if isinstance(side, History):
-        return side
-    if isinstance(side, QuantizedKV):
-        return History(side, None)
-    return History(None, side)
+__all__ = ["History", "attend", "reference_attention", "token_slice", "TOKEN_AXIS", "DEFAULT_CHUNK_TOKENS"]
 
 
 def attend(query: Any, keys: Any, values: Any, *, scale: Optional[float] = None, causal: bool = True,
@@ -98,22 +56,19 @@ def attend(query: Any, keys: Any, values: Any, *, scale: Optional[float] = None,
     """Softmax(query keys^T * scale + mask) values over the history; see the module."""
     from ._registry import backend_for
 
-    keys, values = _as_history(keys), _as_history(values)
-    name = backend_for(query).runtime.name
+    keys, values = as_history(keys), as_history(values)
+    runtime = backend_for(query).runtime
     _check(query, keys, values)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if name == "torch":
-        from .backends import torch_attention
-
-        return torch_attention.attend(query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
-    if name == "jax":
-        from .backends import jax_attention
-
-        return jax_attention.attend(query, keys, values, float(scale), causal, mask)
-    if name == "numpy":
+    # Each backend's runtime provides its attention (protocols.Runtime.attend), as its
+    # kernels provide quantization; NumPy's is the float64 reference below.
+    backend_attend = getattr(runtime, "attend", None)
+    if backend_attend is not None:
+        return backend_attend(query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
+    if runtime.name == "numpy":
         return reference_attention(query, keys, values, scale=scale, causal=causal, mask=mask)
-    raise TypeError(f"kvquant attention runs on NumPy, PyTorch and JAX arrays, not {name}")
+    raise TypeError(f"the {runtime.name} backend provides no attention (its runtime has no attend)")
 
 
 def _check(query, keys: History, values: History) -> None:
@@ -160,7 +115,7 @@ def reference_attention(query, keys: Any, values: Any, *, scale: Optional[float]
             parts.append(host(side.window))
         return np.concatenate(parts, axis=TOKEN_AXIS)
 
-    keys, values = _as_history(keys), _as_history(values)
+    keys, values = as_history(keys), as_history(values)
     q = host(query)
     k, v = whole(keys), whole(values)
     batch, q_heads, new, head_dim = q.shape

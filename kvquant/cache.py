@@ -39,7 +39,7 @@ from ._formats import FORMATS, FormatInfo
 from ._ops import canonical_dtype_name, parse_group_size, parse_on_nonfinite, parse_static_scale
 from ._registry import backend_for, get_backend
 from ._types import Format, Int4GroupSize, QuantizedKV
-from .attention import History
+from ._history import History
 
 TOKEN_AXIS = 2  # [batch, kv_heads, tokens, head_dim]
 
@@ -658,7 +658,7 @@ class JaxLayerCache:
                keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0) -> "JaxLayerCache":
         import jax.numpy as jnp
 
-        get_backend("jax")  # loads the JAX backend, which makes this class a pytree
+        get_backend("jax").runtime.register_pytree(cls, cls.tree_flatten, cls.tree_unflatten)
         dtype = canonical_dtype_name(dtype)
         formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         residual = _parse_residual(residual)
@@ -756,7 +756,7 @@ class JaxLayerCache:
         decode step of one new token needs none)."""
         import jax.numpy as jnp
 
-        from .attention import History
+        from ._history import History
 
         sides = tuple(History(self.quantized(side), self.windows[i]) for i, side in enumerate(("keys", "values")))
         R = self.residual

@@ -40,7 +40,11 @@ class Runtime(Protocol):
         """The flat (C-order) index of the first NaN in values, of any shape, or None."""
     # Optional: unsupported(arr) -> Optional[str], a reason to refuse an array of the
     # right type (sparse, masked); detach(arr), cut the input from autodiff;
-    # num_threads(n), a context manager (the suite's thread-count check).
+    # num_threads(n), a context manager (the suite's thread-count check);
+    # attend(query, keys, values, scale, causal, mask, compiled, chunk_tokens), the
+    # backend's attention over kvquant.attention.History sides (kvquant.attention.attend
+    # calls it; without one, NumPy arrays get the float64 reference and others a
+    # TypeError).
 
 
 @runtime_checkable

@@ -53,3 +53,27 @@ def test_wheel_ships_namespaced_packages_and_vectors(tmp_path):
     for required in ("kvquant/backends/numpy_backend.py", "kvquant/backends/torch_backend.py", "kvquant/backends/jax_backend.py",
                      "kvquant/conformance/plugin.py", "kvquant/conformance/vectors/kvquant-v1.json"):
         assert required in names
+
+
+def test_the_core_never_imports_a_backend():
+    """kvquant's core (every module under kvquant/ but the integrations, the top layer)
+    reaches backends only through the registry and the runtimes, never by importing
+    them: so no module under backends/ imports a kvquant module that imports it back.
+    Attention is the backends' own (Runtime.attend), not an if-chain here."""
+    import ast
+    import pathlib
+
+    core = pathlib.Path(__file__).resolve().parents[1] / "kvquant"
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                names = [("." * node.level) + module] + [f"{'.' * node.level}{module}.{a.name}".replace("..", ".")
+                                                         for a in node.names]
+            if any(n.lstrip(".").startswith(("backends", "kvquant.backends")) for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
