@@ -166,7 +166,7 @@ class KvquantCache(Cache):
         text_config = None
         if config is not None:
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            _check_layer_types(text_config)
+            types = _checked_layer_types(text_config)
             if attention == ATTENTION:
                 _switch_to_kvquant_attention(text_config)
         elif attention == ATTENTION and not _REGISTERED:
@@ -192,7 +192,7 @@ class KvquantCache(Cache):
 
             super().__init__(layer_class_to_replicate=next_layer)
             return
-        super().__init__(layers=[layer(i) for i in range(len(_layer_types(text_config)))])
+        super().__init__(layers=[layer(i) for i in range(len(types))])
 
     def layer_caches(self):
         """The kvquant LayerCache of every layer (stored bits, nbytes)."""
@@ -203,7 +203,8 @@ class KvquantCache(Cache):
         return sum(c.nbytes for c in self.layer_caches())
 
 
-def _check_layer_types(config) -> None:
+def _checked_layer_types(config) -> list:
+    """The config's layer types, or a ValueError naming those a kvquant cache cannot hold."""
     types = _layer_types(config)
     unsupported = sorted({t for t in types if t != "full_attention"})
     if unsupported:
@@ -212,6 +213,7 @@ def _check_layer_types(config) -> None:
             f"{unsupported} (layers {[i for i, t in enumerate(types) if t != 'full_attention'][:8]}...): "
             "sliding-window and chunked layers forget old tokens and shared-KV layers reuse another "
             "layer's cache, which a kvquant cache does not model yet")
+    return types
 
 
 def _layer_types(config) -> list:
