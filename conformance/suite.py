@@ -62,8 +62,8 @@ PROFILES = ("quick", "first", "full")
 # The first profile: what the default run checks on a variant whose framework's compile
 # cache is empty, so that a first run answers in minutes rather than compiling every
 # kernel (docs/conformance.md, "First run"): on compiling variants every format's
-# bundled cases at its default group size (one compiled quantize and dequantize per
-# format, mostly); on the others the quick profile without the checks that compile
+# bundled cases at one group size (_first_run_groups), a few compiled quantize and
+# dequantize calls per format; on the others the quick profile without the checks that compile
 # (seed-types traces the seed's calls under the framework's compiler).
 FIRST_RUN_SKIPPED_INVARIANCE = ("seed-types",)
 # The quick profile: per backend variant and (family, format, dtype) cell, at most this
@@ -148,7 +148,7 @@ def iter_checks(ops_list: Sequence[Any], families: Optional[Iterable[str]] = Non
     invariances at one group size per format; on variants that compile per shape, unless
     ``share_compilations`` is False, with compilations shared (bundles.SharedCompilations).
     "first" is the quick profile for a first run with cold compile caches: on variants
-    that compile per shape only the bundles at each format's default group size; on the
+    that compile per shape only the bundles at one group size per format; on the
     others no check that compiles (FIRST_RUN_SKIPPED_INVARIANCE).
     A format
     a backend does not implement gets one "unimplemented" check instead of its cases,
