@@ -25,6 +25,7 @@ import numpy as np
 
 from kvquant import _formulas, _spec
 from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
+from kvquant._history import History
 from kvquant._types import QuantizedKV
 
 NAME = "jax"
@@ -620,14 +621,8 @@ def register_pytree(cls, flatten, unflatten) -> None:
         pass
 
 
-def _register_history() -> None:
-    from kvquant._history import History
-
-    register_pytree(History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children))
-
-
 register_pytree(QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten)
-_register_history()
+register_pytree(History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children))
 
 
 class _Kernels(KernelSet):

@@ -147,9 +147,9 @@ class KvquantCache(Cache):
     ``attention``: "kvquant" (kvquant.attention reads the codes; the default with a
     config; without one, the model must have been switched by ``use_kvquant_attention``)
     or "dequantized" (the model's own attention over the dequantized history; the
-    default without a config; None means the same). ``compiled``: kvquant attention's compiled path (C++ kernel on the CPU,
-    torch.compile's kernels elsewhere); None takes ``use_kvquant_attention``'s choice
-    for this model, else True.
+    default without a config; None means the same). ``compiled``: kvquant attention's
+    compiled path (C++ kernel on the CPU, torch.compile's kernels elsewhere); None takes
+    ``use_kvquant_attention``'s choice for this model, else True.
     """
 
     def __init__(self, config: Optional[Any] = None, *, keys: Any = "int8", values: Any = "int8",
