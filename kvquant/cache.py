@@ -616,6 +616,33 @@ class LayerCache:
 
 
 # --------------------------------------------------------------------- JAX
+def _placed(cache: "JaxLayerCache", sharding: Any, leading: Tuple[int, int]) -> "JaxLayerCache":
+    """The cache with its per-token arrays over sharding's (batch, kv_heads) axes and its
+    scalars replicated on the same mesh."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):
+        raise TypeError(f"sharding must be a jax.sharding.NamedSharding, got {type(sharding).__name__}")
+    spec = tuple(sharding.spec) + (None,) * 2
+    if any(axis is not None for axis in spec[2:]):
+        raise ValueError(f"sharding {sharding.spec} splits the token or head_dim axis; a cache is sharded over "
+                         "batch and kv_heads only (its appends write token slots in place)")
+    for what, size, axis in zip(("batch", "kv_heads"), leading, spec[:2]):
+        names = axis if isinstance(axis, tuple) else (() if axis is None else (axis,))
+        parts = 1
+        for name in names:
+            parts *= sharding.mesh.shape[name]
+        if size % parts:
+            raise ValueError(f"{what} {size} cannot be split over mesh axes {axis} ({parts} devices)")
+
+    def place(a):
+        spec_a = PartitionSpec(*spec[:2], *(None,) * (a.ndim - 2)) if a.ndim >= 2 else PartitionSpec()
+        return jax.device_put(a, NamedSharding(sharding.mesh, spec_a))
+
+    return jax.tree_util.tree_map(place, cache)
+
+
 class JaxLayerCache:
     """A functional quantized KV cache for one layer, for JAX: a pytree of fixed
     capacity whose ``append`` returns a new cache, updated with dynamic_update_slice,
@@ -634,6 +661,11 @@ class JaxLayerCache:
     append writes all its new tokens' codes at once, the not-yet-leaving ones to be
     written again, identically, when they leave). With a concrete length, an append
     past that raises; under jit it cannot be checked.
+
+    On a device mesh, ``sharding`` (a ``NamedSharding`` whose spec names the batch and
+    kv_heads axes, e.g. ``P("batch", "heads")``) places every per-token array over those
+    two axes and the scalars replicated; ``append`` under jit keeps that placement and
+    the unsharded cache's bits, with no collective (docs/cache.md, "More than one device").
     """
 
     def __init__(self, stores, windows, length, formats, residual, capacity, dtype, layer=0):
@@ -655,7 +687,8 @@ class JaxLayerCache:
 
     @classmethod
     def create(cls, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: Any = "float32", *,
-               keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0) -> "JaxLayerCache":
+               keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0,
+               sharding: Any = None) -> "JaxLayerCache":
         import jax.numpy as jnp
 
         get_backend("jax").runtime.register_pytree(cls, cls.tree_flatten, cls.tree_unflatten)
@@ -684,7 +717,8 @@ class JaxLayerCache:
             stores.append((codes,) + params)
             _quantize_dense(sample, f)  # refuses a bad format/shape combination now
         windows = tuple(jnp.zeros((batch, kv_heads, residual, head_dim), dtype) for _ in formats)
-        return cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer)
+        cache = cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer)
+        return cache if sharding is None else _placed(cache, sharding, (batch, kv_heads))
 
     def append(self, keys: Any, values: Any, out_dtype: Any = None):
         """(new cache, keys history, values history, valid slots); see the class."""
@@ -758,7 +792,10 @@ class JaxLayerCache:
 
         from ._history import History
 
-        sides = tuple(History(self.quantized(side), self.windows[i]) for i, side in enumerate(("keys", "values")))
+        sides = tuple(History(self.quantized(side), self.windows[i]) if self.formats[i].format is not None
+                      # a full-precision side's slots are plain values: one array, slots in the same order
+                      else History(None, jnp.concatenate([self.stores[i][0], self.windows[i]], axis=TOKEN_AXIS))
+                      for i, side in enumerate(("keys", "values")))
         R = self.residual
         Q = jnp.maximum(self.length - R, 0)
         slots = jnp.arange(self.capacity + R)

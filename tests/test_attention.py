@@ -231,20 +231,26 @@ def test_bad_shapes_are_refused():
         attend(torch.zeros(5, 1, 64), K, K)
 
 
-def test_jax_cache_attention_inputs_hide_empty_slots():
+@pytest.mark.parametrize("keys_format, values_format", [("int4", "int8"), (None, "int8"), ("fp8", None)],
+                         ids=["int4-int8", "full-int8", "fp8-full"])
+def test_jax_cache_attention_inputs_hide_empty_slots(keys_format, values_format):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
     from kvquant.cache import JaxLayerCache
 
     q, k, v = data(new=1, tokens=40, kv_heads=2, groups=2)
-    cache = JaxLayerCache.create(1, 2, 64, capacity=64, keys="int4", values="int8", residual=8)
+    cache = JaxLayerCache.create(1, 2, 64, capacity=64, keys=keys_format, values=values_format, residual=8)
     cache, *_ = jax.jit(JaxLayerCache.append)(cache, jnp.asarray(k), jnp.asarray(v))
     keys, values, mask = cache.attention_inputs()
     out = np.asarray(attend(jnp.asarray(q), keys, values, mask=mask, causal=False), np.float64)
-    # The same 40 tokens: 32 quantized, 8 in the window.
-    ref = reference_attention(jnp.asarray(q), History(kvquant.quantize(jnp.asarray(k[:, :, :32]), "int4"), jnp.asarray(k[:, :, 32:])),
-                              History(kvquant.quantize(jnp.asarray(v[:, :, :32]), "int8"), jnp.asarray(v[:, :, 32:])))
+
+    # The same 40 tokens: 32 quantized (or kept in full precision: every token), 8 in the window.
+    def held(x, fmt):
+        x = jnp.asarray(x)
+        return History(None, x) if fmt is None else History(kvquant.quantize(x[:, :, :32], fmt), x[:, :, 32:])
+
+    ref = reference_attention(jnp.asarray(q), held(k, keys_format), held(v, values_format))
     check(out, ref, v, "jax cache")
 
 
