@@ -5,7 +5,6 @@ Prints a JSON report: one row per (layout, formats), with --time also the median
 append and attention times sharded and unsharded (informative only); and what
 ``create`` says to placements it refuses."""
 import json
-import re
 import sys
 import time
 
@@ -14,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_sharding_check import collectives  # this script's folder is on sys.path
 from kvquant.attention import attend, reference_attention
 from kvquant.cache import JaxLayerCache
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # (name, mesh shape, mesh axis names, cache spec, batch, kv_heads, query heads per kv head)
 LAYOUTS = [
     ("kv_heads", (8,), ("heads",), P(None, "heads"), 1, 8, 2),
@@ -31,15 +30,6 @@ FORMATS = [
 ]
 HEAD_DIM, CAPACITY, RESIDUAL = 64, 96, 16
 STEPS = (40, 1, 1, 1, 7, 1)  # a prefill, decode steps, a chunk: tokens cross the window every time
-
-
-def collectives(hlo: str):
-    found = {}
-    for name in COLLECTIVES:
-        n = len(re.findall(rf"\s{name}(?:-start)?\(", hlo))
-        if n:
-            found[name] = n
-    return found
 
 
 def same_bits(a, b) -> bool:
