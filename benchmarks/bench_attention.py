@@ -8,7 +8,7 @@ history (issue 18's benchmark):
 Candidates: torch's scaled_dot_product_attention over a float32 and over a bfloat16
 history; dequantize-then-SDPA (what a cache that hands attention a dequantized copy
 does); kvquant.attention over the codes with compiled=True (on the CPU: kvquant's C++
-kernel, backends/cpu_decode_attention.cpp), the same through torch.compile's fused
+kernel, backends/cpu_kernel/decode_attention.cpp), the same through torch.compile's fused
 loops (what compiled=True runs on other devices, or where no C++ compiler is found),
 and eager (chunks), for INT8, FP8 and INT4 g64. Also: bytes each reads per step and the
 bandwidth it achieves as a fraction of a same-run copy of the float32 history (the
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import kvquant
 from kvquant.attention import History, attend
-from kvquant.backends import torch_attention
+from kvquant.backends.torch import attention as torch_attention
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 FORMATS = [("int8", {}), ("fp8", {}), ("int4", {"group_size": 64})]

@@ -102,7 +102,7 @@ def plain_quantizers(name, variant):
     if variant == "compile":
         import torch
 
-        from kvquant.backends.torch_backend import COMPILE_OPTIONS
+        from kvquant.backends.torch.graphs import COMPILE_OPTIONS
 
         wrap = lambda fn: torch.compile(fn, **COMPILE_OPTIONS)  # noqa: E731
     elif variant == "jit":

@@ -17,7 +17,7 @@ _REFERENCE_CACHE: Dict[str, Dict[str, np.ndarray]] = {}
 
 
 def reference_backend():
-    from kvquant.backends.numpy_backend import create_backend
+    from kvquant.backends.numpy import create_backend
 
     return create_backend()
 

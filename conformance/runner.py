@@ -201,7 +201,7 @@ def with_arbiter(m: Mismatch, ops, case: Case, output: str) -> Mismatch:
     except ImportError:
         return m
     from kvquant._ops import BackendOps
-    from kvquant.backends.numpy_backend import NumpyRuntime
+    from kvquant.backends.numpy.runtime import NumpyRuntime
 
     judge = BackendOps("transcription", NumpyRuntime(), kernels)
     try:

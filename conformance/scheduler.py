@@ -96,10 +96,10 @@ def _empty_compile_caches() -> Dict[str, str]:
     import os
 
     empty = {}
-    torch_backend = sys.modules.get("kvquant.backends.torch_backend")
-    if torch_backend is not None:
+    torch_graphs = sys.modules.get("kvquant.backends.torch.graphs")
+    if torch_graphs is not None:
         # The graphs saved for this kvquant and torch; where saving is off, Inductor's.
-        graphs, suffix = torch_backend.saved_graphs_dir(), ".pt2"
+        graphs, suffix = torch_graphs.saved_graphs_dir(), ".pt2"
         try:
             if graphs is None:
                 from torch._inductor.runtime.cache_dir_utils import default_cache_dir

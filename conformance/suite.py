@@ -117,9 +117,7 @@ def implements(ops, spec: C.Spec) -> bool:
     are optional: a backend written for v1 stays checkable)."""
     from kvquant._ops import CONTRACT
 
-    info = spec.info
-    names = [f"{info.kernel}_quantize", f"{info.kernel}_dequantize"] if info.kernel else []
-    return all(n in CONTRACT or getattr(ops.kernels, n, None) is not None for n in names)
+    return all(n in CONTRACT or getattr(ops.kernels, n, None) is not None for n in spec.info.kernel_names)
 
 
 def _unimplemented_check(ops, fmt, required: bool) -> Check:
@@ -133,7 +131,7 @@ def _unimplemented_check(ops, fmt, required: bool) -> Check:
             return []
         return [Mismatch(ops.name, ops.variant, cid, info.quantize_method, "*",
                          f"{fmt.value} (spec v{info.spec_version}) is not implemented, and spec "
-                         f"v{info.spec_version} is required: its kernels lack {info.kernel}_quantize / _dequantize")]
+                         f"v{info.spec_version} is required: its kernels lack {' / '.join(info.kernel_names)}")]
     return Check(cid, ops.name, ops.variant, UNIMPLEMENTED, fmt.value, "any", run, not_implemented=True,
                  format=fmt.value)
 

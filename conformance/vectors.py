@@ -274,7 +274,7 @@ def generate(version: str = "1") -> dict:
     return {
         "algorithm": "kvquant KV-cache quantization",
         "specVersion": version,
-        "generator": "kvquant.backends.numpy_backend (reference)",
+        "generator": "kvquant.backends.numpy (reference)",
         "encoding": "arrays are the hex of their little-endian bytes; codes are e4m3fn bytes, int8 or packed uint8",
         "numberOfTests": tc_id,
         "notes": {k: v for k, v in NOTES.items() if k in used},

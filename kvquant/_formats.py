@@ -1,6 +1,6 @@
 """One table of formats: everything that differs between them, so that the API, the
 conformance suite and the golden vectors ask the table instead of branching on
-``Format``. A new format is one entry here plus its kernels."""
+``Format``. What else a new format touches: docs/formats.md, "Adding a format"."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +20,9 @@ class FormatInfo:
     per group of ``group_size`` elements inside a token), "channel" (a scale and a zero
     per channel and block of ``group_size`` tokens along the token axis, spec v1.1).
     ``levels``: the largest code of an asymmetric format (15 for 4 bits, 3 for 2).
-    ``kernel``: the stem of its kernels' names (``<kernel>_quantize``, ``_dequantize``)."""
+    ``kernel``: the stem of its kernels' names (``<kernel>_quantize``, ``_dequantize``),
+    or ``quantize_kernel`` and ``dequantize_kernel`` where they are named otherwise;
+    ``kernel_names`` is the pair every backend's kernels provide (kvquant._ops.CONTRACT)."""
 
     format: Format
     code_dtype: str
@@ -33,6 +35,12 @@ class FormatInfo:
     levels: int = 0
     spec_version: str = "1"
     kernel: str = ""
+    quantize_kernel: str = ""
+    dequantize_kernel: str = ""
+
+    @property
+    def kernel_names(self) -> Tuple[str, str]:
+        return (self.quantize_kernel or f"{self.kernel}_quantize", self.dequantize_kernel or f"{self.kernel}_dequantize")
 
     @property
     def has_zeros(self) -> bool:
@@ -98,10 +106,12 @@ FORMATS = {
     info.format: info
     for info in (
         FormatInfo(Format.FP8_PER_TOKEN, "float8_e4m3fn", 1, "token",
-                   "quantize_kv_fp8_per_token", "dequantize_kv_fp8_per_token"),
+                   "quantize_kv_fp8_per_token", "dequantize_kv_fp8_per_token",
+                   quantize_kernel="fp8_quantize_per_token", dequantize_kernel="fp8_dequantize"),
         FormatInfo(Format.FP8_PER_TENSOR, "float8_e4m3fn", 1, "tensor",
-                   "quantize_kv_fp8_per_tensor", "dequantize_kv_fp8_per_tensor", static_scale=True),
-        FormatInfo(Format.INT8, "int8", 1, "token", "quantize_kv_int8", "dequantize_kv_int8"),
+                   "quantize_kv_fp8_per_tensor", "dequantize_kv_fp8_per_tensor", static_scale=True,
+                   quantize_kernel="fp8_quantize_per_tensor", dequantize_kernel="fp8_dequantize"),
+        FormatInfo(Format.INT8, "int8", 1, "token", "quantize_kv_int8", "dequantize_kv_int8", kernel="int8"),
         FormatInfo(Format.INT4, "uint8", 2, "group", "quantize_kv_int4", "dequantize_kv_int4",
                    group_sizes=GROUP_SIZES, levels=15, kernel="int4"),
         FormatInfo(Format.INT2, "uint8", 4, "group", "quantize_kv_int2", "dequantize_kv_int2",

@@ -148,12 +148,16 @@ class KernelSet:
                 setattr(self, name, fn)
 
 
-CONTRACT = ("fp8_quantize_per_token", "fp8_quantize_per_tensor", "fp8_dequantize", "int8_quantize",
-            "int8_dequantize", "int4_quantize", "int4_dequantize")
+def _kernels_of(spec_version: str) -> Tuple[str, ...]:
+    names = (n for info in FORMATS.values() if info.spec_version == spec_version for n in info.kernel_names)
+    return tuple(dict.fromkeys(names))
+
+
+# The kernels every backend provides, named by the format table.
+CONTRACT = _kernels_of("1")
 # Spec v1.1's kernels, optional: a backend without them is reported as not implementing
 # those formats (BackendOps._kernel).
-CONTRACT_V11 = ("int2_quantize", "int2_dequantize", "int4_channel_quantize", "int4_channel_dequantize",
-                "int2_channel_quantize", "int2_channel_dequantize")
+CONTRACT_V11 = _kernels_of("1.1")
 
 
 class BackendOps:
@@ -420,7 +424,7 @@ class BackendOps:
         """The kernels' function for a format, or NotImplementedError naming the spec
         version: a backend written for v1 is still checked on v1 (the suite reports the
         v1.1 formats it lacks as not implemented)."""
-        name = f"{info.kernel}_{stage}"
+        name = info.kernel_names[("quantize", "dequantize").index(stage)]
         fn = getattr(self.kernels, name, None)
         if fn is None:
             raise NotImplementedError(

@@ -18,9 +18,9 @@ ENTRY_POINT_GROUP = "kvquant.backends"
 
 # name -> (module that must already be imported for dispatch, module holding the backend)
 BUILTIN_BACKENDS = {
-    "numpy": ("numpy", "kvquant.backends.numpy_backend"),
-    "torch": ("torch", "kvquant.backends.torch_backend"),
-    "jax": ("jax", "kvquant.backends.jax_backend"),
+    "numpy": ("numpy", "kvquant.backends.numpy"),
+    "torch": ("torch", "kvquant.backends.torch"),
+    "jax": ("jax", "kvquant.backends.jax"),
 }
 
 _lock = threading.RLock()

@@ -39,7 +39,7 @@ ROUND_MAGIC_SIGNED_BITS = 0x4B400000  # 1.5 * 2^23
 ROUND_MAGIC_UNSIGNED_BITS = 0x4B000000  # 2^23
 E4M3_SUBNORMAL_SHIFTER_BITS = 0x46800000  # 2^14
 
-# Bit patterns of the NumPy reference's integer and splitting methods (numpy_backend.py
+# Bit patterns of the NumPy reference's integer and splitting methods (backends/numpy/kernels.py
 # says why each agrees with the float operation it replaces).
 INF_BITS = 0x7F800000  # +inf; every NaN's magnitude bits lie above it
 ABS_MASK_BITS = 0x7FFFFFFF  # clears the sign bit

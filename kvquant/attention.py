@@ -16,7 +16,7 @@ scores, a ``-inf`` entry hiding its token even where its key is NaN.
 In decode (one query token) no full-precision copy of the history is made:
 
 * **compiled=True in PyTorch, on the CPU**: kvquant's C++ kernel
-  (backends/cpu_decode_attention.cpp, built with the system's compiler on first use
+  (backends/cpu_kernel/decode_attention.cpp, built with the system's compiler on first use
   and cached on disk): each block of 32 tokens is dequantized into a buffer that stays
   in the CPU's L1 cache, read there by every query row of its KV head, with the work
   split across threads by heads and token ranges (flash-decoding);
@@ -64,11 +64,9 @@ def attend(query: Any, keys: Any, values: Any, *, scale: Optional[float] = None,
     # Each backend's runtime provides its attention (protocols.Runtime.attend), as its
     # kernels provide quantization; NumPy's is the float64 reference below.
     backend_attend = getattr(runtime, "attend", None)
-    if backend_attend is not None:
-        return backend_attend(query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
-    if runtime.name == "numpy":
-        return reference_attention(query, keys, values, scale=scale, causal=causal, mask=mask)
-    raise TypeError(f"the {runtime.name} backend provides no attention (its runtime has no attend)")
+    if backend_attend is None:
+        raise TypeError(f"the {runtime.name} backend provides no attention (its runtime has no attend)")
+    return backend_attend(query, keys, values, float(scale), causal, mask, compiled, chunk_tokens)
 
 
 def _check(query, keys: History, values: History) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 import kvquant_example_backend.kernels as spec_kernels
 from kvquant._ops import CONTRACT, CONTRACT_V11, BackendOps
-from kvquant.backends.numpy_backend import NumpyRuntime
+from kvquant.backends.numpy.runtime import NumpyRuntime
 
 F32 = np.float32
 k = spec_kernels

@@ -63,7 +63,7 @@ def run(path, query, keys, values, **kw):
     import contextlib
     from unittest import mock
 
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
 
     name, framework, compiled = path
     extra = {"compiled": compiled, "chunk_tokens": 96} if framework == "torch" else {}
@@ -81,7 +81,7 @@ def run(path, query, keys, values, **kw):
 @pytest.fixture
 def no_cpu_kernel(monkeypatch):
     """compiled=True through torch.compile's graph, as on a device other than the CPU."""
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
 
     monkeypatch.setattr(torch_attention, "CPU_KERNEL", False)
 
@@ -263,7 +263,7 @@ def test_compiled_attention_compiles_once_for_decode(keys, values, every, no_cpu
     # to SDPA and compile nothing.
     from torch._dynamo.utils import counters
 
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
     from kvquant.cache import LayerCache
 
     torch_attention.reset_compiled()
@@ -309,7 +309,7 @@ def test_compiled_attention_calls_its_graph_without_dynamo_and_falls_back_to_it(
     for (a mask) fails the check and is Dynamo's, and still honours the mask, until
     enough such calls get a graph of their own; where torch cannot compile ahead of
     time, Dynamo serves every call."""
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
 
     q, k, v = data(new=1, tokens=300)
     tq = to("torch", q)
@@ -374,7 +374,7 @@ def test_detached_arrays_live_as_long_as_their_history():
     it, or every history a cache ever handed out would keep its buffers alive."""
     import gc
 
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
 
     q = kvquant.quantize(torch.randn(1, 2, 64, 64), "int4")
     first = torch_attention._detached(q)
@@ -556,7 +556,8 @@ def test_cpu_kernel_avx2_build_within_the_bound():
     code = """
 import numpy as np, torch, kvquant
 from kvquant.attention import History, reference_attention
-from kvquant.backends import cpu_kernel, torch_attention
+from kvquant.backends import cpu_kernel
+from kvquant.backends.torch import attention as torch_attention
 assert "avx2" in cpu_kernel.describe(), cpu_kernel.describe()
 rng = np.random.default_rng(0)
 worst = 0.0

@@ -228,26 +228,26 @@ def test_first_run_says_the_compile_caches_are_empty(tmp_path, monkeypatch, caps
 
     import importlib
 
-    torch_backend = importlib.import_module("kvquant.backends.torch_backend")
+    torch_graphs = importlib.import_module("kvquant.backends.torch.graphs")
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path / "graphs"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     try:
         # The graphs saved for this kvquant (the compiled variant's cache) ...
-        torch_backend.saved_graphs_dir.cache_clear()
+        torch_graphs.saved_graphs_dir.cache_clear()
         assert "torch.compile's" in cli._empty_compile_caches().values()
         (tmp_path / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
         assert "torch.compile's" in cli._empty_compile_caches().values()
-        with open(os.path.join(torch_backend.saved_graphs_dir(), "int8_quantize-0.pt2"), "wb"):
+        with open(os.path.join(torch_graphs.saved_graphs_dir(), "int8_quantize-0.pt2"), "wb"):
             pass
         assert "torch.compile's" not in cli._empty_compile_caches().values()
         # ... or, where saving is off, Inductor's.
         monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", "0")
-        torch_backend.saved_graphs_dir.cache_clear()
+        torch_graphs.saved_graphs_dir.cache_clear()
         assert "torch.compile's" not in cli._empty_compile_caches().values()
         (tmp_path / "inductor" / "fxgraph" / "ab").rmdir()
         assert "torch.compile's" in cli._empty_compile_caches().values()
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        torch_graphs.saved_graphs_dir.cache_clear()
 
     def header(empty, deferred=0):
         args = argparse.Namespace(full=False, variant=[], no_progress=True, json=None)

@@ -12,7 +12,7 @@ import pytest
 
 import kvquant
 from conftest import assert_same_bits
-from kvquant.backends import numpy_backend as ref
+from kvquant.backends.numpy import kernels as ref
 
 BACKENDS = ["torch", "jax"]
 OUT_DTYPES = ["float32", "float16", "bfloat16"]
@@ -21,7 +21,7 @@ LOWEST_BINADE = np.float32(1.5 * 2.0**-126)  # with zero 0, q = 1 dequantizes to
 
 def backend(name):
     pytest.importorskip(name)
-    return importlib.import_module(f"kvquant.backends.{name}_backend"), kvquant.get_backend(name).runtime
+    return importlib.import_module(f"kvquant.backends.{name}.kernels"), kvquant.get_backend(name).runtime
 
 
 def tokens():

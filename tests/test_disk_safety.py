@@ -266,7 +266,7 @@ def test_the_real_kernel_builds_with_an_unusable_home_and_leaves_nothing(tmp_pat
 
 # ---------------------------------------------------------------- saved torch graphs
 def test_saved_graphs_never_delete_a_users_folders(tmp_path, monkeypatch):
-    torch_backend = pytest.importorskip("kvquant.backends.torch_backend")
+    torch_graphs = pytest.importorskip("kvquant.backends.torch.graphs")
     root = tmp_path / "projects"  # KVQUANT_TORCH_GRAPHS_DIR pointed at a folder of the user's
     root.mkdir(mode=0o700)
     for i in range(5):
@@ -277,28 +277,28 @@ def test_saved_graphs_never_delete_a_users_folders(tmp_path, monkeypatch):
     for i, path in enumerate(old):
         os.utime(path, (10 + i, 10 + i))
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(root))
-    torch_backend.saved_graphs_dir.cache_clear()
+    torch_graphs.saved_graphs_dir.cache_clear()
     try:
-        current = torch_backend.saved_graphs_dir()
+        current = torch_graphs.saved_graphs_dir()
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        torch_graphs.saved_graphs_dir.cache_clear()
     assert current is not None and _cache_dir.is_owned(current)
     assert all((root / f"project-{i}" / "main.py").read_text() == "print('mine')" for i in range(5))
-    kept = torch_backend.GRAPH_DIRS_KEPT - 1
+    kept = torch_graphs.GRAPH_DIRS_KEPT - 1
     assert [os.path.exists(p) for p in old] == [False] * (4 - kept) + [True] * kept
 
 
 def test_saved_graphs_refuse_a_shared_root(tmp_path, monkeypatch):
-    torch_backend = pytest.importorskip("kvquant.backends.torch_backend")
+    torch_graphs = pytest.importorskip("kvquant.backends.torch.graphs")
     monkeypatch.setattr(_cache_dir, "_WARNED", set())
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(shared))
-    torch_backend.saved_graphs_dir.cache_clear()
+    torch_graphs.saved_graphs_dir.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="writable by other users"):
-            assert torch_backend.saved_graphs_dir() is None
+            assert torch_graphs.saved_graphs_dir() is None
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        torch_graphs.saved_graphs_dir.cache_clear()
     assert os.listdir(shared) == []

@@ -29,10 +29,10 @@ def test_dispatching_a_numpy_array_imports_no_framework():
 
 
 def test_installed_names_are_namespaced():
-    import kvquant.backends.numpy_backend as ref
+    import kvquant.backends.numpy.kernels as ref
     import kvquant.conformance.runner as runner
 
-    assert ref.__name__ == "kvquant.backends.numpy_backend"
+    assert ref.__name__ == "kvquant.backends.numpy.kernels"
     assert runner.__name__ == "kvquant.conformance.runner"
     code = "import importlib.util as u; print(u.find_spec('backends'), u.find_spec('conformance'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
@@ -50,7 +50,8 @@ def test_wheel_ships_namespaced_packages_and_vectors(tmp_path):
     (wheel,) = tmp_path.glob("kvquant_bitexact-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"kvquant"}
-    for required in ("kvquant/backends/numpy_backend.py", "kvquant/backends/torch_backend.py", "kvquant/backends/jax_backend.py",
+    for required in ("kvquant/backends/numpy/kernels.py", "kvquant/backends/torch/kernels.py", "kvquant/backends/jax/kernels.py",
+                     "kvquant/backends/torch/attention.py", "kvquant/backends/cpu_kernel/decode_attention.cpp",
                      "kvquant/conformance/plugin.py", "kvquant/conformance/vectors/kvquant-v1.json"):
         assert required in names
 

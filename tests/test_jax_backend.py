@@ -137,7 +137,7 @@ def test_same_bits_with_x64_enabled():
 
 # ------------------------------------------------------------- e4m3 encoder
 def _encode_under_jit(values):
-    from kvquant.backends.jax_backend import encode_e4m3
+    from kvquant.backends.jax.kernels import encode_e4m3
 
     return np.asarray(jax.jit(lambda f: jax.lax.bitcast_convert_type(encode_e4m3(f), jnp.uint8))(jnp.asarray(values)))
 
@@ -229,15 +229,15 @@ def test_code_unpacking_gives_the_spec_codes(width, codes_per_byte, jitted):
     # The JAX unpacker reads four bytes as one word, with fallbacks for other widths;
     # kvquant/_formulas.py writes the spec's unpacking. Every byte at every position.
     from kvquant import _formulas
-    from kvquant.backends import jax_backend
+    from kvquant.backends.jax import kernels as jax_kernels
 
     rows = np.arange(256 * 4)
     packed = np.stack([(rows >> (2 * (i % 4))) % 256 for i in range(width)], axis=-1).astype(np.uint8)
     packed = jnp.asarray(np.concatenate([packed, packed[::-1]]).reshape(-1, 2, width))  # leading axes too
-    unpack = jax_backend.unpack_codes
+    unpack = jax_kernels.unpack_codes
     if jitted:
         unpack = jax.jit(unpack, static_argnums=1)
-    want = _formulas.unpack_codes(jax_backend.M, packed, codes_per_byte)
+    want = _formulas.unpack_codes(jax_kernels.M, packed, codes_per_byte)
     assert_same_bits(np.asarray(want), np.asarray(unpack(packed, codes_per_byte)), "codes")
 
 

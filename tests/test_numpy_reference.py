@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import kvquant_example_backend.kernels as transcription
 from conftest import assert_same_bits, check_e4m3_encoder
-from kvquant.backends import numpy_backend as ref
+from kvquant.backends.numpy import kernels as ref
 from kvquant.conformance.cases import Format, all_specs
 from kvquant.conformance.runner import CALLER_PARAM_FLOORS, caller_param_inputs
 

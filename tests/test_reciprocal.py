@@ -23,10 +23,10 @@ def test_jax_reciprocal_is_correctly_rounded_under_jit(method):
     # reciprocal_rn divides on the CPU: this proves XLA's CPU division is IEEE. The
     # long division is what other platforms run; here it runs on the CPU.
     jax = pytest.importorskip("jax")
-    from kvquant.backends import jax_backend
+    from kvquant.backends.jax import kernels as jax_kernels
 
     s, ref = samples()
-    got = np.asarray(jax.jit(getattr(jax_backend, method))(jax.numpy.asarray(s)))
+    got = np.asarray(jax.jit(getattr(jax_kernels, method))(jax.numpy.asarray(s)))
     bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
 
@@ -36,10 +36,10 @@ def test_torch_compiled_reciprocal_is_correctly_rounded(method):
     # reciprocal_rn divides on the CPU: this proves Inductor's C++ division is IEEE.
     # The long division is what other devices run; here it runs compiled on the CPU.
     torch = pytest.importorskip("torch")
-    from kvquant.backends import torch_backend
+    from kvquant.backends.torch import kernels as torch_kernels
 
     s, ref = samples()
-    got = torch.compile(getattr(torch_backend, method), fullgraph=True)(torch.from_numpy(s)).numpy()
+    got = torch.compile(getattr(torch_kernels, method), fullgraph=True)(torch.from_numpy(s)).numpy()
     bad = np.flatnonzero(got.view(np.uint32) != ref.view(np.uint32))
     assert bad.size == 0, f"1/{s[bad[0]]!r}: expected {ref[bad[0]]!r}, got {got[bad[0]]!r}"
 

@@ -71,19 +71,19 @@ def test_compiled_kernel_first_called_on_few_tokens_keeps_a_parallel_loop(saved,
         pytest.skip("one intra-op thread: nothing to run in parallel")
     from torch._inductor.utils import run_and_get_code
 
-    from kvquant.backends import torch_backend
+    from kvquant.backends.torch import graphs, kernels
 
     torch._dynamo.reset()
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path))  # compiled here, not loaded
-    monkeypatch.setattr(torch_backend, "SAVE_COMPILED", saved)
-    torch_backend.saved_graphs_dir.cache_clear()
+    monkeypatch.setattr(graphs, "SAVE_COMPILED", saved)
+    graphs.saved_graphs_dir.cache_clear()
     try:
-        kernel = torch_backend._compile(torch_backend.int8_dequantize)
+        kernel = graphs.compile_unit(kernels.int8_dequantize)
         # Dynamo's path would read Inductor's cache; a saved graph's compile never does.
         with torch._inductor.config.patch(force_disable_caches=not saved):
             _, sources = run_and_get_code(kernel, torch.ones((4, 64), dtype=torch.int8), torch.ones((4, 1)), "float32")
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        graphs.saved_graphs_dir.cache_clear()
     assert sources and all("#pragma omp parallel" in src for src in sources)
     assert bool(list(tmp_path.glob("*/*.pt2"))) == saved
 
@@ -141,7 +141,7 @@ def test_code_packing_gives_the_spec_bytes(width, codes_per_byte, compiled):
     # the width is not a multiple of four; kvquant/_formulas.py writes the spec's packing.
     # Every code value at every position within a word, in both directions.
     from kvquant import _formulas
-    from kvquant.backends import torch_backend
+    from kvquant.backends.torch import kernels
 
     levels = 1 << (8 // codes_per_byte)
     if width % codes_per_byte:
@@ -149,8 +149,8 @@ def test_code_packing_gives_the_spec_bytes(width, codes_per_byte, compiled):
     rows = torch.arange(levels ** 4 * 4)
     codes = torch.stack([(rows // levels ** (i % 4)) % levels for i in range(width)], dim=-1).to(torch.uint8)
     codes = torch.cat([codes, codes.flip(-1)]).reshape(-1, 2, width)  # leading axes too
-    spec = _formulas.pack_codes(torch_backend.M, codes, codes_per_byte)
-    pack, unpack = torch_backend.pack_codes, torch_backend.unpack_codes
+    spec = _formulas.pack_codes(kernels.M, codes, codes_per_byte)
+    pack, unpack = kernels.pack_codes, kernels.unpack_codes
     if compiled:
         torch._dynamo.reset()
         pack = torch.compile(pack, fullgraph=True, dynamic=False)
@@ -160,7 +160,7 @@ def test_code_packing_gives_the_spec_bytes(width, codes_per_byte, compiled):
 
 
 def _encode_compiled(values):
-    from kvquant.backends.torch_backend import encode_e4m3_words
+    from kvquant.backends.torch.kernels import encode_e4m3_words
 
     encode = torch.compile(lambda y: encode_e4m3_words(y).to(torch.uint8), fullgraph=True, dynamic=True)
     return encode(torch.from_numpy(values)).numpy()
@@ -180,7 +180,7 @@ def test_e4m3_bit_decoder_is_exact_on_every_code():
     all 256 codes: 254 values, and the two NaN codes flagged."""
     import ml_dtypes
 
-    from kvquant.backends.torch_backend import decode_e4m3_scaled
+    from kvquant.backends.torch.kernels import decode_e4m3_scaled
 
     codes = np.arange(256, dtype=np.uint8)
     expected = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
@@ -246,11 +246,11 @@ def test_a_saved_graph_serves_only_calls_its_guards_accept(tmp_path, monkeypatch
     """Every call whose file name is the same (forced here) but whose dtype, width,
     output dtype or token count 0/1 differ is compiled anew, not served by the graph
     saved on disk for another: each gives the reference's bits."""
-    from kvquant.backends import torch_backend
+    from kvquant.backends.torch import graphs
 
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path / "graphs"))
-    monkeypatch.setattr(torch_backend, "_specialisation", lambda args: "one file for every call")
-    torch_backend.saved_graphs_dir.cache_clear()
+    monkeypatch.setattr(graphs, "_specialisation", lambda args: "one file for every call")
+    graphs.saved_graphs_dir.cache_clear()
     ops = kvquant.get_backend("torch").variants()["compile"]
     ops.kernels.release()
     try:
@@ -267,7 +267,7 @@ def test_a_saved_graph_serves_only_calls_its_guards_accept(tmp_path, monkeypatch
         files = list((tmp_path / "graphs").glob("*/*.pt2"))
         assert {f.name.split("-")[0] for f in files} == {"int8_quantize", "int8_dequantize"}
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        graphs.saved_graphs_dir.cache_clear()
         ops.kernels.release()
 
 
@@ -277,26 +277,26 @@ def test_saved_graphs_are_kept_apart_by_kvquant_source(tmp_path, monkeypatch):
     elsewhere keeps them; saving off (KVQUANT_TORCH_GRAPHS_DIR=0) saves nothing."""
     import shutil
 
-    from kvquant.backends import torch_backend
+    from kvquant.backends.torch import graphs
 
     copy = tmp_path / "kvquant"
     shutil.copytree(os.path.dirname(kvquant.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(kvquant, "__file__", str(copy / "__init__.py"))
     monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", str(tmp_path / "graphs"))
     try:
-        torch_backend.saved_graphs_dir.cache_clear()
-        before = torch_backend.saved_graphs_dir()
+        graphs.saved_graphs_dir.cache_clear()
+        before = graphs.saved_graphs_dir()
         with open(copy / "cli.py", "a") as f:
             f.write("\n# no kernel reads the command's code\n")
-        torch_backend.saved_graphs_dir.cache_clear()
-        assert torch_backend.saved_graphs_dir() == before
-        with open(copy / "_types.py", "a") as f:  # imported by _formats, imported by _ops
+        graphs.saved_graphs_dir.cache_clear()
+        assert graphs.saved_graphs_dir() == before
+        with open(copy / "_spec.py", "a") as f:  # imported by the kernels
             f.write("\n# a changed constant would change the graphs\n")
-        torch_backend.saved_graphs_dir.cache_clear()
-        after = torch_backend.saved_graphs_dir()
+        graphs.saved_graphs_dir.cache_clear()
+        after = graphs.saved_graphs_dir()
         assert before != after and os.path.dirname(before) == os.path.dirname(after)
         monkeypatch.setenv("KVQUANT_TORCH_GRAPHS_DIR", "0")
-        torch_backend.saved_graphs_dir.cache_clear()
-        assert torch_backend.saved_graphs_dir() is None
+        graphs.saved_graphs_dir.cache_clear()
+        assert graphs.saved_graphs_dir() is None
     finally:
-        torch_backend.saved_graphs_dir.cache_clear()
+        graphs.saved_graphs_dir.cache_clear()

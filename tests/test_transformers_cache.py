@@ -172,7 +172,7 @@ def test_the_default_cache_reads_the_codes_in_generate(model, prompt, compiled, 
     dequantized history is built) and generation gives the tokens of the
     dequantize-then-attend path, eager and compiled (on the CPU: the C++ kernel, which
     must serve every decode step). Other caches then get the model's previous attention."""
-    from kvquant.backends import torch_attention
+    from kvquant.backends.torch import attention as torch_attention
 
     if compiled:
         def not_served(*args, **kw):

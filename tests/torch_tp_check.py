@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from kvquant.backends import torch_attention
+from kvquant.backends.torch import attention as torch_attention
 from kvquant.integrations.transformers import KvquantCache
 
 # (name, KvquantCache options): INT8 with the tokens in the window, as issue 35 asks,

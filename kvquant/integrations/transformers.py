@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attention import DEFAULT_CHUNK_TOKENS, attend
-from ..backends import torch_attention
+from ..backends.torch import attention as torch_attention
 from ..cache import LayerCache
 
 __all__ = ["KvquantCache", "KvquantLayer", "cache_argument"]

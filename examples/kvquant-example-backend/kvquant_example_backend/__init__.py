@@ -7,7 +7,7 @@ and the seed's method surface borrowed from kvquant.
     pytest --kvquant-backend example
 """
 from kvquant import BackendOps
-from kvquant.backends.numpy_backend import NumpyRuntime
+from kvquant.backends.numpy.runtime import NumpyRuntime
 
 from . import kernels
 

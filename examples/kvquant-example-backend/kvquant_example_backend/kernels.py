@@ -2,7 +2,7 @@
 
 This is what a third-party backend looks like: kernels on ``[tokens, head_dim]``
 arrays, written from the spec alone. kvquant's own tests also use it as an
-independent check on the reference: where backends/numpy_backend.py uses bit
+independent check on the reference: where backends/numpy/kernels.py uses bit
 manipulation or skips a step by proof, this file does the written operation
 (ml_dtypes' cast, np.rint, np.clip, an explicit flush at every step).
 """

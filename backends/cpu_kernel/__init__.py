@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (cpu_decode_attention.cpp): built with the system's
+"""The CPU decode-attention kernel (decode_attention.cpp): built with the system's
 C++ compiler on first use, cached on disk, called through ctypes with raw pointers.
 
 Why a hand-written kernel: on a CPU, torch.compile's fused loops over the codes spend
@@ -36,7 +36,7 @@ from typing import Optional
 
 from kvquant import _cache_dir
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_decode_attention.cpp")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_attention.cpp")
 # KVQUANT_CPU_KERNEL_MARCH: another -march than native (e.g. x86-64-v3, AVX2 without
 # AVX-512, to measure that path on a machine that has both).
 FLAGS = ("-O3", f"-march={os.environ.get('KVQUANT_CPU_KERNEL_MARCH') or 'native'}", "-fopenmp", "-shared", "-fPIC",

@@ -1,4 +1,4 @@
-"""NumPy backend: the reference implementation of docs/spec.md.
+"""The NumPy kernels: the reference implementation of docs/spec.md.
 
 Every other backend is judged against the bits this file produces, so it follows
 the spec's formulas step by step. Each formula step is one NumPy operation on
@@ -8,8 +8,8 @@ Where this file uses integer arithmetic on float bits instead of a float operati
 the comment says why the two agree, and tests/test_numpy_reference.py checks the claim
 against a literal transcription of the spec.
 
-Same function names in every backend file (Keras 3 style), so backends can be
-read side by side:
+Same function names in every backend's kernels.py (Keras 3 style), so backends can
+be read side by side:
 
     fp8_quantize_per_token, fp8_quantize_per_tensor, fp8_dequantize,
     int8_quantize, int8_dequantize, int4_quantize, int4_dequantize,
@@ -18,7 +18,6 @@ read side by side:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -30,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from kvquant import _spec
-from kvquant._ops import CONTRACT, CONTRACT_V11, BackendOps, KernelSet, num_groups
+from kvquant._ops import num_groups
 
 NAME = "numpy"
 
@@ -771,83 +770,3 @@ def int2_channel_quantize(x: np.ndarray, group_size: int):
 
 def int2_channel_dequantize(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, out_dtype: str):
     return _dequantize_channel_blocks(packed, scales, zeros, group_size, out_dtype, 4)
-
-
-# ----------------------------------------------------------------- Runtime
-class NumpyRuntime:
-    """numr's ``Runtime`` for NumPy arrays: host memory, one device called ``cpu``."""
-
-    name = NAME
-
-    def is_array(self, obj) -> bool:
-        return isinstance(obj, np.ndarray)
-
-    def unsupported(self, arr) -> Optional[str]:
-        if isinstance(arr, np.ma.MaskedArray):
-            return ("NumPy masked arrays are not supported: kvquant would quantize the "
-                    "values under the mask as well; pass arr.filled(fill_value) or arr.data")
-        return None
-
-    def device(self, arr) -> str:
-        return "cpu"
-
-    def devices(self):
-        return ["cpu"]
-
-    def version(self) -> str:
-        return f"numpy {np.__version__}, ml_dtypes {ml_dtypes.__version__}"
-
-    def dtype(self, name: str):
-        try:
-            return _NP_DTYPES[name]
-        except KeyError:
-            raise TypeError(f"unknown dtype name {name!r}") from None
-
-    def dtype_name(self, arr) -> str:
-        return arr.dtype.name
-
-    def shape(self, arr):
-        return arr.shape
-
-    def reshape(self, arr, shape):
-        return arr.reshape(shape)
-
-    def to_numpy(self, arr) -> np.ndarray:
-        return arr
-
-    def from_numpy(self, arr: np.ndarray, device=None):
-        return np.asarray(arr)
-
-    def synchronize(self, device=None) -> None:
-        return None
-
-    @contextlib.contextmanager
-    def num_threads(self, n: int):
-        """Run the kernels on n threads (the conformance suite's thread-count invariance).
-        Process-wide, like torch.set_num_threads."""
-        global _threads
-        before, _threads = _threads, max(1, int(n))
-        try:
-            yield
-        finally:
-            _threads = before
-
-    def is_concrete(self, arr) -> bool:
-        return True
-
-    def first_nan_index(self, values) -> Optional[int]:
-        bad = np.flatnonzero(np.isnan(values))
-        return int(bad[0]) if bad.size else None
-
-
-runtime = NumpyRuntime()
-
-
-class _Kernels(KernelSet):
-    """The contract's functions of this module, as they are."""
-
-    UNITS = {name: () for name in CONTRACT + CONTRACT_V11}
-
-
-def create_backend() -> BackendOps:
-    return BackendOps(NAME, runtime, _Kernels(globals()), variant="eager")

@@ -1,6 +1,6 @@
-"""PyTorch backend: docs/spec.md on torch.Tensor, on the tensor's own device.
+"""The PyTorch kernels: docs/spec.md on torch.Tensor, on the tensor's own device.
 
-Same function names as numpy_backend.py. Every kernel is a straight line of
+Same function names as backends/numpy/kernels.py. Every kernel is a straight line of
 tensor operations with no data-dependent Python branch in the traced path, so
 the same code runs eagerly and under ``torch.compile(fullgraph=True)``. The
 few host checks that save a full pass in eager mode on the CPU (is any token
@@ -19,24 +19,16 @@ written out explicitly exactly where the spec lists them.
 """
 from __future__ import annotations
 
-import ast
-import contextlib
 import functools
-import hashlib
-import os
-import platform
-import sys
 from typing import Optional
 
 import torch
 
 from kvquant import _formulas, _spec
-from kvquant import _cache_dir
-from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
 
 NAME = "torch"
 
-_DTYPES = {
+DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -44,7 +36,6 @@ _DTYPES = {
     "int8": torch.int8,
     "uint8": torch.uint8,
 }
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 # A Python float holding the float32 value exactly; torch multiplies a float32 tensor
@@ -72,7 +63,7 @@ def _nan_like(ref: torch.Tensor, dtype_name: str = "float32") -> torch.Tensor:
     bits = _spec.NAN_BITS_BY_DTYPE[dtype_name]
     if dtype_name == "float32":
         return torch.tensor(bits - (1 << 32) if bits >= 1 << 31 else bits, dtype=torch.int32, device=ref.device).view(torch.float32)
-    return torch.tensor(bits - (1 << 16) if bits >= 1 << 15 else bits, dtype=torch.int16, device=ref.device).view(_DTYPES[dtype_name])
+    return torch.tensor(bits - (1 << 16) if bits >= 1 << 15 else bits, dtype=torch.int16, device=ref.device).view(DTYPES[dtype_name])
 
 
 class _TorchMath:
@@ -119,7 +110,7 @@ class _TorchMath:
 
     @staticmethod
     def flush_products(v, scales, zeros):
-        if _host_checks_allowed(v) and not bool(_asymmetric_at_risk(scales, zeros).any()):
+        if host_checks_allowed(v) and not bool(_asymmetric_at_risk(scales, zeros).any()):
             return v
         return flush_product(v)
 
@@ -138,7 +129,7 @@ class _TorchMath:
 M = _TorchMath
 
 
-def _host_checks_allowed(t: torch.Tensor) -> bool:
+def host_checks_allowed(t: torch.Tensor) -> bool:
     """A cheap host-side test may replace a full masked pass only in eager mode on the
     CPU, where reading one flag costs no device synchronisation (on CUDA it would be
     one per call; meta tensors have no values to read)."""
@@ -195,7 +186,7 @@ def _materialized(*params: torch.Tensor):
     """The same per-token or per-group tensors (one shape), computed once into a buffer
     before the element loops that read them; a bool tensor comes back as float32 0/1.
 
-    Speed only, no bits change; the counterpart of jax_backend._materialize. Compiled,
+    Speed only, no bits change; the counterpart of backends/jax/kernels.py's _materialize. Compiled,
     Inductor otherwise inlines the cheap per-token values (1 / scale, the poisoned flag,
     INT4's flushed minimum) into the element loop and redoes them for every 16 elements
     or every group (docs/performance.md). An opaque custom op is a buffer Inductor
@@ -233,7 +224,7 @@ def _zero_poisoned(y: torch.Tensor, poisoned: torch.Tensor) -> torch.Tensor:
     """Scaled values of poisoned tokens or groups become +0.0, hence code 0, before the
     cast. ``poisoned`` broadcasts against y. Masking float32 here, rather than the
     integer codes after the cast, keeps Inductor's loop vectorised."""
-    if _host_checks_allowed(y) and not bool(poisoned.any()):
+    if host_checks_allowed(y) and not bool(poisoned.any()):
         return y
     return torch.where(poisoned, torch.zeros((), dtype=y.dtype, device=y.device), y)
 
@@ -248,7 +239,7 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
     ``suspects`` (non-finite scales or zeros) lets eager mode on the CPU skip the NaN
     search when no parameter could have made one.
     """
-    if _host_checks_allowed(v) and suspects is not None and not bool(suspects.any()):
+    if host_checks_allowed(v) and suspects is not None and not bool(suspects.any()):
         return _rounded(v, out_dtype)
     # v != v: isnan, but vectorised by Inductor on the CPU (torch.isnan is not)
     return _to_output_nan_where(v, v != v, out_dtype)
@@ -256,7 +247,7 @@ def _to_output(v: torch.Tensor, out_dtype: str, suspects: Optional[torch.Tensor]
 
 def _rounded(v: torch.Tensor, out_dtype: str) -> torch.Tensor:
     """float32 values rounded once to out_dtype (no copy for float32)."""
-    return v if out_dtype == "float32" else v.to(_DTYPES[out_dtype])
+    return v if out_dtype == "float32" else v.to(DTYPES[out_dtype])
 
 
 def _to_output_nan_where(v: torch.Tensor, nan: torch.Tensor, out_dtype: str) -> torch.Tensor:
@@ -320,10 +311,10 @@ def fp8_quantize_per_token(x: torch.Tensor):
 def fp8_quantize_per_tensor(x: torch.Tensor, static_scale: Optional[float]):
     if static_scale is None:
         return _fp8_per_tensor_dynamic(x)
-    return _fp8_per_tensor_static(x, *_static_scale_args(static_scale, x.device))
+    return _fp8_per_tensor_static(x, *static_scale_args(static_scale, x.device))
 
 
-def _static_scale_args(static_scale: float, device):
+def static_scale_args(static_scale: float, device):
     """_spec.static_scale_parts as tensors on the input's device. Divided in the
     compiled kernel, Inductor redid the division and flush for every 16 elements."""
     scale, inv, flush_input = _spec.static_scale_parts(static_scale)
@@ -369,7 +360,7 @@ def decode_e4m3_scaled(codes: torch.Tensor):
     eagerly, from the bytes, a quarter of the traffic of the int32 words.
     """
     w = codes.view(torch.int8).to(torch.int32)
-    if not _host_checks_allowed(codes):
+    if not host_checks_allowed(codes):
         w = (w << 20) & _E4M3_SIGN_AND_MAGNITUDE
         return w.view(torch.float32), (w & 0x7FFFFFFF) == _E4M3_NAN_MAGNITUDE
     w.bitwise_left_shift_(20).bitwise_and_(_E4M3_SIGN_AND_MAGNITUDE)
@@ -383,7 +374,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN.
 
     scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked),
-    as jax_backend.fp8_dequantize: then no product falls below 2^-125 or is NaN, so only
+    as the JAX fp8_dequantize: then no product falls below 2^-125 or is NaN, so only
     NaN codes need the canonical NaN, and such scales are already canonical. The
     compiled kernels take it on the CPU; eager mode makes the same checks inside."""
     scaled, nan_codes = decode_e4m3_scaled(codes)
@@ -393,7 +384,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
             return _rounded(v, out_dtype)
         return _to_output_nan_where(v, nan_codes, out_dtype)
     scales = _canonical_params(scales)
-    if _host_checks_allowed(codes):
+    if host_checks_allowed(codes):
         # scale * 2^120 is exact below 2^8 (NaN and inf stay so): one product then.
         finite = torch.isfinite(scales)
         if not bool((finite & (scales.abs() >= 256.0)).any()):
@@ -406,7 +397,7 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     else:
         v = torch.where(nan_codes, float("nan"), scaled * _TWO_TO_120 * scales)
         suspects = None
-    if not _host_checks_allowed(v) or bool((scales < FP8_PLAIN_SCALE).any()):
+    if not host_checks_allowed(v) or bool((scales < FP8_PLAIN_SCALE).any()):
         v = flush_product(v)
     return _to_output(v, out_dtype, suspects)
 
@@ -423,7 +414,7 @@ def _clamp_proven(q: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     section 10: |x * inv| <= 127.00003, 0 <= (x - mn) * inv <= 15.000004). Compiled, it is
     free (fused) and stays as a guard; eager mode on the CPU skips the full pass, as the
     NumPy reference does."""
-    return q if _host_checks_allowed(q) else q.clamp_(lo, hi)
+    return q if host_checks_allowed(q) else q.clamp_(lo, hi)
 
 
 def int8_quantize(x: torch.Tensor):
@@ -617,447 +608,3 @@ def int2_channel_quantize(x: torch.Tensor, group_size: int):
 
 def int2_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
     return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype, _suspects(scales, zeros))
-
-
-# ----------------------------------------------------------------- Runtime
-class TorchRuntime:
-    """numr's ``Runtime`` for torch.Tensor: any device torch supports."""
-
-    name = NAME
-
-    @staticmethod
-    def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
-        """kvquant.attention for tensors (torch_attention.py, imported on first use:
-        it imports this module)."""
-        from . import torch_attention
-
-        return torch_attention.attend(query, keys, values, scale, causal, mask, compiled, chunk_tokens)
-
-    def is_array(self, obj) -> bool:
-        return isinstance(obj, torch.Tensor)
-
-    def unsupported(self, arr) -> Optional[str]:
-        if arr.layout != torch.strided:
-            return (f"{arr.layout} tensors are not supported: kvquant quantizes dense "
-                    "(strided) tensors; pass t.to_dense()")
-        return None
-
-    def device(self, arr) -> str:
-        return str(arr.device)
-
-    def devices(self):
-        found = ["cpu"]
-        if torch.cuda.is_available():
-            found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            found.append("mps")
-        return found
-
-    def version(self) -> str:
-        return f"torch {torch.__version__}"
-
-    def dtype(self, name: str):
-        try:
-            return _DTYPES[name]
-        except KeyError:
-            raise TypeError(f"unknown dtype name {name!r}") from None
-
-    def dtype_name(self, arr) -> str:
-        return _NAMES.get(arr.dtype, str(arr.dtype).replace("torch.", ""))
-
-    def shape(self, arr):
-        return tuple(arr.shape)
-
-    def reshape(self, arr, shape):
-        return arr.reshape(tuple(shape))
-
-    def to_numpy(self, arr):
-        import ml_dtypes
-
-        arr = arr.detach()
-        if arr.device.type != "cpu":
-            arr = arr.cpu()
-        if arr.dtype in (torch.bfloat16, torch.float8_e4m3fn):
-            # NumPy has no such dtypes: move the bits, then label them with ml_dtypes.
-            target = ml_dtypes.bfloat16 if arr.dtype == torch.bfloat16 else ml_dtypes.float8_e4m3fn
-            carrier = torch.int16 if arr.dtype == torch.bfloat16 else torch.uint8
-            return arr.contiguous().view(carrier).numpy().view(target)
-        return arr.contiguous().numpy()
-
-    def from_numpy(self, arr, device=None):
-        import numpy as np
-
-        name = arr.dtype.name
-        if name in ("bfloat16", "float8_e4m3fn"):
-            carrier = np.int16 if name == "bfloat16" else np.uint8
-            t = torch.from_numpy(np.ascontiguousarray(arr).view(carrier).copy()).view(_DTYPES[name])
-        else:
-            t = torch.from_numpy(np.array(arr, copy=True))
-        return t.to(device) if device is not None else t
-
-    def synchronize(self, device=None) -> None:
-        if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
-            torch.cuda.synchronize(device)
-
-    def is_concrete(self, arr) -> bool:
-        # Meta tensors carry shapes only: like a traced value, nothing to inspect.
-        return not torch.compiler.is_compiling() and arr.device.type != "meta"
-
-    @contextlib.contextmanager
-    def num_threads(self, n: int):
-        """Run with n intra-op threads (the conformance suite's thread-count invariance)."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    def first_nan_index(self, values) -> Optional[int]:
-        # A maximum is NaN exactly when some value is (amax propagates NaN), cheaper than
-        # isnan + any. Reading it is the one host
-        # synchronisation of on_nonfinite="raise"; the search runs only to raise.
-        if values.numel() == 0 or not bool(torch.isnan(values.amax())):
-            return None
-        return int(torch.nonzero(torch.isnan(values).reshape(-1))[0, 0])
-
-
-runtime = TorchRuntime()
-
-
-def _on_blocks(unit, x: torch.Tensor, group_size: int):
-    """A per-channel quantize unit on [..., tokens, head_dim] run as [blocks, G, head_dim]
-    (each block one group of tokens); results in the caller's layout."""
-    lead, (tokens, width) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
-    packed, scales, zeros = unit(x.reshape(-1, group_size, width), group_size)
-    params = lead + (tokens // group_size, width)
-    return packed.reshape(lead + (tokens, packed.shape[-1])), scales.reshape(params), zeros.reshape(params)
-
-
-class _Kernels(KernelSet):
-    """The kernels; ``wrap`` (torch.compile) applies to every traced unit.
-    fp8_quantize_per_tensor, fp8_dequantize, int4_dequantize and the per-channel
-    quantizers are host-side members around units (a static scale made a tensor; a look
-    at the parameters before choosing the kernel's shortcut; tokens cut into blocks)."""
-
-    UNITS = {name: () for name in (
-        "fp8_quantize_per_token", "_fp8_per_tensor_dynamic", "_fp8_per_tensor_static", "fp8_dequantize",
-        "int8_quantize", "int8_dequantize", "int4_quantize", "int4_dequantize",
-        "fp8_scales_checked", "int4_params_checked") + CONTRACT_V11}
-
-    def fp8_quantize_per_tensor(self, x, static_scale):
-        if static_scale is None:
-            return self.units["_fp8_per_tensor_dynamic"](x)
-        return self.units["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale, x.device))
-
-    # Compiled kernels on the CPU get the host-side look at the parameters that eager
-    # mode takes inside them (_host_checks_allowed); elsewhere a look would synchronise.
-    # The look is compiled too: eagerly it cost about what the shortcut saves.
-    def fp8_dequantize(self, codes, scales, out_dtype):
-        checked = self.wrapped and _host_checks_allowed(scales) and bool(self.units["fp8_scales_checked"](scales))
-        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
-
-    def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
-        checked = self.wrapped and _host_checks_allowed(scales) and bool(self.units["int4_params_checked"](scales, zeros))
-        return self.units["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
-
-    # Per channel, the quantize units see the token axis already cut into blocks,
-    # [blocks, G, head_dim] (a view, made outside the compiled graph): with only the
-    # token count dynamic, Inductor's loops over tokens // G blocks ran scalar
-    # (docs/performance.md). The bits are the same: each block is the same G tokens.
-    # Dequantizing on blocks was slower, so it is not done.
-    def int4_channel_quantize(self, x, group_size):
-        return _on_blocks(self.units["int4_channel_quantize"], x, group_size)
-
-    def int2_channel_quantize(self, x, group_size):
-        return _on_blocks(self.units["int2_channel_quantize"], x, group_size)
-
-    def variants(self):
-        return {} if self.wrapped else {"compile": _compiled_kernels()}
-
-    def trace(self, fn):
-        """A caller's whole function under the framework's compiler, as users write it
-        (torch.compile(fullgraph=True) around code that calls kvquant): the conformance
-        suite's seed-types check runs the seed calls through it."""
-        return torch.compile(fn, fullgraph=True)
-
-    def release(self):
-        """Forget every compiled specialisation (loaded or compiled again on next use)."""
-        if self.wrapped:
-            torch._dynamo.reset()
-            for unit in _SAVED_UNITS:
-                unit.graphs.clear()
-
-
-_COMPILED = None
-
-
-# How every kernel is compiled (see _compile); benchmarks/bench_quantize.py compiles its
-# plain comparison code the same way.
-COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False, "options": {"cpp.dynamic_threads": True}}
-
-
-def _compile(fn):
-    """torch.compile(fullgraph=True) with only the token dimension dynamic.
-
-    Fully dynamic shapes (dynamic=True) made Inductor's INT4 loops many times slower
-    (the group reshape loses its static width), and fully static ones recompile for
-    every token count; so shapes are static except dimension 0 of every input.
-
-    Inductor decides whether a CPU loop runs in parallel from the first call's token
-    count and keeps that code for every later one, on disk too: a kernel first compiled
-    for a few tokens ran serially on 32768 (docs/performance.md). dynamic_threads always emits the parallel
-    loop and lets OpenMP pick the thread count per call; a few tokens cost the same.
-    The bits cannot depend on it: the reductions are max, min and exact pair sums.
-
-    On the CPU a call is served by a graph saved to disk (_SavedGraphs) where torch
-    allows it; Dynamo serves the rest with the same graph.
-    """
-    compiled = torch.compile(fn, **COMPILE_OPTIONS)
-    saved = _SavedGraphs(fn.__name__, compiled)
-
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return fn(*args)  # inside a caller's torch.compile: one graph with theirs
-        if any(isinstance(a, torch.Tensor) and a.numel() == 0 for a in args):
-            return fn(*args)  # nothing to compute: not worth a specialisation of its own
-        graph = saved.graph_for(args)
-        if graph is not None:
-            return graph.fn(*args)
-        _mark_token_axis(args)
-        return compiled(*args)
-
-    return call
-
-
-def _mark_token_axis(args):
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() >= 1:
-            torch._dynamo.maybe_mark_dynamic(a, 0)
-
-
-class AheadOfTimeGraph:
-    """A function compiled ahead of time (torch.compile's aot_compile): the graph's own
-    function and the C++ check of Dynamo's guards, without Dynamo's frame evaluation
-    (which re-traces every graph in each new process and costs more per call;
-    docs/performance.md). ``closure``: the locals the guards read besides the
-    arguments (a closure's cells)."""
-
-    def __init__(self, compiled, args):
-        self.fn = compiled.fn
-        self.check = compiled._artifacts.guard_manager.check
-        self.names = list(compiled._artifacts.signature.parameters)
-        self.closure = {k: v for k, v in compiled.prepare_f_locals(*args).items() if k not in self.names}
-
-    def accepts(self, args) -> bool:
-        f_locals = dict(self.closure)
-        f_locals.update(zip(self.names, args))
-        return self.check(f_locals)
-
-    @classmethod
-    def compile(cls, dynamo, args, example_args=None, save_to=None) -> Optional["AheadOfTimeGraph"]:
-        """``dynamo`` (a torch.compile'd function) compiled for calls like ``args``, or
-        None where this torch cannot or the guards refuse ``args`` themselves.
-        ``example_args``: what to trace instead (e.g. views marked dynamic); ``save_to``:
-        a file to save the graph in, for ``load``."""
-        try:
-            compiled = dynamo.aot_compile((tuple(args if example_args is None else example_args), {}))
-            graph = cls(compiled, args)
-            if not graph.accepts(args):
-                return None
-        except Exception:  # noqa: BLE001 - an older or newer torch: Dynamo serves the call
-            return None
-        if save_to is not None:
-            try:
-                with _cache_dir.atomic_path(save_to) as tmp:
-                    compiled.save_compiled_function(tmp)
-            except Exception:  # noqa: BLE001 - a read-only or full disk: used unsaved
-                pass
-        return graph
-
-    @classmethod
-    def load(cls, path, args) -> Optional["AheadOfTimeGraph"]:
-        """The graph saved in ``path``, or None where it cannot be read or its guards
-        refuse ``args``."""
-        try:
-            with open(path, "rb") as f:
-                graph = cls(torch.compiler.load_compiled_function(f), args)
-            return graph if graph.accepts(args) else None
-        except Exception:  # noqa: BLE001 - unreadable, or saved by another torch
-            return None
-
-
-SAVE_COMPILED = True  # False: Dynamo serves every compiled call (tests compare the two)
-
-
-class _SavedGraphs:
-    """One kernel unit's graphs, compiled ahead of time and saved to disk
-    (``saved_graphs_dir``), loaded in later processes: a warm process then spends about
-    a load per graph instead of Dynamo's re-trace (docs/performance.md).
-
-    Safe because every call is checked against the graph's own guards (dtype, static
-    sizes, strides, constant arguments, grad mode, thread count), and the directory is
-    named by everything else a graph depends on (torch, Python, the CPU's vector
-    instructions, Inductor's configuration, the kernels' source files): a call the
-    guards refuse is compiled anew (or, within a process, served by Dynamo), and a
-    change to those files compiles everything anew. CPU only: on an accelerator Dynamo
-    serves every call. The file name is a hash of what the guards check
-    (_specialisation), so a process loads only the graphs it calls."""
-
-    def __init__(self, name, dynamo):
-        self.name, self.dynamo = name, dynamo
-        self.graphs = {}
-        _SAVED_UNITS.append(self)
-
-    def graph_for(self, args) -> Optional[AheadOfTimeGraph]:
-        if not SAVE_COMPILED or not all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
-            return None
-        key = _specialisation(args)
-        graph = self.graphs.get(key, False)
-        if graph is False:
-            graph = self.graphs[key] = self._load_or_compile(key, args)
-        # A call its guards refuse (a specialisation the key does not tell apart, e.g.
-        # aliased arguments) goes to Dynamo, which keeps its own specialisations.
-        return graph if graph is not None and graph.accepts(args) else None
-
-    def _load_or_compile(self, key, args) -> Optional[AheadOfTimeGraph]:
-        directory = saved_graphs_dir()
-        if directory is None:
-            return None
-        path = os.path.join(directory, f"{self.name}-{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.pt2")
-        graph = AheadOfTimeGraph.load(path, args) if _cache_dir.loadable(path, "a saved torch graph") else None
-        if graph is None:
-            # Traced on views marked dynamic: the caller's tensors keep no marking.
-            views = [a.view(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
-            _mark_token_axis(views)
-            graph = AheadOfTimeGraph.compile(self.dynamo, args, views, save_to=path)
-        return graph
-
-
-_SAVED_UNITS: list = []
-
-
-def _specialisation(args) -> tuple:
-    """What a call's graph is specialised on, as the guards check it: per tensor its
-    dtype, sizes but the token count's (apart from 0/1, which Dynamo specialises),
-    strides and autograd state; the other arguments' values; the process's grad mode,
-    inference mode and thread count."""
-    parts = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_num_threads()]
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            parts.append((str(a.dtype), a.dim() and min(a.shape[0], 2), tuple(a.shape[1:]),
-                          "c" if a.is_contiguous() else tuple(a.stride()), a.requires_grad, a.is_inference()))
-        else:
-            parts.append((type(a).__name__, repr(a)))
-    return tuple(parts)
-
-
-def _kernel_sources() -> list:
-    """The files a kernel graph can depend on: this module and the kvquant modules it
-    imports at module level, transitively (a graph reads their functions and
-    constants). A change anywhere else in kvquant (the cache, the command, attention)
-    leaves the saved graphs valid."""
-    import kvquant  # here, not at the top: the walk below would count the package's own imports
-
-    roots = {"kvquant": os.path.dirname(kvquant.__file__), "kvquant.backends": os.path.dirname(__file__)}
-
-    def file_of(module: str):
-        for prefix in sorted(roots, key=len, reverse=True):
-            if module == prefix or module.startswith(prefix + "."):
-                base = os.path.join(roots[prefix], *module[len(prefix) + 1:].split(".")) if module != prefix else roots[prefix]
-                for candidate in (base + ".py", os.path.join(base, "__init__.py")):
-                    if os.path.isfile(candidate):
-                        return candidate
-        return None
-
-    def package_of(path: str) -> str:
-        for prefix, root in roots.items():
-            if os.path.dirname(path) == root:
-                return prefix
-        return ""
-
-    seen, todo = [], [os.path.abspath(__file__)]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.append(path)
-        with open(path, "rb") as f:
-            tree = ast.parse(f.read())
-        for node in tree.body:
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                module = node.module or ""
-                if node.level:
-                    module = ".".join(filter(None, [package_of(path), module]))
-                # A name that is a submodule is that module's file; any other name is
-                # defined in the module imported from.
-                targets = [f"{module}.{a.name}" if file_of(f"{module}.{a.name}") else module for a in node.names]
-            else:
-                continue
-            todo += [f for f in map(file_of, targets) if f is not None]
-    return sorted(seen)
-
-
-GRAPH_DIRS_KEPT = 3  # hash directories kept under the root, the current one included
-
-
-@functools.lru_cache(maxsize=None)
-def saved_graphs_dir() -> Optional[str]:
-    """Where this process's graphs are saved: under KVQUANT_TORCH_GRAPHS_DIR (empty or
-    "0": saved nowhere) or ~/.cache/kvquant/torch-graphs, a directory named by the hash
-    of everything a graph depends on beyond its guards (torch, Python, the CPU, Inductor's
-    settings, the kernels' source files). The root must be private to this user
-    (kvquant/_cache_dir.py); of the hash directories kvquant made there, all but the
-    GRAPH_DIRS_KEPT most recently used are removed, and nothing else is touched."""
-    root = os.environ.get("KVQUANT_TORCH_GRAPHS_DIR")
-    if root is not None and root.strip() in ("", "0"):
-        return None
-    digest = hashlib.sha256()
-    try:
-        import torch._inductor.config as inductor_config
-
-        torch.compiler.load_compiled_function  # noqa: B018 - a torch without it saves nothing
-        for part in (torch.__version__, sys.version, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                     repr(COMPILE_OPTIONS), repr(sorted(inductor_config.save_config_portable().items(), key=str))):
-            digest.update(part.encode() + b"\0")
-    except (AttributeError, ImportError):
-        return None
-    for path in _kernel_sources():
-        with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    root = _cache_dir.cache_dir("torch-graphs") if root is None else _cache_dir.private_dir(root, "saved torch graphs")
-    if root is None:
-        return None
-    try:
-        directory = _cache_dir.owned_subdir(root, digest.hexdigest()[:24])
-        os.utime(directory)
-    except OSError:
-        return None
-    if _cache_dir.why_not_private(directory) is not None:
-        return None
-    _cache_dir.prune_owned(root, GRAPH_DIRS_KEPT, "[0-9a-f]{24}")
-    return directory
-
-
-def _compiled_kernels():
-    """The same kernels under torch.compile(fullgraph=True): a graph break is an error.
-
-    The recompile limit is raised because every dtype, head_dim and group size is its
-    own specialisation, and fullgraph=True turns hitting the limit into a hard error.
-    """
-    global _COMPILED
-    if _COMPILED is None:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 4096
-        )
-        _COMPILED = _Kernels(globals(), lambda fn, static: _compile(fn))
-    return _COMPILED
-
-
-def create_backend() -> BackendOps:
-    return BackendOps(NAME, runtime, _Kernels(globals()), variant="eager")

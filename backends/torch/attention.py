@@ -1,9 +1,9 @@
 """kvquant.attention for PyTorch: eager (dequantize a chunk of tokens, multiply) and
-compiled: on the CPU kvquant's C++ kernel (cpu_kernel.py), elsewhere, or where it
+compiled: on the CPU kvquant's C++ kernel (backends/cpu_kernel/), elsewhere, or where it
 cannot be built, element-wise products and reductions that Inductor fuses with the
 dequantization, so the codes are read once and nothing full-size is written.
 
-Same function names as jax_attention.py: attend, scores, weighted_values.
+Same function names as backends/jax/attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
 from kvquant._history import token_slice
 
-from .torch_backend import AheadOfTimeGraph
+from .graphs import AheadOfTimeGraph
 
 TOKEN_AXIS = -2
 
@@ -490,7 +490,7 @@ def prefill(query, keys, values, scale: float, causal: bool, mask) -> Optional[t
 def _kernel_codes(q: QuantizedKV):
     """The CPU kernel's Side for a quantized history's codes (its window fields left to
     each call), or None where the kernel does not read this layout or device."""
-    from . import cpu_kernel
+    from .. import cpu_kernel
 
     info = FORMATS[q.format]
     codes, scales, zeros = q.codes, q.scales, q.zeros
@@ -557,9 +557,9 @@ CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests c
 
 
 def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
-    """Attention by the CPU kernel (cpu_kernel.py), or None where it does not apply: not
+    """Attention by the CPU kernel (backends/cpu_kernel/), or None where it does not apply: not
     the CPU, autograd recording, a layout it does not read, or no kernel built here."""
-    from . import cpu_kernel
+    from .. import cpu_kernel
 
     if (not CPU_KERNEL or not _on_cpu(query) or (query.requires_grad and torch.is_grad_enabled())
             or (mask is not None and not _on_cpu(mask))):

@@ -1,6 +1,6 @@
-"""JAX backend: docs/spec.md on jax.Array, eagerly and under jit, vmap and sharding.
+"""The JAX kernels: docs/spec.md on jax.Array, eagerly and under jit, vmap and sharding.
 
-Same function names as numpy_backend.py. The kernels reduce over the last axis
+Same function names as backends/numpy/kernels.py. The kernels reduce over the last axis
 of an array of any rank and never reshape leading axes, so a KV cache sharded
 over batch, kv_heads or tokens stays sharded and the per-token and per-group
 paths need no collective; per-tensor FP8 needs exactly one (the global max).
@@ -16,7 +16,6 @@ from bit patterns, so jax_enable_x64 cannot turn them into float64.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -24,15 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvquant import _formulas, _spec
-from kvquant._ops import CONTRACT_V11, BackendOps, KernelSet
-from kvquant._history import History
-from kvquant._types import QuantizedKV
 
 NAME = "jax"
 
 F32 = jnp.float32
 
-_DTYPES = {
+DTYPES = {
     "float32": jnp.dtype(jnp.float32),
     "float16": jnp.dtype(jnp.float16),
     "bfloat16": jnp.dtype(jnp.bfloat16),
@@ -180,10 +176,10 @@ def _to_output(v, out_dtype: str):
 
 def _to_output_nan_where(v, nan, out_dtype: str):
     """_to_output for values known to be NaN exactly where ``nan`` holds."""
-    out = v.astype(_DTYPES[out_dtype])
+    out = v.astype(DTYPES[out_dtype])
     carrier = jnp.int32 if out_dtype == "float32" else jnp.int16
     bits = jnp.where(nan, _NAN_BITS[out_dtype], jax.lax.bitcast_convert_type(out, carrier))
-    return jax.lax.bitcast_convert_type(bits, _DTYPES[out_dtype])
+    return jax.lax.bitcast_convert_type(bits, DTYPES[out_dtype])
 
 
 def _canonical_params(p):
@@ -320,10 +316,10 @@ def fp8_quantize_per_token(x):
 def fp8_quantize_per_tensor(x, static_scale: Optional[float]):
     if static_scale is None:
         return _fp8_per_tensor_dynamic(x)
-    return _fp8_per_tensor_static(x, *_static_scale_args(static_scale))
+    return _fp8_per_tensor_static(x, *static_scale_args(static_scale))
 
 
-def _static_scale_args(static_scale: float):
+def static_scale_args(static_scale: float):
     """_spec.static_scale_parts, scale and reciprocal as float32 NumPy scalars (jit
     takes them as arrays). Traced, the division was redone per element."""
     scale, inv, flush_input = _spec.static_scale_parts(static_scale)
@@ -472,7 +468,7 @@ def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, para
     q = unpack_codes(packed, 2).astype(F32)
     if params_checked:
         zeros, scales = flush(zeros.astype(F32)), scales.astype(F32)
-        return _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s).astype(_DTYPES[out_dtype])
+        return _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s).astype(DTYPES[out_dtype])
     scales, zeros = _canonical_params(scales), _canonical_params(zeros)
     v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush_product((b - z) * s))
     return _to_output(v, out_dtype)
@@ -514,187 +510,3 @@ def int2_channel_quantize(x, group_size: int):
 
 def int2_channel_dequantize(packed, scales, zeros, group_size: int, out_dtype: str):
     return _to_output(_formulas.dequantize_channel_blocks(M, packed, scales, zeros, group_size, 4), out_dtype)
-
-
-# ----------------------------------------------------------------- Runtime
-class JaxRuntime:
-    """numr's ``Runtime`` for jax.Array (and tracers, inside jit and vmap)."""
-
-    name = NAME
-
-    @staticmethod
-    def register_pytree(cls, flatten, unflatten) -> None:
-        register_pytree(cls, flatten, unflatten)
-
-    @staticmethod
-    def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
-        """kvquant.attention for JAX arrays (jax_attention.py): always the fused form,
-        which jit compiles; ``compiled`` and ``chunk_tokens`` do not apply."""
-        from . import jax_attention
-
-        return jax_attention.attend(query, keys, values, scale, causal, mask)
-
-    def is_array(self, obj) -> bool:
-        return isinstance(obj, (jax.Array, jax.core.Tracer))
-
-    def device(self, arr) -> str:
-        if isinstance(arr, jax.core.Tracer):
-            return "traced"
-        try:
-            devices = arr.devices()
-        except Exception:
-            return "traced"
-        if len(devices) == 1:
-            return str(next(iter(devices)))
-        return "sharded:" + ",".join(sorted(str(d) for d in devices))
-
-    def devices(self):
-        return [str(d) for d in jax.devices()]
-
-    def version(self) -> str:
-        return f"jax {jax.__version__}, backend {jax.default_backend()}"
-
-    def dtype(self, name: str):
-        try:
-            return _DTYPES[name]
-        except KeyError:
-            raise TypeError(f"unknown dtype name {name!r}") from None
-
-    def dtype_name(self, arr) -> str:
-        return jnp.dtype(arr.dtype).name
-
-    def shape(self, arr):
-        return tuple(arr.shape)
-
-    def reshape(self, arr, shape):
-        shape = tuple(shape)
-        return arr if tuple(arr.shape) == shape else jnp.reshape(arr, shape)
-
-    def to_numpy(self, arr):
-        return np.asarray(jax.device_get(arr))
-
-    def from_numpy(self, arr, device=None):
-        out = jnp.asarray(arr)
-        if device is not None:
-            out = jax.device_put(out, self._device(device))
-        return out
-
-    def _device(self, device):
-        """A jax.Device from a device or its name ("cuda:0", "cpu:0", "gpu", "tpu")."""
-        if not isinstance(device, str):
-            return device
-        for d in jax.devices():
-            if device in (str(d), f"{d.platform}:{d.id}", d.platform, d.device_kind):
-                return d
-        if device.split(":")[0] in ("cuda", "gpu", "rocm"):
-            index = int(device.split(":")[1]) if ":" in device else 0
-            return jax.devices("gpu")[index]
-        raise ValueError(f"no JAX device named {device!r}; devices: {', '.join(map(str, jax.devices()))}")
-
-    def synchronize(self, device=None) -> None:
-        (jax.device_put(0) + 0).block_until_ready()
-
-    def is_concrete(self, arr) -> bool:
-        return not isinstance(arr, jax.core.Tracer)
-
-    def detach(self, arr):
-        # Only a tracer can carry a gradient; stop_gradient on a concrete array returns
-        # it unchanged, after a dispatch paid per call.
-        return jax.lax.stop_gradient(arr) if isinstance(arr, jax.core.Tracer) else arr
-
-    def first_nan_index(self, values) -> Optional[int]:
-        bad = np.flatnonzero(np.isnan(np.asarray(values)))
-        return int(bad[0]) if bad.size else None
-
-
-runtime = JaxRuntime()
-
-def register_pytree(cls, flatten, unflatten) -> None:
-    """kvquant's containers become pytrees here and nowhere else (they cross jit
-    boundaries and live in lax.scan carries): QuantizedKV (its arrays the children,
-    format, group size, shape, dtype and backend the static aux data) and History (its
-    quantized part and window) as soon as the backend loads; JaxLayerCache (its stores)
-    through the runtime, when the first one is made."""
-    try:
-        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
-    except ValueError:  # already registered (module reloaded)
-        pass
-
-
-register_pytree(QuantizedKV, QuantizedKV.tree_flatten, QuantizedKV.tree_unflatten)
-register_pytree(History, lambda h: ((h.quantized, h.window), None), lambda _, children: History(*children))
-
-
-class _Kernels(KernelSet):
-    """Kernels run op by op (``eager``) or each under jax.jit (``jit``), with their
-    static argument positions. fp8_quantize_per_tensor, fp8_dequantize and
-    int4_dequantize are host-side members around units."""
-
-    accepts_any_rank = True
-    UNITS = {
-        "fp8_quantize_per_token": (),
-        "_fp8_per_tensor_dynamic": (),
-        "_fp8_per_tensor_static": (3,),
-        "fp8_dequantize": (2, 3),
-        "int8_quantize": (),
-        "int8_dequantize": (2,),
-        "int4_quantize": (1,),
-        "int4_dequantize": (3, 4, 5),
-        **{name: ((1,) if name.endswith("_quantize") else (3, 4)) for name in CONTRACT_V11},
-    }
-
-    def __init__(self, jit: bool):
-        super().__init__(globals(), (lambda fn, static: jax.jit(fn, static_argnums=static)) if jit else None)
-        self.compiles_per_shape = True  # op by op, JAX compiles each operation per shape
-
-    def fp8_quantize_per_tensor(self, x, static_scale):
-        if static_scale is None:
-            return self.units["_fp8_per_tensor_dynamic"](x)
-        return self.units["_fp8_per_tensor_static"](x, *_static_scale_args(static_scale))
-
-    def fp8_dequantize(self, codes, scales, out_dtype):
-        checked = _host_check_allowed(scales) and bool(fp8_scales_checked(scales))
-        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
-
-    def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
-        checked = _host_check_allowed(scales, zeros) and bool(int4_params_checked(scales, zeros))
-        return self.units["int4_dequantize"](packed, scales, zeros, group_size, out_dtype, checked)
-
-    def variants(self):
-        return {"eager": _eager_kernels()} if self.wrapped else {}
-
-    def trace(self, fn):
-        """A caller's whole function under the framework's compiler, as users write it
-        (jax.jit around code that calls kvquant): the conformance suite's seed-types
-        check runs the seed calls through it."""
-        return jax.jit(fn)
-
-    def release(self):
-        """Forget every executable compiled so far, for any shape (op by op, JAX
-        compiles each operation per shape too)."""
-        jax.clear_caches()
-
-
-def _host_check_allowed(*params) -> bool:
-    """A host-side look at the (small) per-token or per-group parameters may pick a
-    kernel only for concrete arrays on the CPU, where reading one flag costs no device
-    synchronisation; traced (under an outer jit or vmap) or elsewhere the kernel that
-    checks every element is used. The look is a computation of its own, so a sharded
-    dequantization still compiles to one with no collective."""
-    for p in params:
-        if isinstance(p, jax.core.Tracer) or any(d.platform != "cpu" for d in p.devices()):
-            return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _eager_kernels():
-    return _Kernels(jit=False)
-
-
-def create_backend() -> BackendOps:
-    """The jitted kernels by default, the op-by-op ones as the "eager" variant (which
-    the conformance suite holds to the same bits). Op by op is about ten times slower,
-    and a first call on a new shape compiles every one of some fifty operations on its
-    own for the shape (docs/performance.md)."""
-    return BackendOps(NAME, runtime, _Kernels(jit=True), variant="jit")

@@ -1,5 +1,5 @@
 // Decode attention over a kvquant history on the CPU: one function, called through
-// ctypes with raw pointers (backends/cpu_kernel.py builds and loads it), so that it
+// ctypes with raw pointers (backends/cpu_kernel/__init__.py builds and loads it), so that it
 // includes no torch header and builds in a few seconds.
 //
 // The codes are read once and no full-precision copy of the history is made: tokens
@@ -34,7 +34,7 @@ enum Kind : int32_t {
     PACKED_CHANNEL = 5,  // 4 or 2-bit codes, a scale and zero per channel and block of tokens
 };
 
-// Mirrored by ctypes Structures in cpu_kernel.py.
+// Mirrored by ctypes Structures in __init__.py.
 struct Side {
     int32_t kind;
     int32_t bits;
@@ -760,8 +760,8 @@ void with_head_dim(int64_t dim, const F& f) {
 
 }  // namespace
 
-// What cpu_kernel.py checks before its first call: the version of the Side and Problem
-// layout and of these exports, here and in cpu_kernel.py (raise both together on any
+// What __init__.py checks before its first call: the version of the Side and Problem
+// layout and of these exports, here and in __init__.py (raise both together on any
 // change), and Problem's size.
 extern "C" int64_t kvquant_decode_attention_abi() { return 2; }
 extern "C" int64_t kvquant_decode_attention_problem_size() { return sizeof(Problem); }

@@ -1,6 +1,6 @@
 """kvquant.attention for JAX, under jax.jit: element-wise products and reductions over
 the dequantized history, which XLA fuses into loops over the codes (nothing full-size
-is written). Same function names as torch_attention.py: attend, scores, weighted_values.
+is written). Same function names as backends/torch/attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
