@@ -43,8 +43,11 @@ class Runtime(Protocol):
     # num_threads(n), a context manager (the suite's thread-count check);
     # attend(query, keys, values, scale, causal, mask, compiled, chunk_tokens), the
     # backend's attention over kvquant.attention.History sides (kvquant.attention.attend
-    # calls it; without one, NumPy arrays get the float64 reference and others a
-    # TypeError).
+    # calls it; without one, a TypeError).
+    # Optional, cache buffers (kvquant.cache.LayerCache holds a runtime's arrays only
+    # where it has them): empty_permuted(like, shape, layout), an uninitialised array
+    # whose axes lie in memory in layout order; concat(arrays, axis); copy(arr);
+    # take(arr, index, axis); nbytes(arr); astype(arr, dtype).
 
 
 @runtime_checkable

@@ -10,7 +10,7 @@ import types
 import ml_dtypes
 import numpy as np
 
-import kvquant_example_backend.kernels as spec_kernels
+from kvquant.conformance import transcription as spec_kernels
 from kvquant._ops import CONTRACT, CONTRACT_V11, BackendOps
 from kvquant.backends.numpy.runtime import NumpyRuntime
 

@@ -296,15 +296,15 @@ def test_quantize_every_batches_the_leaving_tokens_with_the_same_bits(fmt):
     keys, values = stream(total=90)
     cache = LayerCache(keys=fmt, values=fmt, residual=16, quantize_every=8)
     calls = []
-    import kvquant.cache as cache_module
-    original = cache_module._quantize_dense
-    cache_module._quantize_dense = lambda *a, **k: calls.append(1) or original(*a, **k)
+    import kvquant.cache.layer as cache_module
+    original = cache_module.quantize_dense
+    cache_module.quantize_dense = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         for t in range(90):
             k_all, _ = cache.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
             assert 16 <= cache.window("keys").shape[2] <= 16 + 7 or t < 16
     finally:
-        cache_module._quantize_dense = original
+        cache_module.quantize_dense = original
     quantized = cache.quantized("keys").shape[2]
     assert quantized == 72 and len(calls) == 2 * 9  # 9 batches of 8, keys and values
     for got, want in zip(parts(cache.quantized("keys")), parts(one_shot(keys[:, :, :quantized], fmt))):

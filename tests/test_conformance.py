@@ -320,7 +320,7 @@ def test_compiling_variants_check_every_case_in_fewer_compilations():
     plain, shared = make_bundles(cases), make_bundles(cases, SharedCompilations(True))
     assert sorted(c.id for b in shared for c in b.cases) == sorted(c.id for c in cases)
     quantize_calls = lambda bundles: {(b.spec.format, b.spec.group_size, b.dtype, b.width) for b in bundles}  # noqa: E731
-    dequantize_calls = lambda bundles: {(b.spec.info.kernel_names[1], b.spec.group_size, dt, b.width)  # noqa: E731
+    dequantize_calls = lambda bundles: {(b.spec.info.kernel, b.spec.group_size, dt, b.width)  # noqa: E731
                                         for b in bundles for dt in b.out_dtypes}
     assert len(quantize_calls(shared)) < 0.7 * len(quantize_calls(plain))
     assert len(dequantize_calls(shared)) < 0.4 * len(dequantize_calls(plain))

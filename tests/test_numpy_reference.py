@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kvquant_example_backend.kernels as transcription
+from kvquant.conformance import transcription
 from conftest import assert_same_bits, check_e4m3_encoder
 from kvquant.backends.numpy import kernels as ref
 from kvquant.conformance.cases import Format, all_specs

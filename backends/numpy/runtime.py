@@ -82,5 +82,27 @@ class NumpyRuntime:
         bad = np.flatnonzero(np.isnan(values))
         return int(bad[0]) if bad.size else None
 
+    # ---- cache buffers (kvquant.cache.LayerCache)
+    def empty_permuted(self, like, shape, layout):
+        """An uninitialised array of ``shape`` and like's dtype whose axes lie in memory
+        in ``layout`` order, outermost first (torch.empty_permuted's meaning)."""
+        inverse = tuple(layout.index(a) for a in range(len(shape)))
+        return np.empty(tuple(shape[a] for a in layout), like.dtype).transpose(inverse)
+
+    def concat(self, arrays, axis):
+        return np.concatenate(arrays, axis=axis)
+
+    def copy(self, arr):
+        return arr.copy()
+
+    def take(self, arr, index, axis):
+        return np.take(arr, np.asarray(index), axis=axis)
+
+    def nbytes(self, arr) -> int:
+        return int(arr.nbytes)
+
+    def astype(self, arr, dtype):
+        return arr.astype(dtype)
+
 
 runtime = NumpyRuntime()

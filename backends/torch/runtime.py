@@ -113,5 +113,27 @@ class TorchRuntime:
             return None
         return int(torch.nonzero(torch.isnan(values).reshape(-1))[0, 0])
 
+    # ---- cache buffers (kvquant.cache.LayerCache)
+    def empty_permuted(self, like, shape, layout):
+        """An uninitialised tensor of ``shape``, like's dtype and device, whose axes lie in
+        memory in ``layout`` order, outermost first."""
+        inverse = tuple(layout.index(a) for a in range(len(shape)))
+        return torch.empty(tuple(shape[a] for a in layout), dtype=like.dtype, device=like.device).permute(inverse)
+
+    def concat(self, arrays, axis):
+        return torch.cat(arrays, dim=axis)
+
+    def copy(self, arr):
+        return arr.clone()
+
+    def take(self, arr, index, axis):
+        return arr.index_select(axis, torch.as_tensor(index, device=arr.device))
+
+    def nbytes(self, arr) -> int:
+        return arr.numel() * arr.element_size()
+
+    def astype(self, arr, dtype):
+        return arr.to(dtype)
+
 
 runtime = TorchRuntime()

@@ -1,6 +1,7 @@
 """A minimal third-party kvquant backend, installed through the ``kvquant.backends``
-entry point: kernels written from docs/spec.md alone (kernels.py), argument checks
-and the seed's method surface borrowed from kvquant.
+entry point: kvquant's line-by-line transcription of docs/spec.md as its kernels
+(kvquant.conformance.transcription; a real backend brings its framework's own), the
+argument checks and the seed's method surface borrowed from kvquant.
 
     pip install ./examples/kvquant-example-backend
     kvquant conformance --backend example
@@ -8,8 +9,7 @@ and the seed's method surface borrowed from kvquant.
 """
 from kvquant import BackendOps
 from kvquant.backends.numpy.runtime import NumpyRuntime
-
-from . import kernels
+from kvquant.conformance import transcription
 
 
 class ExampleRuntime(NumpyRuntime):
@@ -19,4 +19,4 @@ class ExampleRuntime(NumpyRuntime):
 
 
 def create_backend() -> BackendOps:
-    return BackendOps("example", ExampleRuntime(), kernels, variant="eager")
+    return BackendOps("example", ExampleRuntime(), transcription, variant="eager")

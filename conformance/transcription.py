@@ -1,10 +1,11 @@
-"""docs/spec.md transcribed line by line, with no speed tricks.
+"""docs/spec.md transcribed line by line, with no speed tricks: the kernels of the
+contract on ``[tokens, head_dim]`` NumPy arrays, written from the spec alone.
 
-This is what a third-party backend looks like: kernels on ``[tokens, head_dim]``
-arrays, written from the spec alone. kvquant's own tests also use it as an
-independent check on the reference: where backends/numpy/kernels.py uses bit
+The independent check on the reference: where backends/numpy/kernels.py uses bit
 manipulation or skips a step by proof, this file does the written operation
-(ml_dtypes' cast, np.rint, np.clip, an explicit flush at every step).
+(ml_dtypes' cast, np.rint, np.clip, an explicit flush at every step). The tests use
+it as their oracle, the conformance report as the judge of a disagreement with the
+reference, and examples/kvquant-example-backend installs it as a third-party backend.
 """
 import ml_dtypes
 import numpy as np
