@@ -78,12 +78,12 @@ def instrument():
     from transformers import AttentionInterface
     from transformers.integrations import sdpa_attention
 
-    from kvquant import cache
+    from kvquant.cache import layer
     from kvquant.integrations import transformers as integration
 
-    _timed(cache, "_quantize_dense", "quantize")
-    _timed(cache.LayerCache, "_history", "dequantize")
-    _timed(cache.LayerCache, "append", "append")
+    _timed(layer, "quantize_dense", "quantize")
+    _timed(layer.LayerCache, "_history", "dequantize")
+    _timed(layer.LayerCache, "append", "append")
     _timed(integration, "_kvquant_attention", "attention")
     AttentionInterface.register("sdpa", _timed(sdpa_attention, "sdpa_attention_forward", "attention"))
 

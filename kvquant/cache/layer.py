@@ -21,10 +21,19 @@ class LayerCache:
     ``{"format": "fp8_per_tensor", "scale": s}``, a StoredFormat, or None to keep that
     side in full precision. ``residual``: how many of the most recent tokens stay in
     full precision (0 allowed). ``layer``: named in error messages.
+
+    ``sliding_window``: a layer that attends to the last W tokens only (a sliding-window
+    or chunked layer; transformers' convention: W - 1 tokens kept between steps, plus the
+    new ones). Before an append the cache forgets what lies beyond W - 1 tokens, in
+    batches (whole blocks of G tokens from a per-channel store), so it holds at most
+    W - 1 + max(16, quantize_every) + G - 1 tokens between appends whatever the length;
+    ``hidden_tokens`` says how many of the oldest tokens it still holds lie outside
+    this step's window: attention must hide them (kvquant's transformers integration
+    does).
     """
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", *, residual: int = 128, layer: Any = 0,
-                 on_nonfinite: str = "propagate", quantize_every: int = 1):
+                 on_nonfinite: str = "propagate", quantize_every: int = 1, sliding_window: Optional[int] = None):
         self.formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         self.residual = parse_residual(residual)
         if isinstance(quantize_every, bool) or not isinstance(quantize_every, int) or quantize_every < 1:
@@ -41,6 +50,14 @@ class LayerCache:
         self._seen = None  # what _check last let through (types, dtypes, devices, layouts, shapes)
         self._ops = None
         self._backend = None
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+        self.sliding_window = sliding_window
+        self.hidden_tokens = 0
+        # Tokens beyond the window are forgotten once this many have piled up: a store
+        # forgets in O(1), a window moves its tokens, so not at every step.
+        self._forget_every = max(16, quantize_every)
 
     def _window_floor(self, stored: StoredFormat) -> int:
         """What a side's window holds at most between the appends that quantize: its
@@ -120,6 +137,8 @@ class LayerCache:
             self._signature = signature
             self._backend = backend_for(keys)
             self._ops = buffer_ops(self._backend.runtime)
+        if self.sliding_window is not None:
+            self._forget_beyond_window()
         staged = []
         for stored, window, arr in zip(self.formats, self._windows, (keys, values)):
             leaving = 0 if stored.format is None else max(0, window.length + arr.shape[TOKEN_AXIS] - self.residual)
@@ -150,6 +169,41 @@ class LayerCache:
         source, backend = self._signature[1], self._backend.name
         return tuple(History(None if stored.format is None else store.view(source, backend), window.view())
                      for stored, store, window in zip(self.formats, self._stores, self._windows))
+
+    def _forget_beyond_window(self) -> None:
+        """Drop the oldest tokens beyond sliding_window - 1 once enough have piled up, the
+        same number from both sides (a per-channel store drops whole blocks only), and
+        count those still held beyond it as hidden."""
+        keep = self.sliding_window - 1
+        excess = self.seq_length - keep
+        if excess >= self._forget_every:
+            tokens = excess
+            while True:  # the most every side can drop, down to a count all agree on
+                agreed = min(self._droppable(store, window, tokens)
+                             for store, window in zip(self._stores, self._windows))
+                if agreed == tokens:
+                    break
+                tokens = agreed
+            for store, window in zip(self._stores, self._windows):
+                from_store = min(tokens, store.length)
+                store.forget(from_store)
+                window.forget(self._ops, tokens - from_store)
+        self.hidden_tokens = max(0, self.seq_length - keep)
+
+    @staticmethod
+    def _droppable(store, window, tokens: int) -> int:
+        from_store = store.forgettable(tokens)
+        if from_store < min(tokens, store.length):
+            return from_store
+        return from_store + min(tokens - from_store, window.length)
+
+    def history(self, out_dtype: Any = None) -> Tuple[Any, Any]:
+        """(keys, values): every token held, dequantized, then the window (what append
+        returns), e.g. for an attention that cannot read the codes."""
+        if self._signature is None:
+            raise ValueError("the cache has not seen a token yet")
+        out = canonical_dtype_name(out_dtype) if out_dtype is not None else self._signature[1]
+        return tuple(self._history(i, out) for i in range(2))
 
     def _history(self, i: int, out_dtype: str):
         from ..api import dequantize

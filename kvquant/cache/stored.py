@@ -148,12 +148,15 @@ def parse_residual(residual: Any) -> int:
 
 class GrowingStore:
     """The quantized tokens of one side: codes, scales and zeros along the token axis,
-    in buffers that double when full (amortised O(1) per token)."""
+    in buffers that double when full (amortised O(1) per token). A sliding-window layer
+    forgets its oldest tokens by moving ``start`` (whole blocks per channel); the live
+    tokens move back to the front only when a write would pass the buffers' end."""
 
     def __init__(self, stored: StoredFormat):
         self.stored = stored
         self.arrays = None  # (codes, scales[, zeros]) buffers, or None before the first write
-        self.length = 0
+        self.start = 0  # the first live token's slot
+        self.length = 0  # live tokens
         self.shape = None  # the quantized tensor's [batch, kv_heads, tokens, head_dim], tokens = length
         # view()'s last answer, until the next write or reorder: attention asks every
         # decode step, and with quantize_every > 1 the quantized part rarely changes.
@@ -173,7 +176,9 @@ class GrowingStore:
         parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
         new = q.shape[TOKEN_AXIS]
         need = self.length + new
-        if self.arrays is None or need > self.capacity():
+        if self.arrays is not None and self.start and self.start + need > self.capacity() and need <= self.capacity():
+            self._to_front(ops)
+        if self.arrays is None or self.start + need > self.capacity():
             # Per channel, capacities stay whole blocks: 2G at least, then doubled.
             floor = 2 * self.stored.group_size if self.stored.info.per_channel else 16
             grown = max(need, 2 * self.capacity(), floor)
@@ -186,23 +191,45 @@ class GrowingStore:
                 shape = tuple(part.shape[:TOKEN_AXIS]) + (grown // per,) + tuple(part.shape[TOKEN_AXIS + 1:])
                 buf = empty_token_major(ops, part, shape)
                 if self.arrays is not None and self.length:
-                    buf[:, :, :self.length // per] = self.arrays[i][:, :, :self.length // per]
+                    buf[:, :, :self.length // per] = self._live(i)
                 buffers.append(buf)
-            self.arrays = tuple(buffers)
+            self.arrays, self.start = tuple(buffers), 0
+        end = self.start + self.length
         for i, (buf, part) in enumerate(zip(self.arrays, parts)):
             if not per_tensor(part):
                 per = self._tokens_per_row(i)
-                buf[:, :, self.length // per:need // per] = part
+                buf[:, :, end // per:(end + new) // per] = part
         self.length = need
         self.shape = tuple(q.shape[:TOKEN_AXIS]) + (need,) + tuple(q.shape[TOKEN_AXIS + 1:])
+
+    def _live(self, i: int):
+        per = self._tokens_per_row(i)
+        return self.arrays[i][:, :, self.start // per:(self.start + self.length) // per]
+
+    def _to_front(self, ops) -> None:
+        """Move the live tokens to the buffers' first slots (a copy first: the two overlap)."""
+        for i, buf in enumerate(self.arrays):
+            if not per_tensor(buf):
+                buf[:, :, :self.length // self._tokens_per_row(i)] = ops.copy(self._live(i))
+        self.start = 0
+
+    def forget(self, tokens: int) -> None:
+        """Drop the oldest ``tokens`` (whole blocks per channel)."""
+        self._view = None
+        self.start, self.length = (self.start + tokens, self.length - tokens) if tokens < self.length else (0, 0)
+        self.shape = None if self.shape is None else self.shape[:TOKEN_AXIS] + (self.length,) + self.shape[TOKEN_AXIS + 1:]
+
+    def forgettable(self, tokens: int) -> int:
+        """How many of the oldest ``tokens`` asked for this store can drop."""
+        tokens = min(tokens, self.length)
+        return tokens - tokens % self.stored.group_size if self.stored.info.per_channel else tokens
 
     def view(self, source_dtype: str, backend: str) -> Optional[QuantizedKV]:
         if not self.length:
             return None
         if self._view is not None and self._view.source_dtype == source_dtype and self._view.backend == backend:
             return self._view
-        parts = [a if per_tensor(a) else a[:, :, :self.length // self._tokens_per_row(i)]
-                 for i, a in enumerate(self.arrays)]
+        parts = [a if per_tensor(a) else self._live(i) for i, a in enumerate(self.arrays)]
         zeros = parts[2] if len(parts) == 3 else None
         self._view = QuantizedKV(parts[0], parts[1], zeros, self.stored.format, self.stored.group_size,
                                  self.shape, source_dtype, backend)
@@ -276,6 +303,11 @@ class Window:
             self.buffer[:, :, start:length] = arr[:, :, skip:]
         self.length = length
         self._view = None
+
+    def forget(self, ops, tokens: int) -> None:
+        """Drop the oldest ``tokens`` (a sliding-window layer)."""
+        if tokens:
+            self.advance(ops, self.buffer[:, :, :0], tokens)
 
     def replace(self, ops, arr) -> None:
         """Hold exactly ``arr`` (a reordered batch)."""

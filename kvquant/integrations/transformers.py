@@ -17,16 +17,29 @@ name warns, and goes in 5.40); ``cache_argument(model)`` says which name a model
 for code that runs on either side of the rename.
 
 Each attention layer gets a ``kvquant.cache.LayerCache``; ``get_seq_length`` counts
-every token (positions and masks follow it). Formats can differ per layer:
-``per_layer={0: {"keys": None, "values": "int8"}}`` overrides the defaults for layer 0
+every token (positions and masks follow it). Formats can differ per layer and per
+layer type: ``per_layer={"sliding_attention": {"keys": None, "values": None}, 0:
+{"keys": "int8"}}`` overrides the defaults for every sliding layer, then for layer 0
 (``residual`` too).
 
-``crop`` works inside the residual window only (quantized tokens cannot be put back);
+Layer types, from the model's config: full attention; sliding-window and chunked
+layers (Gemma 2/3, Mistral, Qwen2/3 with a window, gpt-oss, Llama 4), whose caches
+forget what lies beyond the window (``LayerCache(sliding_window=W)``: memory bounded
+by W, the mask hides the at most max(16, quantize_every) + G - 1 older tokens a
+layer still holds); layers that are not attention (linear attention, convolution,
+state-space, MoE/MLP placeholders, shared-KV consumers) keep transformers' own layer
+for their type, untouched. Layers that mix a recurrent state with attention in one
+cache ("hybrid"), indexed and compressed attention are refused, naming the type, and
+so are MLA caches (DeepSeek V2/V3).
+Models that share KV between layers (Gemma 3n) read dequantized histories (the
+sharing layers take the owner's whole history). An attention with logit soft-capping
+or sinks (Gemma 2, gpt-oss) gets the dequantized history and the model's own
+attention, which applies them.
+
+``crop`` works inside the residual window only (quantized tokens cannot be put back),
+and on a sliding layer only before its window is full, as in transformers;
 ``reorder_cache``, ``batch_repeat_interleave`` and ``batch_select_indices`` (beam
-search, contrastive search) reorder every stored array. Models with sliding-window,
-chunked or shared-KV layers (Gemma 3, Gemma 4, Mistral's sliding window) are refused
-with a message naming the layer types: their layers need a cache that forgets tokens,
-which a quantized history does not do yet.
+search, contrastive search) reorder every stored array.
 """
 from __future__ import annotations
 
@@ -56,19 +69,22 @@ class KvquantLayer(DynamicLayer):
     ``reads_codes``: hand kvquant's attention the codes rather than a dequantized
     history; ``compiled``: that attention's compiled path (C++ kernel on the CPU)."""
 
-    is_sliding = False
     is_croppable = True
     is_compileable = False
 
     def __init__(self, keys: Any = "int8", values: Any = "int8", residual: int = 128, layer_idx: int = 0,
-                 reads_codes: bool = False, quantize_every: int = 1, compiled: bool = True):
+                 reads_codes: bool = False, quantize_every: int = 1, compiled: bool = True,
+                 sliding_window: Optional[int] = None):
         super().__init__()
         self._options = dict(keys=keys, values=values, residual=residual, layer=layer_idx,
-                             quantize_every=quantize_every)
+                             quantize_every=quantize_every, sliding_window=sliding_window)
         self.kv = LayerCache(**self._options)  # checks the formats now, not at the first token
         self.reads_codes = reads_codes
         self.compiled = compiled
         self._unconsumed = False
+        self.is_sliding = sliding_window is not None
+        self.sliding_window = sliding_window
+        self.cumulative_length = 0  # tokens seen; a sliding layer holds fewer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -78,8 +94,9 @@ class KvquantLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
         if not self.reads_codes:
-            return self.kv.append(key_states, value_states)
+            return _visible(self.kv, self.kv.append(key_states, value_states))
         # kvquant attention reads this layer's codes: no dequantized copy of the history.
         # The new tokens go back as they came, tagged so the attention finds the layer.
         if self._unconsumed:
@@ -94,24 +111,35 @@ class KvquantLayer(DynamicLayer):
         return key_states, value_states
 
     def get_seq_length(self) -> int:
-        return self.kv.seq_length
+        return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs):
-        return self.get_seq_length() + query_length, 0
+        if not self.is_sliding:
+            return self.cumulative_length + query_length, 0
+        # As transformers' DynamicSlidingWindowLayer: W - 1 kept tokens and the new ones.
+        seen, window = self.cumulative_length, self.sliding_window
+        offset = max(seen - window + 1, 0)
+        return (window - 1 + query_length if seen >= window else seen + query_length), offset
 
     def get_max_length(self) -> int:
-        return -1
+        return self.sliding_window if self.is_sliding else -1
 
     def reset(self) -> None:
         self.kv = LayerCache(**self._options)
         self.is_initialized = False
         self._unconsumed = False
+        self.cumulative_length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove, as transformers' layers do")
+        if self.is_sliding and self.cumulative_length >= self.sliding_window:
+            raise RuntimeError(f"kvquant cache layer {self.kv.layer}: a sliding-window layer past its window "
+                               f"({self.sliding_window} tokens) has forgotten what a crop would need, as "
+                               "transformers' DynamicSlidingWindowLayer has")
         if tokens_to_remove:
             self.kv.crop(self.kv.seq_length + tokens_to_remove)
+            self.cumulative_length = self.kv.seq_length
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.kv.seq_length:
@@ -129,6 +157,12 @@ class KvquantLayer(DynamicLayer):
         raise NotImplementedError("kvquant caches are not offloaded: they stay on the tensors' device")
 
     prefetch = offload
+
+
+def _visible(kv: LayerCache, history):
+    """A layer's (keys, values) history without the tokens a sliding window has left."""
+    hidden = kv.hidden_tokens
+    return history if not hidden else tuple(h[:, :, hidden:] for h in history)
 
 
 ATTENTION = "kvquant"  # the name kvquant's attention is registered under in transformers
@@ -166,7 +200,12 @@ class KvquantCache(Cache):
         text_config = None
         if config is not None:
             text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            types = _checked_layer_types(text_config)
+            if getattr(text_config, "kv_lora_rank", None) is not None:
+                raise ValueError(
+                    f"KvquantCache does not hold MLA caches ({type(text_config).__name__}: DeepSeek V2/V3 style "
+                    "attention caches a compressed latent and its rotary part, of different sizes, not keys and "
+                    "values of one head size); use transformers' DynamicCache for this model")
+            types = _checked_layer_types(text_config)  # (types, per-layer options)
             if attention == ATTENTION:
                 _switch_to_kvquant_attention(text_config)
         elif attention == ATTENTION and not _REGISTERED:
@@ -175,12 +214,21 @@ class KvquantCache(Cache):
                              "first, or use attention='dequantized'")
         if compiled is None:
             compiled = getattr(text_config, "_kvquant_compiled", True)
-        defaults = dict(keys=keys, values=values, residual=residual, reads_codes=attention == ATTENTION,
+        # Layers that share their KV with later ones hand those the whole history.
+        shared_kv = getattr(text_config, "kv_sharing_modes", None) is not None
+        defaults = dict(keys=keys, values=values, residual=residual,
+                        reads_codes=attention == ATTENTION and not shared_kv,
                         quantize_every=quantize_every, compiled=bool(compiled))
         per_layer = dict(per_layer or {})
 
-        def layer(i: int) -> KvquantLayer:
-            return KvquantLayer(**{**defaults, **per_layer.get(i, {})}, layer_idx=i)
+        def layer(i: int, kind: str = "full_attention", options: Optional[dict] = None):
+            if kind in PASSED_THROUGH:
+                from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+
+                return DYNAMIC_LAYER_TYPE_MAPPING[kind](**(options or {}))
+            window = (options or {}).get("sliding_window") if kind in SLIDING else None
+            return KvquantLayer(**{**defaults, **per_layer.get(kind, {}), **per_layer.get(i, {})}, layer_idx=i,
+                                sliding_window=window)
 
         if config is None:
             self._next_index = 0
@@ -192,42 +240,40 @@ class KvquantCache(Cache):
 
             super().__init__(layer_class_to_replicate=next_layer)
             return
-        super().__init__(layers=[layer(i) for i in range(len(types))])
+        super().__init__(layers=[layer(i, kind, options) for i, (kind, options) in enumerate(zip(*types))])
 
     def layer_caches(self):
-        """The kvquant LayerCache of every layer (stored bits, nbytes)."""
-        return [layer.kv for layer in self.layers]
+        """The kvquant LayerCache of every layer (stored bits, nbytes), None for a layer
+        transformers keeps (linear attention, placeholders)."""
+        return [layer.kv if isinstance(layer, KvquantLayer) else None for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.layer_caches())
+        """Bytes of every kvquant layer's arrays (the layers transformers keeps not counted)."""
+        return sum(c.nbytes for c in self.layer_caches() if c is not None)
 
 
-def _checked_layer_types(config) -> list:
-    """The config's layer types, or a ValueError naming those a kvquant cache cannot hold."""
-    types = _layer_types(config)
-    unsupported = sorted({t for t in types if t != "full_attention"})
-    if unsupported:
-        raise ValueError(
-            f"KvquantCache handles models whose layers all use full attention; this one has layer types "
-            f"{unsupported} (layers {[i for i, t in enumerate(types) if t != 'full_attention'][:8]}...): "
-            "sliding-window and chunked layers forget old tokens and shared-KV layers reuse another "
-            "layer's cache, which a kvquant cache does not model yet")
-    return types
+SLIDING = ("sliding_attention", "chunked_attention")  # transformers caches chunked layers as sliding ones
+# Layers with no per-token KV of their own: transformers' layer for the type, untouched.
+PASSED_THROUGH = ("linear_attention", "conv", "dummy")
 
 
-def _layer_types(config) -> list:
+def _checked_layer_types(config):
+    """(layer types, per-layer options) from the config, or a ValueError naming the types
+    a kvquant cache cannot hold."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    try:
-        types, _ = get_layer_types_and_kwargs(config)
-        return list(types)
-    except Exception:  # older configs without per-layer information
-        types = getattr(config, "layer_types", None)
-        if types is not None:
-            return list(types)
-        sliding = getattr(config, "sliding_window", None)
-        return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+    types, options = get_layer_types_and_kwargs(config)
+    types, options = list(types), list(options)
+    held = ("full_attention",) + SLIDING + PASSED_THROUGH
+    unsupported = sorted({t for t in types if t not in held})
+    if unsupported:
+        raise ValueError(
+            f"KvquantCache holds full-attention, sliding-window and chunked layers and leaves linear-attention, "
+            f"convolution and placeholder layers to transformers; this model has layer types {unsupported} "
+            f"(layers {[i for i, t in enumerate(types) if t not in held][:8]}): a layer that keeps a recurrent "
+            "state and attention in one cache ('hybrid'), or indexed or compressed attention, is not modelled yet")
+    return types, options
 
 
 
@@ -290,24 +336,36 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    is_causal=is_causal, **kwargs)
     layer._unconsumed = False
+    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+        # Attention sinks or soft-capped logits: kvquant's attention has neither, the
+        # model's own attention over the dequantized history applies them.
+        key, value = _visible(layer.kv, layer.kv.history(query.dtype))
+        return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   is_causal=is_causal, **kwargs)
     keys, values = layer.kv.attention_inputs()
-    mask = None
+    causal, mask = attention_mask is None, None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             mask = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
             mask = mask.masked_fill(~attention_mask, float("-inf"))
         else:
             mask = attention_mask.to(torch.float32)
+    hidden = layer.kv.hidden_tokens
+    if hidden:  # a sliding layer's oldest held tokens, outside this step's window
+        if mask is None:
+            mask = torch.zeros((1, 1, query.shape[2], keys.length - hidden), dtype=torch.float32, device=query.device)
+        mask = torch.nn.functional.pad(mask, (hidden, 0), value=float("-inf"))
+    if mask is not None:
         mask = mask[..., -keys.length:]
     compiled = torch.compiler.is_compiling() or layer.compiled
     if scaling is not None and _matches_layer(query, layer.kv, keys.length):
         # The layer's cache built both histories, which agree with each other; the query
         # matches the layer: attend's general checks, a cost in every layer and step,
         # have nothing left to find.
-        out = torch_attention.attend(query, keys, values, float(scaling), mask is None, mask, compiled,
+        out = torch_attention.attend(query, keys, values, float(scaling), causal, mask, compiled,
                                      DEFAULT_CHUNK_TOKENS)
     else:  # the general path, which says what is wrong
-        out = attend(query, keys, values, scale=scaling, causal=mask is None, mask=mask, compiled=compiled)
+        out = attend(query, keys, values, scale=scaling, causal=causal, mask=mask, compiled=compiled)
     return out.transpose(1, 2).contiguous(), None
 
 
