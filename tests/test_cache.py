@@ -312,3 +312,40 @@ def test_quantize_every_batches_the_leaving_tokens_with_the_same_bits(fmt):
     assert_same_bits(keys[:, :, quantized:], k_all[:, :, quantized:], "window")
     with pytest.raises(ValueError, match="quantize_every must be a positive int"):
         LayerCache(quantize_every=0)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("keys, values, residual", [
+    ("int8", "int8", 3), ({"format": "int4_per_channel", "group_size": 32}, {"format": "int4", "group_size": 32}, 5),
+    (None, "fp8", 100)], ids=["int8-r3", "kivi-r5", "full-fp8-r100"])
+def test_a_sliding_window_holds_the_window_with_the_stored_bits_of_its_tokens(framework, keys, values, residual):
+    # Per step: the history minus its hidden tokens is the last W - 1 tokens before the
+    # step and the new ones; held tokens stay bounded; the stored bits are one quantize
+    # of the tokens held.
+    if framework == "torch":
+        pytest.importorskip("torch")
+    import torch
+
+    k, v = stream(total=300)
+    to = (lambda a: torch.from_numpy(a)) if framework == "torch" else (lambda a: a)
+    cache = LayerCache(keys=keys, values=values, residual=residual, sliding_window=24)
+    seen, most = 0, 0
+    for new in [40] + [1] * 100 + [7] * 20 + [1] * 20:
+        k_all, v_all = cache.append(to(k[:, :, seen:seen + new]), to(v[:, :, seen:seen + new]))
+        visible = min(seen, 23) + new
+        seen += new
+        hidden = cache.hidden_tokens
+        assert cache.seq_length == hidden + visible and k_all.shape[2] == hidden + visible
+        most = max(most, cache.seq_length)
+        held = k[:, :, seen - cache.seq_length:seen]
+        for side, fmt, x in (("keys", keys, held), ("values", values, v[:, :, seen - cache.seq_length:seen])):
+            q = cache.quantized(side)
+            if q is None:
+                assert_same_bits(x, np.asarray(cache.window(side)), f"{side} window")
+                continue
+            for got, want in zip(parts(q), parts(one_shot(x[:, :, :q.shape[2]], fmt))):
+                assert_same_bits(want, np.asarray(got), f"{side} after {seen} tokens")
+            assert_same_bits(x[:, :, q.shape[2]:], np.asarray(cache.window(side)), f"{side} window")
+    assert most <= 23 + 15 + 31 + 7  # W - 1, fewer than 16 to forget, a block's rest, an append
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        LayerCache(sliding_window=0)

@@ -222,7 +222,8 @@ class GrowingStore:
     def forgettable(self, tokens: int) -> int:
         """How many of the oldest ``tokens`` asked for this store can drop."""
         tokens = min(tokens, self.length)
-        return tokens - tokens % self.stored.group_size if self.stored.info.per_channel else tokens
+        info = self.stored.info
+        return tokens - tokens % self.stored.group_size if info is not None and info.per_channel else tokens
 
     def view(self, source_dtype: str, backend: str) -> Optional[QuantizedKV]:
         if not self.length:
