@@ -15,6 +15,11 @@ bandwidth it achieves as a fraction of a same-run copy of the float32 history (t
 physical limit here: a copy reads and writes, so the fraction counts bytes read
 against the copy's bytes read).
 
+``--framework jax``: the same step in JAX under jax.jit, as a ratio to
+jax.nn.dot_product_attention over the float32 history: that over a bfloat16 history,
+dequantize-then-dot_product_attention, and kvquant.attention over the codes (XLA's
+fused loops; JAX has no C++ kernel of kvquant's).
+
 Not a test: numbers depend on the machine. docs/attention.md records a run.
 """
 from __future__ import annotations
@@ -100,6 +105,52 @@ def bench(shape: str, tokens: int, repeats: int, only=(), device: str = "cpu"):
             for name, t, nbytes in rows]
 
 
+def bench_jax(shape: str, tokens: int, repeats: int, only=()):
+    """The decode step in JAX, every candidate jitted, against dot_product_attention
+    over the float32 history (the keys' heads repeated for GQA inside the jit)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    q_heads, kv_heads, head_dim = SHAPES[shape]
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.standard_normal((1, kv_heads, tokens, head_dim)).astype(np.float32))
+    v = jnp.asarray(rng.standard_normal((1, kv_heads, tokens, head_dim)).astype(np.float32))
+    q = jnp.asarray(rng.standard_normal((1, q_heads, 1, head_dim)).astype(np.float32))
+
+    def block(fn):
+        return lambda: jax.block_until_ready(fn())
+
+    @jax.jit
+    def dot(q, k, v):  # [B, T, H, D] is dot_product_attention's layout
+        out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        return out.transpose(0, 2, 1, 3)
+
+    nbytes = lambda *arrays: sum(a.size * a.dtype.itemsize for a in arrays if a is not None)  # noqa: E731
+    f32_bytes = nbytes(k, v)
+    copy = jax.jit(lambda a, b: (a + 0, b + 0))
+    copy_time = _time(block(lambda: copy(k, v)), repeats)
+    base = _time(block(lambda: dot(q, k, v)), repeats)
+    rows = [("jax dot_product_attention float32", base, f32_bytes)]
+    kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    rows.append(("jax dot_product_attention bfloat16",
+                 _time(block(lambda: dot(q.astype(jnp.bfloat16), kb, vb)), repeats), nbytes(kb, vb)))
+    wanted = (lambda name: not only or any(w in name for w in only))
+    step = jax.jit(lambda q, keys, values: attend(q, keys, values, causal=False))
+    deq_dot = jax.jit(lambda q, kq, vq: dot(q, kvquant.dequantize(kq, "float32"), kvquant.dequantize(vq, "float32")))
+    for fmt, kw in FORMATS:
+        kq, vq = kvquant.quantize(k, fmt, **kw), kvquant.quantize(v, fmt, **kw)
+        held = nbytes(kq.codes, kq.scales, kq.zeros, vq.codes, vq.scales, vq.zeros)
+        label = fmt + ("-g64" if fmt == "int4" else "")
+        keys, values = History(kq, None), History(vq, None)
+        candidates = [(f"{label} dequantize+dot_product_attention", lambda: deq_dot(q, kq, vq)),
+                      (f"{label} kvquant jit", lambda: step(q, keys, values))]
+        rows += [(name, _time(block(fn), repeats), held) for name, fn in candidates if wanted(name)]
+    copy_bandwidth = f32_bytes / copy_time
+    return [{"shape": shape, "tokens": tokens, "candidate": name, "ms": t * 1e3, "ratio_to_sdpa_f32": t / base,
+             "bytes_read": b, "bandwidth_fraction_of_copy": (b / t) / copy_bandwidth} for name, t, b in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), default=[])
@@ -110,6 +161,7 @@ def main():
     parser.add_argument("--device", default="cpu", help="e.g. cuda:0 (scripts/device_check.sh)")
     parser.add_argument("--only", action="append", default=[],
                         help="only the candidates whose name contains this (repeatable); SDPA always runs")
+    parser.add_argument("--framework", choices=["torch", "jax"], default="torch")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,15 +173,24 @@ def main():
     results = []
     for shape in shapes:
         for tokens in tqdm(lengths, desc=shape, unit="length"):
-            results += bench(shape, tokens, args.repeats, args.only, args.device)
-    from kvquant.backends import cpu_kernel
+            if args.framework == "jax":
+                results += bench_jax(shape, tokens, args.repeats, args.only)
+            else:
+                results += bench(shape, tokens, args.repeats, args.only, args.device)
+    if args.framework == "jax":
+        import jax
 
-    ran = cpu_kernel.describe() if args.device == "cpu" else f"torch.compile's kernels on {args.device}"
-    print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
-          f"{torch.get_num_threads()} threads; compiled=True ran: {ran}")
-    print(f"{'shape':<9}{'tokens':>7}  {'candidate':<32}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
+        print(f"one decode step, batch 1, jax {jax.__version__} on {jax.devices()[0].platform}; median of "
+              f"{args.repeats}; ratio to jax.nn.dot_product_attention over the float32 history")
+    else:
+        from kvquant.backends import cpu_kernel
+
+        ran = cpu_kernel.describe() if args.device == "cpu" else f"torch.compile's kernels on {args.device}"
+        print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
+              f"{torch.get_num_threads()} threads; compiled=True ran: {ran}")
+    print(f"{'shape':<9}{'tokens':>7}  {'candidate':<40}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
     for r in results:
-        print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<32}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
+        print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<40}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
               f"{r['bytes_read'] / 2**20:>9.1f}{r['bandwidth_fraction_of_copy']:>9.2f}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -27,6 +27,7 @@ FORMATS = [
     ("int8+int4", "int8", {"format": "int4", "group_size": 32}),
     ("fp8+int2", "fp8", {"format": "int2", "group_size": 32}),
     ("fp8_per_tensor+none", {"format": "fp8_per_tensor", "scale": 0.05}, None),
+    ("kivi+int8", {"format": "int4_per_channel", "group_size": 32}, "int8"),
 ]
 HEAD_DIM, CAPACITY, RESIDUAL = 64, 96, 16
 STEPS = (40, 1, 1, 1, 7, 1)  # a prefill, decode steps, a chunk: tokens cross the window every time

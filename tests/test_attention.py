@@ -231,8 +231,9 @@ def test_bad_shapes_are_refused():
         attend(torch.zeros(5, 1, 64), K, K)
 
 
-@pytest.mark.parametrize("keys_format, values_format", [("int4", "int8"), (None, "int8"), ("fp8", None)],
-                         ids=["int4-int8", "full-int8", "fp8-full"])
+@pytest.mark.parametrize("keys_format, values_format", [("int4", "int8"), (None, "int8"), ("fp8", None),
+                                                         ({"format": "int4_per_channel", "group_size": 32}, "int8")],
+                         ids=["int4-int8", "full-int8", "fp8-full", "kivi-int8"])
 def test_jax_cache_attention_inputs_hide_empty_slots(keys_format, values_format):
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
@@ -248,7 +249,10 @@ def test_jax_cache_attention_inputs_hide_empty_slots(keys_format, values_format)
     # The same 40 tokens: 32 quantized (or kept in full precision: every token), 8 in the window.
     def held(x, fmt):
         x = jnp.asarray(x)
-        return History(None, x) if fmt is None else History(kvquant.quantize(x[:, :, :32], fmt), x[:, :, 32:])
+        if fmt is None:
+            return History(None, x)
+        kw = {k: v for k, v in fmt.items() if k != "format"} if isinstance(fmt, dict) else {}
+        return History(kvquant.quantize(x[:, :, :32], fmt["format"] if kw else fmt, **kw), x[:, :, 32:])
 
     ref = reference_attention(jnp.asarray(q), held(k, keys_format), held(v, values_format))
     check(out, ref, v, "jax cache")

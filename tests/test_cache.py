@@ -203,9 +203,7 @@ def test_numpy_torch_and_jax_caches_store_the_same_bits(fmt):
     from kvquant.cache import JaxLayerCache
 
     if StoredFormat.parse(fmt).info.per_channel:
-        with pytest.raises(ValueError, match="JaxLayerCache does not take per-channel formats"):
-            JaxLayerCache.create(2, 3, 64, capacity=32, keys=fmt, values="int8", residual=4)
-        return _numpy_and_torch_same_bits(fmt, torch)
+        return _per_channel_same_bits(fmt, torch, jax)
     keys, values = stream(total=23, dtype=np.float32)
     chunks = [7, 1, 1, 5, 1, 8]
     R = 4
@@ -234,23 +232,41 @@ def test_numpy_torch_and_jax_caches_store_the_same_bits(fmt):
             assert_same_bits(a, c if c.ndim < 3 else c[:, :, :quantized], f"jax stored {side}")
 
 
-def _numpy_and_torch_same_bits(fmt, torch):
-    """Per-channel formats (NumPy and PyTorch caches only): blocks leave the window whole."""
+def _per_channel_same_bits(fmt, torch, jax):
+    """Per-channel keys, per-token values: blocks of G tokens leave the window whole. The
+    JAX cache moves both sides by blocks (one mask for both), LayerCache only the
+    per-channel side: the keys' splits agree, the values' stored bits are one quantize."""
+    from kvquant.cache import JaxLayerCache
+
     chunks = [70, 1, 1, 5, 1, 60, 1]
     keys, values = stream(total=sum(chunks))
     caches = [LayerCache(keys=fmt, values="int8", residual=4) for _ in range(2)]
+    j_cache = JaxLayerCache.create(2, 3, 64, capacity=256, keys=fmt, values="int8", residual=4)
+    step = jax.jit(JaxLayerCache.append)
     start = 0
     for n in chunks:
         k, v = keys[:, :, start:start + n], values[:, :, start:start + n]
         np_out = caches[0].append(k, v)
         t_out = caches[1].append(torch.from_numpy(k), torch.from_numpy(v))
+        j_cache, jk, jv, valid = step(j_cache, jax.numpy.asarray(k), jax.numpy.asarray(v))
         start += n
         assert_same_bits(np_out[0], t_out[0].numpy(), "torch history")
+        valid = np.asarray(valid)
+        assert valid.sum() == start
+        assert_same_bits(np_out[0], np.asarray(jk)[:, :, valid], "jax keys history (valid slots)")
+        blocks = quantized_count(fmt, start, 4)
+        want_v = np.concatenate([kvquant.dequantize(one_shot(values[:, :, :blocks], "int8"), "float32"),
+                                 values[:, :, blocks:start]], axis=2)
+        assert_same_bits(want_v, np.asarray(jv)[:, :, valid], "jax values history (valid slots)")
     quantized = quantized_count(fmt, start, 4)
     assert caches[0].quantized("keys").shape[2] == quantized > 0
     assert caches[0].window("keys").shape[2] == start - quantized
-    for a, b in zip(parts(caches[0].quantized("keys")), parts(caches[1].quantized("keys"))):
+    for a, b, c in zip(parts(caches[0].quantized("keys")), parts(caches[1].quantized("keys")),
+                       parts(j_cache.quantized("keys"))):
         assert_same_bits(a, b.numpy(), "torch stored keys")
+        assert_same_bits(a, np.asarray(c)[:, :, :a.shape[2]], "jax stored keys")  # tokens, or blocks of G
+    for a, c in zip(parts(one_shot(values[:, :, :quantized], "int8")), parts(j_cache.quantized("values"))):
+        assert_same_bits(a, np.asarray(c)[:, :, :quantized], "jax stored values")
 
 
 def test_jax_cache_compiles_once_per_new_token_count():

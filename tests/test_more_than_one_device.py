@@ -30,7 +30,7 @@ def test_jax_cache_on_a_mesh_keeps_sharding_and_bits_with_no_collective():
     report = report["rows"]
     assert {(r["layout"], r["formats"]) for r in report} == {
         (layout, formats) for layout in ("kv_heads", "batch", "batch_and_kv_heads")
-        for formats in ("int8+int4", "fp8+int2", "fp8_per_tensor+none")}
+        for formats in ("int8+int4", "fp8+int2", "fp8_per_tensor+none", "kivi+int8")}
     for row in report:
         where = f"{row['formats']} sharded over {row['layout']}"
         assert row["cache_sharding_kept"] and row["history_sharding_kept"], f"{where}: an array left its placement"

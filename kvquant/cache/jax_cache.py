@@ -47,15 +47,23 @@ class JaxLayerCache:
                                      keys="int8", values="int4", residual=128)
         cache, k_all, v_all, valid = jax.jit(JaxLayerCache.append)(cache, k_new, v_new)
 
-    ``k_all`` / ``v_all`` are ``[batch, kv_heads, capacity + residual, head_dim]``: the
-    quantized slots (dequantized) then the residual slots; ``valid`` ([capacity +
-    residual] bools) marks the slots holding tokens, for the attention mask. Slot order
+    ``k_all`` / ``v_all`` are ``[batch, kv_heads, capacity + window, head_dim]``: the
+    quantized slots (dequantized) then the window's slots; ``valid`` ([capacity +
+    window] bools) marks the slots holding tokens, for the attention mask. Slot order
     is not token order across the two parts, which attention does not need (positions
     are in the keys already). ``capacity`` is the number of quantized token slots: it
     must hold every token that leaves the window plus one append's new tokens (an
     append writes all its new tokens' codes at once, the not-yet-leaving ones to be
     written again, identically, when they leave). With a concrete length, an append
     past that raises; under jit it cannot be checked.
+
+    Per-channel formats (KIVI's keys) quantize blocks of G tokens: the window then has
+    residual + G - 1 slots and tokens leave it in whole blocks (both sides, so that one
+    mask serves both), as LayerCache's per-channel side does; each append quantizes a
+    fixed span of blocks from the window's front, and the blocks that are complete are
+    the ones counted (an incomplete one, written past the valid slots, is written again
+    when it completes). The capacity is then a multiple of G, with room for one append's
+    new tokens rounded up to whole blocks. The stored bits equal LayerCache's.
 
     On a device mesh, ``sharding`` (a ``NamedSharding`` whose spec names the batch and
     kv_heads axes, e.g. ``P("batch", "heads")``) places every per-token array over those
@@ -90,11 +98,13 @@ class JaxLayerCache:
         dtype = canonical_dtype_name(dtype)
         formats = (StoredFormat.parse(keys), StoredFormat.parse(values))
         residual = parse_residual(residual)
-        for f in formats:
-            if f.info is not None and f.info.per_channel:
-                raise ValueError(f"JaxLayerCache does not take per-channel formats ({f.format.value}) yet: its "
-                                 "fixed slots quantize every token as it leaves the window, and a block of G tokens "
-                                 "completes at a traced step; use LayerCache (NumPy, PyTorch) for per-channel keys")
+        blocks = {f.group_size for f in formats if f.info is not None and f.info.per_channel}
+        if len(blocks) > 1:
+            raise ValueError(f"keys and values are per channel with different group sizes {sorted(blocks)}: a "
+                             "JaxLayerCache moves both sides' tokens in blocks of one size")
+        block = blocks.pop() if blocks else 1
+        if capacity % block:
+            raise ValueError(f"capacity {capacity} is not a multiple of the per-channel group size {block}")
         shape = (batch, kv_heads, capacity, head_dim)
         sample = jnp.zeros((batch, kv_heads, 0, head_dim), dtype)
         stores = []
@@ -111,9 +121,21 @@ class JaxLayerCache:
                 params = (jnp.zeros(param_shape, jnp.float32),) * (2 if info.has_zeros else 1)
             stores.append((codes,) + params)
             quantize_dense(sample, f)  # refuses a bad format/shape combination now
-        windows = tuple(jnp.zeros((batch, kv_heads, residual, head_dim), dtype) for _ in formats)
+        windows = tuple(jnp.zeros((batch, kv_heads, residual + block - 1, head_dim), dtype) for _ in formats)
         cache = cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer)
         return cache if sharding is None else _placed(cache, sharding, (batch, kv_heads))
+
+    @property
+    def block(self) -> int:
+        """Tokens leave the window in multiples of this: a per-channel side's G, else 1."""
+        return self.windows[0].shape[TOKEN_AXIS] - self.residual + 1
+
+    def _quantized_tokens(self, length):
+        """How many of ``length`` tokens have left the window (whole blocks)."""
+        import jax.numpy as jnp
+
+        left = max(length - self.residual, 0) if isinstance(length, int) else jnp.maximum(length - self.residual, 0)
+        return left - left % self.block
 
     def append(self, keys: Any, values: Any, out_dtype: Any = None):
         """(new cache, keys history, values history, valid slots); see the class."""
@@ -129,46 +151,53 @@ class JaxLayerCache:
                                       f"{tuple(expected)} {self.dtype}")
         if new > self.capacity:
             raise CacheInputError(f"{where}: {new} new tokens exceed the capacity {self.capacity}")
+        G = self.block
+        span = G * ((new + G - 1) // G)  # tokens quantized per append: every block that can complete
         if not isinstance(self.length, jax.core.Tracer):
             length = int(self.length)
-            if max(0, length + new - self.residual) - max(0, length - self.residual) and \
-                    max(0, length - self.residual) + new > self.capacity:
+            if self._quantized_tokens(length + new) > self._quantized_tokens(length) and \
+                    self._quantized_tokens(length) + span > self.capacity:
                 raise CacheInputError(f"{where}: the cache is full ({self.capacity} quantized slots; "
                                       f"{length} tokens held, {new} more asked for)")
         out = canonical_dtype_name(out_dtype) if out_dtype is not None else self.dtype
-        R = self.residual
         L = self.length
-        Q = jnp.maximum(L - R, 0)
+        Q = self._quantized_tokens(L)
         r = L - Q
         T = L + new
-        Q2 = jnp.maximum(T - R, 0)
+        Q2 = self._quantized_tokens(T)
         k = Q2 - Q
+        W = self.windows[0].shape[TOKEN_AXIS]
         stores, windows, histories = [], [], []
         for f, store, window, arr in zip(self.formats, self.stores, self.windows, (keys, values)):
-            buf = jnp.concatenate([window, jnp.zeros_like(arr)], axis=TOKEN_AXIS)
+            # Room for the window's slots after up to new + G - 1 tokens leave (dynamic_slice
+            # would move a slice that overruns the buffer, not shorten it).
+            pad = arr.shape[:TOKEN_AXIS] + (new + G - 1,) + arr.shape[TOKEN_AXIS + 1:]
+            buf = jnp.concatenate([window, jnp.zeros(pad, arr.dtype)], axis=TOKEN_AXIS)
             buf = jax.lax.dynamic_update_slice_in_dim(buf, arr, r, axis=TOKEN_AXIS)
-            leaving = buf[:, :, :new]  # its first k tokens leave the window
+            leaving = buf[:, :, :span]  # its first k tokens leave the window
             if f.format is None:
                 parts = (leaving,)
             else:
                 q = quantize_dense(leaving, f)
                 parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
-            store = tuple(p if per_tensor(p) else jax.lax.dynamic_update_slice_in_dim(s, p, Q, axis=TOKEN_AXIS)
-                          for s, p in zip(store, parts))
-            window = jax.lax.dynamic_slice_in_dim(buf, k, R, axis=TOKEN_AXIS)
+            # A per-channel format's scales and zeros have a row per block of G tokens.
+            rows = [G if i and f.info is not None and f.info.per_channel else 1 for i in range(len(parts))]
+            store = tuple(p if per_tensor(p) else jax.lax.dynamic_update_slice_in_dim(s, p, Q // n, axis=TOKEN_AXIS)
+                          for s, p, n in zip(store, parts, rows))
+            window = jax.lax.dynamic_slice_in_dim(buf, k, W, axis=TOKEN_AXIS)
             stores.append(store)
             windows.append(window)
-        cache = JaxLayerCache(tuple(stores), tuple(windows), T.astype(jnp.int32), self.formats, R, self.capacity,
-                              self.dtype, self.layer)
+        cache = JaxLayerCache(tuple(stores), tuple(windows), T.astype(jnp.int32), self.formats, self.residual,
+                              self.capacity, self.dtype, self.layer)
         for i in range(2):
             histories.append(cache.history(i, out))
-        slots = jnp.arange(self.capacity + R)
+        slots = jnp.arange(self.capacity + W)
         valid = jnp.where(slots < self.capacity, slots < Q2, slots - self.capacity < T - Q2)
         return cache, histories[0], histories[1], valid
 
     def quantized(self, side: str = "keys") -> Optional[QuantizedKV]:
         """Every quantized slot of a side as a QuantizedKV (capacity tokens; the first
-        ``max(0, length - residual)`` hold tokens)."""
+        ``max(0, length - residual)``, rounded down to whole blocks, hold tokens)."""
         i = 0 if side == "keys" else 1
         f = self.formats[i]
         if f.format is None:
@@ -190,9 +219,8 @@ class JaxLayerCache:
                       # a full-precision side's slots are plain values: one array, slots in the same order
                       else History(None, jnp.concatenate([self.stores[i][0], self.windows[i]], axis=TOKEN_AXIS))
                       for i, side in enumerate(("keys", "values")))
-        R = self.residual
-        Q = jnp.maximum(self.length - R, 0)
-        slots = jnp.arange(self.capacity + R)
+        Q = self._quantized_tokens(self.length)
+        slots = jnp.arange(self.capacity + self.windows[0].shape[TOKEN_AXIS])
         valid = jnp.where(slots < self.capacity, slots < Q, slots - self.capacity < self.length - Q)
         return sides[0], sides[1], jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)
 
