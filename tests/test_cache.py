@@ -365,3 +365,32 @@ def test_a_sliding_window_holds_the_window_with_the_stored_bits_of_its_tokens(fr
     assert most <= 23 + 15 + 31 + 7  # W - 1, fewer than 16 to forget, a block's rest, an append
     with pytest.raises(ValueError, match="sliding_window must be a positive int"):
         LayerCache(sliding_window=0)
+
+
+@pytest.mark.parametrize("keys, values", [("int8", "int8"), ({"format": "int4_per_channel", "group_size": 32}, None)],
+                         ids=["int8", "kivi-keys"])
+def test_a_sliding_jax_cache_is_a_ring_holding_the_window_with_layer_caches_bits(keys, values):
+    # Every token the newest one sees (the last 24) sits in exactly one slot the mask
+    # shows, with the bits LayerCache has for that position; the ring never grows.
+    jax = pytest.importorskip("jax")
+    from kvquant.cache import JaxLayerCache
+
+    chunks = [40] + [1] * 60 + [7, 1, 1]
+    k, v = stream(total=sum(chunks))
+    window = 24
+    ring = JaxLayerCache.create(2, 3, 64, capacity=96, keys=keys, values=values, residual=4, sliding_window=window)
+    full = LayerCache(keys=keys, values=values, residual=4)
+    step = jax.jit(JaxLayerCache.append)
+    seen = 0
+    for n in chunks:
+        ring, jk, jv, valid = step(ring, jax.numpy.asarray(k[:, :, seen:seen + n]), jax.numpy.asarray(v[:, :, seen:seen + n]))
+        want_k, want_v = full.append(k[:, :, seen:seen + n], v[:, :, seen:seen + n])
+        seen += n
+        positions = np.asarray(ring.positions())
+        valid = np.asarray(valid)
+        assert sorted(positions[valid]) == list(range(max(0, seen - window), seen)), f"after {seen} tokens"
+        assert_same_bits(want_k[:, :, positions[valid]], np.asarray(jk)[:, :, valid], f"keys after {seen} tokens")
+        assert_same_bits(want_v[:, :, positions[valid]], np.asarray(jv)[:, :, valid], f"values after {seen} tokens")
+        assert all(a.shape[2] in (96, 96 // 32) for a in ring.stores[0] if a.ndim > 2)
+    with pytest.raises(CacheInputError, match="cannot hold the window"):
+        ring.append(jax.numpy.asarray(k[:, :, :80]), jax.numpy.asarray(v[:, :, :80]))

@@ -76,10 +76,9 @@ def forward(params, caches, ids, start, config):
         v = (h @ p["self_attn.v_proj"].T).reshape(1, n, config["kv_heads"], -1).transpose(0, 2, 1, 3)
         q, k = rotary(q, positions, config["theta"]), rotary(k, positions, config["theta"])
         cache, *_ = cache.append(k, v)
-        keys, values, slot_mask = cache.attention_inputs()
-        # Slots are not in token order: causality within the new tokens from their
-        # positions (a slot's position is its token index; quantized slots come first).
-        mask = slot_mask[None, None, None, :] + _causal_over_slots(cache, n, start)
+        keys, values, _ = cache.attention_inputs()
+        # Slots are not in token order: causality from each slot's token position.
+        mask = _causal_over_slots(cache, n, start)
         out = attend(q, keys, values, mask=mask, causal=False)
         x = x + out.transpose(0, 2, 1, 3).reshape(1, n, -1) @ p["self_attn.o_proj"].T
         h = rms_norm(x, p["post_attention_layernorm"], config["eps"])
@@ -90,14 +89,12 @@ def forward(params, caches, ids, start, config):
 
 
 def _causal_over_slots(cache, n, start):
-    """[n, slots] additive mask: query i (position start + i) sees the slots holding
-    positions up to its own."""
-    window = cache.windows[0].shape[2]
-    quantized = cache._quantized_tokens(cache.length)
-    slot = jnp.arange(cache.capacity + window)
-    position = jnp.where(slot < cache.capacity, slot, quantized + slot - cache.capacity)
+    """[1, 1, n, slots] additive mask: query i (position start + i) sees the slots
+    holding positions up to its own (cache.positions(): -1 for an empty slot)."""
+    position = cache.positions()
     query = start + jnp.arange(n)
-    return jnp.where(position[None, :] <= query[:, None], 0.0, -jnp.inf)[None, None]
+    seen = (position[None, :] >= 0) & (position[None, :] <= query[:, None])
+    return jnp.where(seen, 0.0, -jnp.inf)[None, None]
 
 
 def greedy(params, config, prompt, new, keys, values, residual=128):

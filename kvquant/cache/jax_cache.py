@@ -65,13 +65,20 @@ class JaxLayerCache:
     when it completes). The capacity is then a multiple of G, with room for one append's
     new tokens rounded up to whole blocks. The stored bits equal LayerCache's.
 
+    ``sliding_window=W`` (a layer that attends to the last W tokens): the quantized slots
+    are a ring, token position p in slot p mod capacity, so memory is the capacity
+    whatever the length; the capacity must hold the window and one append's span
+    (capacity >= W + new tokens rounded up to blocks). ``positions()`` gives each slot's
+    token position (-1 when empty), for masks of several new tokens; ``valid`` and
+    ``attention_inputs``' mask show the slots the newest token sees.
+
     On a device mesh, ``sharding`` (a ``NamedSharding`` whose spec names the batch and
     kv_heads axes, e.g. ``P("batch", "heads")``) places every per-token array over those
     two axes and the scalars replicated; ``append`` under jit keeps that placement and
     the unsharded cache's bits, with no collective (docs/cache.md, "More than one device").
     """
 
-    def __init__(self, stores, windows, length, formats, residual, capacity, dtype, layer=0):
+    def __init__(self, stores, windows, length, formats, residual, capacity, dtype, layer=0, sliding_window=None):
         self.stores = stores      # per side: (codes, scales[, zeros]) with `capacity` token slots, or (values,)
         self.windows = windows    # per side: [batch, kv_heads, residual, head_dim] full precision
         self.length = length      # int32 scalar: tokens appended so far
@@ -80,9 +87,11 @@ class JaxLayerCache:
         self.capacity = capacity
         self.dtype = dtype
         self.layer = layer
+        self.sliding_window = sliding_window
 
     def tree_flatten(self):
-        return (self.stores, self.windows, self.length), (self.formats, self.residual, self.capacity, self.dtype, self.layer)
+        return (self.stores, self.windows, self.length), (self.formats, self.residual, self.capacity, self.dtype,
+                                                          self.layer, self.sliding_window)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -91,7 +100,7 @@ class JaxLayerCache:
     @classmethod
     def create(cls, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype: Any = "float32", *,
                keys: Any = "int8", values: Any = "int8", residual: int = 128, layer: Any = 0,
-               sharding: Any = None) -> "JaxLayerCache":
+               sharding: Any = None, sliding_window: Optional[int] = None) -> "JaxLayerCache":
         import jax.numpy as jnp
 
         get_backend("jax").runtime.register_pytree(cls, cls.tree_flatten, cls.tree_unflatten)
@@ -105,6 +114,10 @@ class JaxLayerCache:
         block = blocks.pop() if blocks else 1
         if capacity % block:
             raise ValueError(f"capacity {capacity} is not a multiple of the per-channel group size {block}")
+        if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                           or not 0 < sliding_window <= capacity - block):
+            raise ValueError(f"sliding_window must be a positive int with room for a block beside it in the "
+                             f"capacity {capacity}, got {sliding_window!r}")
         shape = (batch, kv_heads, capacity, head_dim)
         sample = jnp.zeros((batch, kv_heads, 0, head_dim), dtype)
         stores = []
@@ -122,7 +135,8 @@ class JaxLayerCache:
             stores.append((codes,) + params)
             quantize_dense(sample, f)  # refuses a bad format/shape combination now
         windows = tuple(jnp.zeros((batch, kv_heads, residual + block - 1, head_dim), dtype) for _ in formats)
-        cache = cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer)
+        cache = cls(tuple(stores), windows, jnp.zeros((), jnp.int32), formats, residual, capacity, dtype, layer,
+                    sliding_window)
         return cache if sharding is None else _placed(cache, sharding, (batch, kv_heads))
 
     @property
@@ -153,7 +167,10 @@ class JaxLayerCache:
             raise CacheInputError(f"{where}: {new} new tokens exceed the capacity {self.capacity}")
         G = self.block
         span = G * ((new + G - 1) // G)  # tokens quantized per append: every block that can complete
-        if not isinstance(self.length, jax.core.Tracer):
+        if self.sliding_window is not None and self.sliding_window + span > self.capacity:
+            raise CacheInputError(f"{where}: a ring of {self.capacity} slots cannot hold the window "
+                                  f"({self.sliding_window}) and an append of {new} tokens ({span} slots)")
+        if self.sliding_window is None and not isinstance(self.length, jax.core.Tracer):
             length = int(self.length)
             if self._quantized_tokens(length + new) > self._quantized_tokens(length) and \
                     self._quantized_tokens(length) + span > self.capacity:
@@ -182,18 +199,50 @@ class JaxLayerCache:
                 parts = (q.codes, q.scales) + ((q.zeros,) if q.zeros is not None else ())
             # A per-channel format's scales and zeros have a row per block of G tokens.
             rows = [G if i and f.info is not None and f.info.per_channel else 1 for i in range(len(parts))]
-            store = tuple(p if per_tensor(p) else jax.lax.dynamic_update_slice_in_dim(s, p, Q // n, axis=TOKEN_AXIS)
+            store = tuple(p if per_tensor(p) else self._written(s, p, Q // n, self.capacity // n)
                           for s, p, n in zip(store, parts, rows))
             window = jax.lax.dynamic_slice_in_dim(buf, k, W, axis=TOKEN_AXIS)
             stores.append(store)
             windows.append(window)
         cache = JaxLayerCache(tuple(stores), tuple(windows), T.astype(jnp.int32), self.formats, self.residual,
-                              self.capacity, self.dtype, self.layer)
+                              self.capacity, self.dtype, self.layer, self.sliding_window)
         for i in range(2):
             histories.append(cache.history(i, out))
-        slots = jnp.arange(self.capacity + W)
-        valid = jnp.where(slots < self.capacity, slots < Q2, slots - self.capacity < T - Q2)
-        return cache, histories[0], histories[1], valid
+        return cache, histories[0], histories[1], cache._seen_by_newest()
+
+    def _written(self, buffer, part, start, rows: int):
+        """``part`` written into ``buffer`` from row ``start``: in place, or around the
+        ring of ``rows`` rows for a sliding window."""
+        import jax
+        import jax.numpy as jnp
+
+        if self.sliding_window is None:
+            return jax.lax.dynamic_update_slice_in_dim(buffer, part, start, axis=TOKEN_AXIS)
+        index = (start + jnp.arange(part.shape[TOKEN_AXIS])) % rows
+        return buffer.at[:, :, index].set(part)
+
+    def positions(self):
+        """Each slot's token position, quantized slots then the window's; -1 where empty."""
+        import jax.numpy as jnp
+
+        Q = self._quantized_tokens(self.length)
+        window = jnp.arange(self.windows[0].shape[TOKEN_AXIS])
+        ring = jnp.arange(self.capacity)
+        if self.sliding_window is None:
+            stored = jnp.where(ring < Q, ring, -1)
+        else:  # the latest position p < Q with p = slot (mod capacity)
+            stored = ring + self.capacity * ((Q - 1 - ring) // self.capacity)
+            stored = jnp.where(stored >= 0, stored, -1)
+        held = jnp.where(window < self.length - Q, Q + window, -1)
+        return jnp.concatenate([stored, held]).astype(jnp.int32)
+
+    def _seen_by_newest(self):
+        """The slots the newest token attends to: held, and inside its sliding window."""
+        positions = self.positions()
+        seen = positions >= 0
+        if self.sliding_window is not None:
+            seen = seen & (positions > self.length - 1 - self.sliding_window)
+        return seen
 
     def quantized(self, side: str = "keys") -> Optional[QuantizedKV]:
         """Every quantized slot of a side as a QuantizedKV (capacity tokens; the first
@@ -219,10 +268,7 @@ class JaxLayerCache:
                       # a full-precision side's slots are plain values: one array, slots in the same order
                       else History(None, jnp.concatenate([self.stores[i][0], self.windows[i]], axis=TOKEN_AXIS))
                       for i, side in enumerate(("keys", "values")))
-        Q = self._quantized_tokens(self.length)
-        slots = jnp.arange(self.capacity + self.windows[0].shape[TOKEN_AXIS])
-        valid = jnp.where(slots < self.capacity, slots < Q, slots - self.capacity < self.length - Q)
-        return sides[0], sides[1], jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)
+        return sides[0], sides[1], jnp.where(self._seen_by_newest(), 0.0, -jnp.inf).astype(jnp.float32)
 
     def history(self, i: int, out_dtype: str):
         import jax.numpy as jnp
