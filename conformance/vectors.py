@@ -303,7 +303,6 @@ def vector_to_case(group: dict, test: dict) -> Case:
     spec = Spec(fmt, group.get("groupSize"), static)
     dtype = group["inputDtype"]
     shape = tuple(test["shape"])
-    lead, head_dim = shape[:-1], shape[-1]
     x = _from_hex(test["input"], NP_DTYPES[dtype], shape)
     info = FORMATS[fmt]
     code_shape = info.code_shape(shape)

@@ -2,7 +2,6 @@
 in a fresh virtual environment, from a directory outside the checkout. Each check
 fails loudly; the last line says what ran."""
 import os
-import sys
 import warnings
 
 import numpy as np

@@ -21,7 +21,7 @@ FORMATS = [("fp8", {}), ("int8", {}), ("int4", {"group_size": 64}), ("int2", {"g
 
 def _framework_paths():
     # torch-compiled is torch.compile's graph; torch-cpu-kernel the C++ kernel that
-    # compiled=True uses on the CPU where it builds (backends/cpu_kernel.py).
+    # compiled=True uses on the CPU where it builds (backends/cpu_kernel/).
     paths = [("torch-eager", "torch", False), ("torch-compiled", "torch", True), ("torch-cpu-kernel", "torch", True)]
     try:
         import jax  # noqa: F401
