@@ -177,7 +177,8 @@ class KvquantCache(Cache):
     checked and, with kvquant's attention, the model switched to it (see the module's
     doc); without one, layers are added as the model reaches them.
     ``keys``, ``values``, ``residual``, ``quantize_every``: the defaults for every layer
-    (see kvquant.cache.LayerCache); ``per_layer``: {layer index: overrides}.
+    (see kvquant.cache.LayerCache); ``per_layer``: {layer type or index: overrides}, an
+    index overriding its type (e.g. ``{"sliding_attention": {"keys": None, "values": None}}``).
     ``attention``: "kvquant" (kvquant.attention reads the codes; the default with a
     config; without one, the model must have been switched by ``use_kvquant_attention``)
     or "dequantized" (the model's own attention over the dequantized history; the
