@@ -396,30 +396,6 @@ class BackendOps:
     def dequantize_kv_int4(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
         return self._dequantize_asymmetric(Format.INT4, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
 
-    def quantize_kv_int2(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
-        """Spec v1.1: 2-bit codes in groups of G elements inside a token (KIVI's values),
-        four codes per byte."""
-        return self._quantize_asymmetric(Format.INT2, input, num_tokens, head_dim, group_size, on_nonfinite)
-
-    def dequantize_kv_int2(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
-        return self._dequantize_asymmetric(Format.INT2, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
-
-    def quantize_kv_int4_per_channel(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
-        """Spec v1.1: 4-bit codes with one scale and zero per channel and block of G
-        tokens along the token axis (KIVI's keys); ``input`` is ``[..., tokens, head_dim]``
-        with tokens a multiple of G."""
-        return self._quantize_asymmetric(Format.INT4_PER_CHANNEL, input, num_tokens, head_dim, group_size, on_nonfinite)
-
-    def dequantize_kv_int4_per_channel(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
-        return self._dequantize_asymmetric(Format.INT4_PER_CHANNEL, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
-
-    def quantize_kv_int2_per_channel(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
-        """Spec v1.1: 2-bit codes per channel and block of G tokens."""
-        return self._quantize_asymmetric(Format.INT2_PER_CHANNEL, input, num_tokens, head_dim, group_size, on_nonfinite)
-
-    def dequantize_kv_int2_per_channel(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64, output_dtype="float32"):
-        return self._dequantize_asymmetric(Format.INT2_PER_CHANNEL, packed, scales, zeros, num_tokens, head_dim, group_size, output_dtype)
-
     def _kernel(self, info, stage: str):
         """The kernels' function for a format, or NotImplementedError naming the spec
         version: a backend written for v1 is still checked on v1 (the suite reports the
@@ -488,6 +464,37 @@ class BackendOps:
         out = kernel(self._view(packed, shape[:-1], (width,)), self._view(scales, param_lead, param_tail),
                      self._view(zeros, param_lead, param_tail), group, out_dtype)
         return self.runtime.reshape(out, shape[:-1] + (head_dim,))
+
+
+
+def _grouped_seed_methods(info):
+    """quantize_kv_<name> and dequantize_kv_<name> for a grouped or per-channel format of
+    the table (spec v1.1's and any added later), in the seed's style: the checks and
+    kernels are BackendOps' shared ones, so such a format needs no methods of its own."""
+    fmt = info.format
+    where = ("one scale and zero per channel and block of G tokens along the token axis; ``input`` is "
+             "``[..., tokens, head_dim]`` with tokens a multiple of G" if info.per_channel
+             else "a scale and zero per group of G elements inside a token")
+
+    def quantize(self, input, num_tokens, head_dim, group_size=Int4GroupSize.G64, *, on_nonfinite="raise"):
+        return self._quantize_asymmetric(fmt, input, num_tokens, head_dim, group_size, on_nonfinite)
+
+    def dequantize(self, packed, scales, zeros, num_tokens, head_dim, group_size=Int4GroupSize.G64,
+                   output_dtype="float32"):
+        return self._dequantize_asymmetric(fmt, packed, scales, zeros, num_tokens, head_dim, group_size,
+                                           output_dtype)
+
+    for method, name, doc in ((quantize, info.quantize_method, f"Spec v{info.spec_version}: {info.bits}-bit codes, "
+                               f"{info.codes_per_byte} per byte, with {where}."),
+                              (dequantize, info.dequantize_method, f"The inverse of {info.quantize_method}.")):
+        method.__name__, method.__qualname__, method.__doc__ = name, f"BackendOps.{name}", doc
+    return quantize, dequantize
+
+
+for _info in FORMATS.values():
+    if _info.group_sizes and not hasattr(BackendOps, _info.quantize_method):
+        for _method in _grouped_seed_methods(_info):
+            setattr(BackendOps, _method.__name__, _method)
 
 
 def _unravel(flat: int, dims: Tuple[int, ...]) -> Tuple[int, ...]:
