@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from kvquant.attention import attend
 from kvquant.cache import JaxLayerCache
@@ -97,7 +98,7 @@ def _causal_over_slots(cache, n, start):
     return jnp.where(seen, 0.0, -jnp.inf)[None, None]
 
 
-def greedy(params, config, prompt, new, keys, values, residual=128):
+def greedy(params, config, prompt, new, keys, values, residual=128, progress=None):
     layers = len(params["layers"])
     capacity = -(-(prompt.shape[1] + new) // 64) * 64 + 64
     caches = [JaxLayerCache.create(1, config["kv_heads"], config["head_dim"], capacity, keys=keys, values=values,
@@ -106,7 +107,7 @@ def greedy(params, config, prompt, new, keys, values, residual=128):
     logits, caches = step(params, caches, prompt, jnp.int32(0))
     tokens = [int(jnp.argmax(logits[0]))]
     first = time.perf_counter()
-    for i in range(new - 1):
+    for i in (range(new - 1) if progress is None else tqdm(range(new - 1), desc=progress, unit="token")):
         if i == 1:
             first = time.perf_counter()  # the first decode step compiles
         logits, caches = step(params, caches, jnp.asarray([[tokens[-1]]]), jnp.int32(prompt.shape[1] + i))
@@ -135,7 +136,7 @@ def main():
     for name, keys, values in (("unquantized (same loop)", None, None), ("kvquant int8", "int8", "int8"),
                                ("kvquant int4 g64", {"format": "int4", "group_size": 64},
                                 {"format": "int4", "group_size": 64})):
-        tokens, speed = greedy(params, config, jnp.asarray(ids), args.new, keys, values)
+        tokens, speed = greedy(params, config, jnp.asarray(ids), args.new, keys, values, progress=name)
         base = base or speed
         agree = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b), len(tokens))
         print(f"{name:<34}{speed:>13.1f}{speed / base:>7.2f}x{f'first {agree} of {len(tokens)}':>24}")
