@@ -394,3 +394,19 @@ def test_a_sliding_jax_cache_is_a_ring_holding_the_window_with_layer_caches_bits
         assert all(a.shape[2] in (96, 96 // 32) for a in ring.stores[0] if a.ndim > 2)
     with pytest.raises(CacheInputError, match="cannot hold the window"):
         ring.append(jax.numpy.asarray(k[:, :, :80]), jax.numpy.asarray(v[:, :, :80]))
+
+
+def test_a_sliding_window_append_that_raises_changes_nothing():
+    # Forgetting the tokens beyond the window is part of the append: refused, it is undone too.
+    k, v = stream(total=60)
+    cache = LayerCache(keys="int8", values="int8", residual=2, sliding_window=8, on_nonfinite="raise")
+    cache.append(k[:, :, :40], v[:, :, :40])
+    before = (cache.seq_length, cache.hidden_tokens, np.asarray(cache.quantized("keys").codes).copy(),
+              np.asarray(cache.window("keys")).copy())
+    bad = k[:, :, 40:43].copy()
+    bad[0, 0, 0, 0] = np.nan  # the oldest new token: it leaves the 2-token window now, quantized
+    with pytest.raises(kvquant.NonFiniteInputError):
+        cache.append(bad, v[:, :, 40:43])
+    assert (cache.seq_length, cache.hidden_tokens) == before[:2]
+    assert_same_bits(before[2], np.asarray(cache.quantized("keys").codes), "stored keys")
+    assert_same_bits(before[3], np.asarray(cache.window("keys")), "window")

@@ -137,11 +137,11 @@ class LayerCache:
             self._signature = signature
             self._backend = backend_for(keys)
             self._ops = buffer_ops(self._backend.runtime)
-        if self.sliding_window is not None:
-            self._forget_beyond_window()
+        forgotten = self._beyond_window() if self.sliding_window is not None else ((0, 0), (0, 0))
         staged = []
-        for stored, window, arr in zip(self.formats, self._windows, (keys, values)):
-            leaving = 0 if stored.format is None else max(0, window.length + arr.shape[TOKEN_AXIS] - self.residual)
+        for stored, window, arr, (_, skip) in zip(self.formats, self._windows, (keys, values), forgotten):
+            held = window.length - skip
+            leaving = 0 if stored.format is None else max(0, held + arr.shape[TOKEN_AXIS] - self.residual)
             if leaving and stored.info.per_channel:
                 # Whole blocks of G tokens only: the rest of the block waits, in full
                 # precision, until it fills (the window holds R to R + G - 1 tokens).
@@ -150,12 +150,18 @@ class LayerCache:
                 leaving = 0
             q = None
             if leaving:  # may raise: nothing has changed yet
-                q = quantize_dense(window.followed_by(self._ops, arr, leaving), stored, self.on_nonfinite)
+                q = quantize_dense(window.followed_by(self._ops, arr, leaving, skip), stored, self.on_nonfinite)
             staged.append((leaving, q))
-        for store, window, arr, (leaving, q) in zip(self._stores, self._windows, (keys, values), staged):
+        for store, window, arr, (leaving, q), (from_store, from_window) in zip(
+                self._stores, self._windows, (keys, values), staged, forgotten):
+            if from_store:
+                store.forget(from_store)
             if q is not None:
                 store.write(self._ops, q)
-            window.advance(self._ops, arr, leaving)
+            window.advance(self._ops, arr, from_window + leaving)
+        if self.sliding_window is not None:
+            # held before this append's tokens, beyond the W - 1 the window keeps
+            self.hidden_tokens = max(0, self.seq_length - keys.shape[TOKEN_AXIS] - (self.sliding_window - 1))
         if not history:
             return None
         return tuple(self._history(i, out) for i in range(2))
@@ -170,25 +176,21 @@ class LayerCache:
         return tuple(History(None if stored.format is None else store.view(source, backend), window.view())
                      for stored, store, window in zip(self.formats, self._stores, self._windows))
 
-    def _forget_beyond_window(self) -> None:
-        """Drop the oldest tokens beyond sliding_window - 1 once enough have piled up, the
-        same number from both sides (a per-channel store drops whole blocks only), and
-        count those still held beyond it as hidden."""
-        keep = self.sliding_window - 1
-        excess = self.seq_length - keep
-        if excess >= self._forget_every:
-            tokens = excess
-            while True:  # the most every side can drop, down to a count all agree on
-                agreed = min(self._droppable(store, window, tokens)
-                             for store, window in zip(self._stores, self._windows))
-                if agreed == tokens:
-                    break
-                tokens = agreed
-            for store, window in zip(self._stores, self._windows):
-                from_store = min(tokens, store.length)
-                store.forget(from_store)
-                window.forget(self._ops, tokens - from_store)
-        self.hidden_tokens = max(0, self.seq_length - keep)
+    def _beyond_window(self):
+        """Per side (tokens to drop from its store, from its window): the oldest tokens
+        beyond sliding_window - 1, once enough have piled up, the same number from both
+        sides (a per-channel store drops whole blocks only). Nothing changes here, so
+        that an append that raises leaves the cache as it was."""
+        excess = self.seq_length - (self.sliding_window - 1)
+        if excess < self._forget_every:
+            return (0, 0), (0, 0)
+        tokens = excess
+        while True:  # the most every side can drop, down to a count all agree on
+            agreed = min(self._droppable(store, window, tokens) for store, window in zip(self._stores, self._windows))
+            if agreed == tokens:
+                break
+            tokens = agreed
+        return tuple((min(tokens, store.length), tokens - min(tokens, store.length)) for store in self._stores)
 
     @staticmethod
     def _droppable(store, window, tokens: int) -> int:

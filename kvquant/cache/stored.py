@@ -263,15 +263,16 @@ class Window:
             self._view = self.buffer[:, :, :self.length]
         return self._view
 
-    def followed_by(self, ops, arr, tokens: int):
-        """The first ``tokens`` of the window followed by ``arr`` (read only: what leaves
-        the window in this append, quantized before anything changes)."""
-        held = min(tokens, self.length)
+    def followed_by(self, ops, arr, tokens: int, skip: int = 0):
+        """``tokens`` of the window followed by ``arr``, from its ``skip``-th token on (read
+        only: what leaves the window in this append, quantized before anything changes;
+        ``skip``: the oldest ones a sliding window forgets instead)."""
+        held = min(tokens, self.length - skip)
         if held == tokens and self.buffer is not None:
-            return self.buffer[:, :, :tokens]
+            return self.buffer[:, :, skip:skip + tokens]
         if not held:
             return arr[:, :, :tokens]
-        return ops.concat([self.buffer[:, :, :held], arr[:, :, :tokens - held]], TOKEN_AXIS)
+        return ops.concat([self.buffer[:, :, skip:skip + held], arr[:, :, :tokens - held]], TOKEN_AXIS)
 
     def advance(self, ops, arr, leaving: int) -> None:
         """Append ``arr`` and drop the first ``leaving`` tokens of the result."""
@@ -304,11 +305,6 @@ class Window:
             self.buffer[:, :, start:length] = arr[:, :, skip:]
         self.length = length
         self._view = None
-
-    def forget(self, ops, tokens: int) -> None:
-        """Drop the oldest ``tokens`` (a sliding-window layer)."""
-        if tokens:
-            self.advance(ops, self.buffer[:, :, :0], tokens)
 
     def replace(self, ops, arr) -> None:
         """Hold exactly ``arr`` (a reordered batch)."""
