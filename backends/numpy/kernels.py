@@ -342,6 +342,33 @@ def encode_e4m3(y: np.ndarray) -> np.ndarray:
     return out
 
 
+_E4M3_SUBNORMAL_STEP = F32(1) / _E4M3_SUBNORMAL_STEPS  # 2^-9, exact
+_FLOAT32_SUBNORMAL = _f32(1)  # the smallest float32 subnormal, 2^-149
+
+
+def _keeps_subnormals() -> bool:
+    """Whether float32 subnormals survive arithmetic in this thread: not where a library
+    set the CPU's flush-to-zero / denormals-are-zero modes (torch.set_flush_denormal(True),
+    code built with -ffast-math), which are per thread."""
+    return _FLOAT32_SUBNORMAL * F32(2) != 0
+
+
+def _patch_subnormal_codes(codes_u8: np.ndarray, out: np.ndarray, scales: np.ndarray) -> None:
+    """out = float32(code) * scale where the code is an e4m3 subnormal (exponent bits 0,
+    mantissa m > 0: the value m * 2^-9, a normal float32), for when _decode_e4m3_into read
+    it through a float32 subnormal that this CPU flushed. scales broadcasts per row."""
+    flat = codes_u8.reshape(-1)
+    where = _sparse_flatnonzero(((flat & np.uint8(0x78)) == 0) & ((flat & np.uint8(0x07)) != 0))
+    if where.size == 0:
+        return
+    picked = flat[where]
+    value = (picked & np.uint8(0x07)).astype(F32) * _E4M3_SUBNORMAL_STEP
+    value = np.where(picked & np.uint8(0x80), -value, value)
+    row_scales = np.broadcast_to(scales, (codes_u8.shape[0], 1))[where // codes_u8.shape[1], 0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        out.reshape(-1)[where] = value * row_scales
+
+
 def _decode_e4m3_into(codes_u8: np.ndarray, out: np.ndarray, factor=_TWO_TO_120) -> None:
     """out = float32 value of each e4m3fn code times factor / 2^120 (out contiguous).
 
@@ -459,6 +486,8 @@ def fp8_dequantize(codes: np.ndarray, scales: np.ndarray, out_dtype: str):
         else:
             _decode_e4m3_into(code_bytes, block)
             block *= factor
+        if not _keeps_subnormals():
+            _patch_subnormal_codes(code_bytes, block, scales if scales.shape[0] == 1 else scales[start:stop])
         if needs_flush:
             block[...] = flush_product(block)
         # 0x7F and 0xFF are e4m3fn's NaN: never produced, but a caller may hand them in.
