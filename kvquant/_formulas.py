@@ -14,15 +14,23 @@ The namespace ``m`` provides:
     formats): amin(v, axis), amax(v, axis) (NaN-propagating where the framework's
     reductions are), poisoned_max(blocks, reduced, axis): ``reduced`` (a maximum over
     ``axis``) made non-finite wherever that slice holds NaN or inf, for reductions that
-    drop NaN; codes(y, levels): uint8 round-half-even of y in [-tiny, levels * 1.000001]
-    (y is a fresh array the namespace may overwrite); zero_poisoned(y, poisoned): y made
+    drop NaN; codes(y, levels): round-half-even of y in [-tiny, levels * 1.000001] as
+    uint8, or in any dtype the namespace's pack_codes takes (y is a fresh array the
+    namespace may overwrite); zero_poisoned(y, poisoned): y made
     +0.0 where ``poisoned`` (broadcast) holds; flush_products(v, scales, zeros):
     flush_product(v) for values dequantized with these canonical scales and zeros,
     which may skip the element-wise pass after a look at the parameters (docs/spec.md,
     section 8, item 7; the reference does); stack(list, axis), as_float32(v) and
     canonical(p), the spec's reading of caller scales and zeros (flushed, NaN
     canonical); pack_codes(q, codes_per_byte): pack_codes() below, or another way to
-    the same bytes, and unpack_codes(packed, codes_per_byte) likewise;
+    the same bytes, pack_group_codes(q, codes_per_byte) the same for one block of
+    groups [..., groups, G] inside the loop computing them (a compiler may fuse it
+    differently), and unpack_codes(packed, codes_per_byte) likewise;
+    ZERO_POISONED_BYTES: whether quantize_token_groups zeroes a poisoned group's packed
+    bytes (True) or its scaled values before rounding (False): the same bits, and each
+    compiler vectorises one of the two selects only (zero_poisoned then keeps y's dtype);
+    scaled_offsets(x, mn, inv): (x - mn) * inv as a fresh array (x is the caller's);
+    dequantized(b, z, s): (b - z) * s, which may overwrite b (fresh float32 codes);
     materialized(*params): the same arrays (one shape; bool flags stay bool, a tuple
     even for one), computed once before the element loop that reads them, which
     compilers otherwise fuse into it and redo per element (speed only: no bits change).
@@ -133,23 +141,35 @@ def pack_codes(m, q, codes_per_byte: int):
     return out
 
 
-def unpack_codes(m, packed, codes_per_byte: int):
-    """The inverse of pack_codes: bytes [..., n] to uint8 codes [..., n * k]."""
+def code_planes(packed, codes_per_byte: int):
+    """The codes of packed bytes [..., n] as k planes [..., n]: plane i holds element
+    k*j + i of each byte j (bits (8/k)*i and up)."""
     bits = 8 // codes_per_byte
     mask = (1 << bits) - 1
+    return [(packed >> (bits * i)) & mask for i in range(codes_per_byte)]
+
+
+def unpack_codes(m, packed, codes_per_byte: int):
+    """The inverse of pack_codes: bytes [..., n] to uint8 codes [..., n * k]."""
     lead, width = tuple(packed.shape[:-1]), packed.shape[-1]
-    parts = [(packed >> (bits * i)) & mask for i in range(codes_per_byte)]
-    return m.stack(parts, -1).reshape(lead + (width * codes_per_byte,))
+    return m.stack(code_planes(packed, codes_per_byte), -1).reshape(lead + (width * codes_per_byte,))
 
 
 def _codes_of_groups(m, x, mn, inv, poisoned, levels):
     """q = clamp(round_half_even((x - mn) * inv), 0, L), 0 for a poisoned group. No
     product feeds an add (the subtraction comes first), so no FMA can form."""
-    return m.codes(m.zero_poisoned((x - mn) * inv, poisoned), levels)
+    return m.codes(m.zero_poisoned(m.scaled_offsets(x, mn, inv), poisoned), levels)
+
+
+def _packed_codes_of_group(m, x, mn, inv, poisoned, levels, codes_per_byte):
+    """One block of groups' codes, packed; a poisoned group's bytes 0 (its codes all 0)."""
+    if m.ZERO_POISONED_BYTES:
+        return m.zero_poisoned(m.pack_group_codes(m.codes(m.scaled_offsets(x, mn, inv), levels), codes_per_byte), poisoned)
+    return m.pack_group_codes(_codes_of_groups(m, x, mn, inv, poisoned, levels), codes_per_byte)
 
 
 def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes_per_byte: int):
-    """Groups of G elements inside each token (INT2; INT4's rules): float32 [..., head_dim]
+    """Groups of G elements inside each token (INT4, INT2): float32 [..., head_dim]
     to (packed codes [..., head_dim / k], scales, zeros [..., groups])."""
     parts = split_groups(xf, group_size)
     mn = m.concat([m.amin(p, -1) for p in parts], axis=-1)
@@ -160,7 +180,7 @@ def quantize_token_groups(m, xf, group_size: int, reciprocal, levels: int, codes
     # same bytes, and Inductor vectorises the loop, where packing the joined row read
     # each code's group parameters per element (docs/performance.md).
     packed = apply_groups(m, xf, (mn, inv, poisoned), group_size,
-                          lambda b, mn_b, inv_b, bad_b: m.pack_codes(_codes_of_groups(m, b, mn_b, inv_b, bad_b, levels), codes_per_byte))
+                          lambda b, mn_b, inv_b, bad_b: _packed_codes_of_group(m, b, mn_b, inv_b, bad_b, levels, codes_per_byte))
     return packed, scale, zero
 
 
@@ -178,12 +198,19 @@ def quantize_channel_blocks(m, xf, group_size: int, reciprocal, levels: int, cod
     return m.pack_codes(q.reshape(lead + (tokens, width)), codes_per_byte), scale, zero
 
 
-def dequantize_token_groups(m, packed, scales, zeros, group_size: int, codes_per_byte: int):
+def dequantize_token_groups(m, packed, scales, zeros, group_size: int, codes_per_byte: int, params_checked: bool = False):
     """float32 flush_product((q - zero) * scale) per group inside a token; NaN where a
-    scale or zero is (the backend writes its canonical bits when rounding the output)."""
+    scale or zero is (the backend writes its canonical bits when rounding the output).
+
+    params_checked: every scale and zero is known finite and no group at risk of a value
+    below 2^-125 (docs/spec.md, section 8, item 7): then no product is flushed or NaN, and
+    of the reading rules only the flush of subnormal zeros can act."""
     q = m.as_float32(m.unpack_codes(packed, codes_per_byte))
+    if params_checked:
+        zeros, scales = flush(m, m.as_float32(zeros)), m.as_float32(scales)
+        return apply_groups(m, q, (zeros, scales), group_size, m.dequantized)
     scales, zeros = m.canonical(scales), m.canonical(zeros)
-    return m.flush_products(apply_groups(m, q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s), scales, zeros)
+    return m.flush_products(apply_groups(m, q, (zeros, scales), group_size, m.dequantized), scales, zeros)
 
 
 def dequantize_channel_blocks(m, packed, scales, zeros, group_size: int, codes_per_byte: int):

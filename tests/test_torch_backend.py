@@ -175,20 +175,26 @@ def test_compiled_bit_encoder_on_every_float32_up_to_448():
     check_e4m3_encoder(_encode_compiled, every_float32=True)
 
 
-def test_e4m3_bit_decoder_is_exact_on_every_code():
-    """The integer decoder that replaces torch's slow float8 cast, against ml_dtypes on
-    all 256 codes: 254 values, and the two NaN codes flagged."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("subnormal_floats", [True, False], ids=["through-subnormal-floats", "rebiased"])
+def test_e4m3_bit_decoder_is_exact_on_every_code(subnormal_floats, compiled):
+    """The integer decoder that replaces torch's slow float8 cast (both ways: through
+    float32 subnormals, and the one a flushing CPU needs), against ml_dtypes on all 256
+    codes: 254 values, and the two NaN codes flagged."""
     import ml_dtypes
 
-    from kvquant.backends.torch.kernels import decode_e4m3_scaled
+    from kvquant.backends.torch.kernels import decode_e4m3, e4m3_values
 
     codes = np.arange(256, dtype=np.uint8)
     expected = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    scaled, nan_codes = decode_e4m3_scaled(torch.from_numpy(codes).view(torch.float8_e4m3fn))
+    decode = torch.compile(decode_e4m3, fullgraph=True) if compiled else decode_e4m3
+    v, factor, nan_codes = decode(torch.from_numpy(codes).view(torch.float8_e4m3fn), subnormal_floats)
     finite = ~np.isnan(expected)
-    assert_same_bits(expected[finite], (scaled * 2.0**120).numpy()[finite], "decoded codes")
+    assert_same_bits(expected[finite], (v * factor).numpy()[finite], "decoded codes")
     assert_same_bits(~finite, nan_codes.numpy(), "NaN codes flagged")
-    assert decode_e4m3_scaled(torch.from_numpy(codes[finite]).view(torch.float8_e4m3fn))[1] is None
+    assert_same_bits(expected[finite], e4m3_values(torch.from_numpy(codes).view(torch.float8_e4m3fn), subnormal_floats).numpy()[finite], "e4m3_values")
+    if not compiled:
+        assert decode_e4m3(torch.from_numpy(codes[finite]).view(torch.float8_e4m3fn), subnormal_floats)[2] is None
 
 
 # A later process's view of the compiled variant: its graphs come from the directory
@@ -300,3 +306,35 @@ def test_saved_graphs_are_kept_apart_by_kvquant_source(tmp_path, monkeypatch):
         assert graphs.saved_graphs_dir() is None
     finally:
         graphs.saved_graphs_dir.cache_clear()
+
+
+def _golden(formats):
+    from kvquant.conformance.vectors import golden_cases
+
+    return [c for c in golden_cases() if c.spec.format.value in formats]
+
+
+@pytest.mark.parametrize("backend, variant", [("numpy", "eager"), ("torch", "eager"), ("torch", "compile")])
+def test_golden_vectors_under_flush_denormal(backend, variant):
+    """torch.set_flush_denormal(True) makes the CPU treat float32 subnormal inputs as
+    zero (DAZ) and flush subnormal results (FTZ), for NumPy's code in this thread too:
+    a decoder that reads e4m3 subnormal codes through float32 subnormals gives 0 for
+    them (31 vectors did, before). Every golden vector must still come out bit for bit
+    (compiled: the FP8 formats, whose decoder is the one at risk; the rest compile the
+    same arithmetic)."""
+    from kvquant.conformance.runner import run_case
+
+    ops = kvquant.get_backend(backend)
+    if variant == "compile":
+        ops = ops.variants()["compile"]
+    cases = _golden({"fp8", "fp8_per_tensor"} if variant == "compile" else
+                    {"fp8", "fp8_per_tensor", "int8", "int4", "int2", "int4_per_channel", "int2_per_channel"})
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        probe = torch.tensor(2.0 ** -140) * 2.0
+        assert probe == 0, "flush_denormal did not take effect"
+        failed = [(c.id, r.mismatches[0]) for c in cases for r in [run_case(ops, c)] if not r.passed]
+    finally:
+        torch.set_flush_denormal(False)
+    assert not failed, f"{len(failed)} of {len(cases)} cases differ, first {failed[0]}"

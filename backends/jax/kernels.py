@@ -51,7 +51,6 @@ ONE = _f32(_spec.ONE_BITS)
 ZERO = np.float32(0)
 FP8_MAX = _f32(_spec.FP8_MAX_BITS)
 INT8_MAX = _f32(_spec.INT8_MAX_BITS)
-INT4_MAX = _f32(_spec.INT4_MAX_BITS)
 MIN_NORMAL = _f32(_spec.MIN_NORMAL_BITS)
 PRODUCT_FLUSH = _f32(_spec.PRODUCT_FLUSH_BITS)
 FP8_PLAIN_SCALE = _f32(_spec.FP8_PLAIN_SCALE_BITS)
@@ -98,9 +97,15 @@ class _JaxMath:
             return _poison_nonfinite(blocks, reduced)
         return jax.lax.platform_dependent(blocks, reduced, cpu=_poison_blocks_by_product_with_zeros, default=_as_reduced)
 
-    zero_poisoned = staticmethod(lambda y, poisoned: jnp.where(poisoned, ZERO, y))
+    # A poisoned group's NaN or inf elements give garbage codes, replaced by 0 once
+    # packed: a select on the bytes keeps XLA's loop vectorised, one on the floats did not.
+    ZERO_POISONED_BYTES = True
+    zero_poisoned = staticmethod(lambda y, poisoned: jnp.where(poisoned, jnp.zeros((), y.dtype), y))
+    dequantized = staticmethod(lambda b, z, s: (b - z) * s)
+    scaled_offsets = staticmethod(lambda x, mn, inv: (x - mn) * inv)
     flush_products = staticmethod(lambda v, scales, zeros: flush_product(v))
-    pack_codes = staticmethod(lambda q, codes_per_byte: _formulas.pack_codes(M, q, codes_per_byte))
+    pack_codes = staticmethod(lambda q, codes_per_byte: pack_codes(q, codes_per_byte))
+    pack_group_codes = pack_codes
     unpack_codes = staticmethod(lambda packed, codes_per_byte: unpack_codes(packed, codes_per_byte))
 
     @staticmethod
@@ -399,42 +404,26 @@ def int8_dequantize(codes, scales, out_dtype: str):
     return _to_output(codes.astype(F32) * scales, out_dtype)
 
 
-# -------------------------------------------------------------------- INT4
-def _int4_params(mn, mx):
-    return _formulas.int4_params(M, mn, mx, R15)
-
-
-def _apply_groups(t, params, group_size: int, fn):
-    return _formulas.apply_groups(M, t, params, group_size, fn)
-
-
+# ------------------------------------------------- INT4, INT2, per channel
+# Written once in kvquant/_formulas.py for PyTorch and JAX; the namespace M above holds
+# what is XLA's own (where the poisoned select goes, packing by bitcasts).
 def int4_quantize(x, group_size: int):
-    xf = _widen(x)
-    parts = _formulas.split_groups(xf, group_size)
-    mn = jnp.concatenate([jnp.min(p, axis=-1) for p in parts], axis=-1)
-    mx = jnp.concatenate([_poison_nonfinite(p, jnp.max(p, axis=-1)) for p in parts], axis=-1)
-    scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
-    mn, inv, poisoned_f = _materialize(mn, inv, poisoned.astype(F32))
-    # A poisoned group's NaN or inf elements give garbage codes, replaced by 0 once packed:
-    # a select on the bytes keeps XLA's loop vectorised, one on the floats did not.
-    q = _apply_groups(xf, (mn, inv), group_size,
-                      lambda b, mn_b, inv_b: round_clamped(jnp.minimum((b - mn_b) * inv_b, INT4_MAX), ROUND_MAGIC_UNSIGNED))
-    packed = pack_nibbles(q.astype(jnp.uint8))
-    packed = _apply_groups(packed, (poisoned_f,), group_size // 2,
-                           lambda b, bad_b: jnp.where(bad_b > ZERO, jnp.uint8(0), b))
-    return packed, scale, zero
+    return _formulas.quantize_token_groups(M, _widen(x), group_size, R15, 15, 2)
 
 
-def pack_nibbles(q):
-    """uint8 codes [..., 2n] (each below 16) to bytes [..., n], element 2j in the low
-    nibble. Reading each pair as one little-endian uint16 w = lo + 256 hi, the byte is the
-    low 8 bits of w | w >> 4. A bitcast, where slicing the pairs apart is slower."""
+def pack_codes(q, codes_per_byte: int):
+    """_formulas.pack_codes; nibbles (uint8 codes [..., 2n], each below 16, to bytes
+    [..., n], element 2j in the low nibble) by reading each pair as one little-endian
+    uint16 w = lo + 256 hi, whose byte is the low 8 bits of w | w >> 4: a bitcast, where
+    slicing the pairs apart is slower."""
+    if codes_per_byte != 2:
+        return _formulas.pack_codes(M, q, codes_per_byte)
     pairs = jax.lax.bitcast_convert_type(q.reshape(q.shape[:-1] + (q.shape[-1] // 2, 2)), jnp.uint16)
     return ((pairs | (pairs >> 4)) & 0xFF).astype(jnp.uint8)
 
 
 def unpack_codes(packed, codes_per_byte: int):
-    """_formulas.unpack_codes (the inverse of pack_nibbles for 2 codes per byte): bytes
+    """_formulas.unpack_codes (the inverse of pack_codes): bytes
     [..., n] to uint8 codes [..., n * k].
 
     Four bytes at a time when n allows: as one little-endian uint32 word, code j of the
@@ -459,19 +448,10 @@ _CODE_SHIFTS = {k: np.arange(0, 32, 8 // k, dtype=np.uint32) for k in (2, 4)}
 
 
 def int4_dequantize(packed, scales, zeros, group_size: int, out_dtype: str, params_checked: bool = False):
-    """value = flush_product((float32(q) - zero) * scale).
-
-    params_checked: every scale and zero is known to be finite, and no group at risk of a
-    value below 2^-125 (int4_params_checked). Then the flush changes nothing and no value
-    is NaN, and of the reading rules only the flush of subnormal zeros can act (the
-    scales are not canonicalised either: XLA redid that per element)."""
-    q = unpack_codes(packed, 2).astype(F32)
-    if params_checked:
-        zeros, scales = flush(zeros.astype(F32)), scales.astype(F32)
-        return _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: (b - z) * s).astype(DTYPES[out_dtype])
-    scales, zeros = _canonical_params(scales), _canonical_params(zeros)
-    v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, s: flush_product((b - z) * s))
-    return _to_output(v, out_dtype)
+    """params_checked: int4_params_checked holds; then the scales are not canonicalised
+    either (XLA redid that per element)."""
+    v = _formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 2, params_checked)
+    return v.astype(DTYPES[out_dtype]) if params_checked else _to_output(v, out_dtype)
 
 
 @jax.jit
@@ -486,8 +466,6 @@ def int4_params_checked(scales, zeros):
     return jnp.all(plain_scale & (jnp.abs(z) < INF) & ~at_risk)
 
 
-# ------------------------------------------ INT2, per channel (spec v1.1)
-# Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
 def int2_quantize(x, group_size: int):
     return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
 

@@ -43,7 +43,7 @@ class _Kernels(KernelSet):
     # The look is compiled too: eagerly it cost about what the shortcut saves.
     def fp8_dequantize(self, codes, scales, out_dtype):
         checked = self.wrapped and kernels.host_checks_allowed(scales) and bool(self.units["fp8_scales_checked"](scales))
-        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked)
+        return self.units["fp8_dequantize"](codes, scales, out_dtype, checked, kernels.keeps_subnormals(codes.device))
 
     def int4_dequantize(self, packed, scales, zeros, group_size, out_dtype):
         checked = self.wrapped and kernels.host_checks_allowed(scales) and bool(self.units["int4_params_checked"](scales, zeros))

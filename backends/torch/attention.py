@@ -15,11 +15,13 @@ from typing import List, Optional
 import torch
 
 from kvquant._formats import FORMATS
+from kvquant._formulas import code_planes
+from kvquant._history import token_slice
 from kvquant._types import QuantizedKV
 from kvquant.api import dequantize
-from kvquant._history import token_slice
 
 from .graphs import AheadOfTimeGraph
+from .kernels import e4m3_values, keeps_subnormals, unpack_codes
 
 TOKEN_AXIS = -2
 
@@ -43,11 +45,9 @@ def dense(q: QuantizedKV) -> torch.Tensor:
     if info.code_dtype != "uint8":  # FP8 (e4m3 to float32 is exact) and INT8
         scales = q.scales if info.params == "tensor" else q.scales[..., None]
         return codes.to(torch.float32) * scales.to(torch.float32)
-    bits = 8 // info.codes_per_byte
     lead = tuple(codes.shape[:-1])
     width = codes.shape[-1] * info.codes_per_byte
-    unpacked = torch.stack([(codes >> (bits * i)) & ((1 << bits) - 1) for i in range(info.codes_per_byte)], dim=-1)
-    values = unpacked.reshape(lead + (width,)).to(torch.float32)
+    values = unpack_codes(codes, info.codes_per_byte).to(torch.float32)
     if info.per_channel:
         g = q.group_size
         blocks = values.reshape(lead[:-1] + (lead[-1] // g, g, width))
@@ -61,50 +61,11 @@ def dense(q: QuantizedKV) -> torch.Tensor:
     return (values - q.zeros[..., index]) * q.scales[..., index]
 
 
-def _e4m3_values(codes: torch.Tensor, subnormal_floats: bool = False) -> torch.Tensor:
-    """float32 values of e4m3fn codes from integer operations, which Inductor vectorises
-    (its own float8 conversion is scalar code, a 256-entry table's indirect loads ran
-    9.8 times SDPA's time, and a detour through float16 bits 5.9 times). NaN codes
-    (never stored by quantize) read as 480 here.
-
-    subnormal_floats: the sign and magnitude bits go to float32's places and are read
-    as a float32 2^120 times too small, scaled back exactly; an e4m3 subnormal code is
-    then a float32 subnormal, so this needs a CPU that keeps subnormal inputs (not
-    under torch.set_flush_denormal(True)): attend checks per call. No compare or
-    select per code: FP8 scores and values at 16k tokens of SmolLM2's shape 1.5 times
-    faster. Otherwise the exponent is rebiased by 120 for normal codes, m * 2^-9 for
-    subnormal ones, then the sign."""
-    c = codes.view(torch.uint8).to(torch.int32)
-    if subnormal_floats:
-        return (((c & 0x80) << 24) | ((c & 0x7F) << 20)).view(torch.float32) * (2.0 ** 120)
-    mag = c & 0x7F
-    normal = ((mag << 20) + (120 << 23)).view(torch.float32)
-    v = torch.where(mag < 8, mag.to(torch.float32) * (2.0 ** -9), normal)
-    return torch.where((c & 0x80) != 0, -v, v)
-
-
-_TINIEST = None
-
-
-def keeps_subnormals(device: torch.device) -> bool:
-    """Whether float32 subnormals survive arithmetic here (not flushed by
-    torch.set_flush_denormal(True)); only the CPU is asked, other devices say no."""
-    global _TINIEST
-    if device.type != "cpu":
-        return False
-    if _TINIEST is None:
-        _TINIEST = torch.tensor(2.0 ** -140, dtype=torch.float32)
-    return bool(_TINIEST * 2.0 != 0)
-
-
 def _planes(codes: torch.Tensor, codes_per_byte: int):
     """Packed codes [..., T, D / k] as k float32 planes: plane i holds elements k*j + i.
     Widened to int32 first: Inductor's loops on uint8 lanes did not vectorise
     (docs/attention.md)."""
-    bits = 8 // codes_per_byte
-    mask = (1 << bits) - 1
-    c = codes.to(torch.int32)
-    return [((c >> (bits * i)) & mask).to(torch.float32) for i in range(codes_per_byte)]
+    return [p.to(torch.float32) for p in code_planes(codes.to(torch.int32), codes_per_byte)]
 
 
 def compiled_scores(qg: torch.Tensor, q: QuantizedKV, subnormal_floats: bool = False) -> torch.Tensor:
@@ -115,7 +76,7 @@ def compiled_scores(qg: torch.Tensor, q: QuantizedKV, subnormal_floats: bool = F
     per channel  sum_d (q[d] s[b, d]) c[t, d] - sum_d q[d] s[b, d] z[b, d], b = t // G."""
     info = FORMATS[q.format]
     if info.code_dtype != "uint8":
-        c = _e4m3_values(q.codes, subnormal_floats) if info.code_dtype == "float8_e4m3fn" else q.codes.to(torch.float32)
+        c = e4m3_values(q.codes, subnormal_floats) if info.code_dtype == "float8_e4m3fn" else q.codes.to(torch.float32)
         raw = (qg[:, :, :, None, :] * c[:, :, None, :, :]).sum(-1)
         s = q.scales.to(torch.float32)
         return raw * (s if info.params == "tensor" else s[:, :, None, :])
@@ -162,7 +123,7 @@ def compiled_values(p: torch.Tensor, q: QuantizedKV, subnormal_floats: bool = Fa
     zero = torch.zeros((), device=p.device)
     live = p != 0
     if info.code_dtype != "uint8":
-        c = _e4m3_values(q.codes, subnormal_floats) if info.code_dtype == "float8_e4m3fn" else q.codes.to(torch.float32)
+        c = e4m3_values(q.codes, subnormal_floats) if info.code_dtype == "float8_e4m3fn" else q.codes.to(torch.float32)
         s = q.scales.to(torch.float32)
         pe = torch.where(live, p * (s if info.params == "tensor" else s[:, :, None, :]), zero)  # [B, H, G, T]
         return (pe[..., :, None] * c[:, :, None, :, :]).sum(-2)
@@ -353,7 +314,7 @@ def _guards_on_arguments(constants):
 
 def _compiled_attend(k_meta, v_meta, scale: float, causal: bool, subnormal_floats: bool = False):
     """One compiled function per formats, scale, causality and FP8 reading
-    (_e4m3_values), which it holds as constants. As arguments, or as closure cells of one shared code object, torch.compile's
+    (e4m3_values), which it holds as constants. As arguments, or as closure cells of one shared code object, torch.compile's
     automatic dynamic shapes made a group size that changed between compilations
     symbolic (g64 then g32), and the argument checks need it concrete: each key gets a
     code object of its own, which dynamo caches on its own."""

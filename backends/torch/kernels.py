@@ -97,16 +97,32 @@ class _TorchMath:
     @staticmethod
     def codes(y, levels):
         if torch.compiler.is_compiling():
-            return y.round().clamp(0.0, float(levels)).to(torch.uint8)
-        # Eagerly as int4_quantize: in place, and through int8 (the same bytes).
+            return y.round().clamp(0.0, float(levels))  # float32 codes: pack_codes packs them so
+        # Eagerly in place, and through int8 (the same bytes): ATen's float32 -> uint8
+        # conversion is slower on the CPU.
         return _clamp_proven(y.round_(), 0.0, float(levels)).to(torch.int8).view(torch.uint8)
 
+    @staticmethod
+    def scaled_offsets(x, mn, inv):
+        return (x - mn) * inv if torch.compiler.is_compiling() else (x - mn).mul_(inv)
+
     pack_codes = staticmethod(lambda q, codes_per_byte: pack_codes(q, codes_per_byte))
+    pack_group_codes = staticmethod(lambda q, codes_per_byte: pack_group_codes(q, codes_per_byte))
     unpack_codes = staticmethod(lambda packed, codes_per_byte: unpack_codes(packed, codes_per_byte))
+
+    ZERO_POISONED_BYTES = False  # Inductor vectorises the select on floats (_zero_poisoned)
 
     @staticmethod
     def zero_poisoned(y, poisoned):
         return _zero_poisoned(y, poisoned)
+
+    @staticmethod
+    def dequantized(b, z, s):
+        # Eagerly in place (a second full-size buffer cost more than the arithmetic);
+        # compiled, in place on views made Inductor's kernel slower.
+        if torch.compiler.is_compiling():
+            return (b - z) * s
+        return b.sub_(z).mul_(s)
 
     @staticmethod
     def flush_products(v, scales, zeros):
@@ -344,42 +360,73 @@ def _fp8_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, inv: torch.Tens
 _E4M3_SIGN_AND_MAGNITUDE = -0x78100000  # 0x87F00000 as an int32: the sign bit and bits 20-26
 _E4M3_NAN_MAGNITUDE = 0x7F << 20
 _TWO_TO_120 = 2.0**120
+_TINIEST = {}
 
 
-def decode_e4m3_scaled(codes: torch.Tensor):
-    """(float32 values of e4m3fn codes times 2^-120, which codes are NaN), exactly, from
-    integer operations; eagerly the second is None when no code is NaN.
+def keeps_subnormals(device: torch.device) -> bool:
+    """Whether float32 subnormals survive arithmetic here: not under
+    torch.set_flush_denormal(True) (or another library's flush-to-zero mode); only the
+    CPU is asked, other devices say no."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if "cpu" not in _TINIEST:
+        _TINIEST["cpu"] = torch.tensor(2.0 ** -140, dtype=torch.float32)
+    return bool(_TINIEST["cpu"] * 2.0 != 0)
 
-    A code sign-extended from int8 to int32 has its sign bit in bit 31; shifted left by
-    20 and masked, its 7 magnitude bits sit at float32 bits 20-26, which reads as
-    2^(e-127)(1 + m/8) for e > 0 and the subnormal m * 2^-129 for e = 0: the e4m3 value
-    times 2^-120 either way (torch keeps float32 subnormals on the CPU and CUDA).
-    torch's own float8 -> float32 conversion is scalar code on the CPU, eager and
-    compiled. The NaN codes 0x7F/0xFF would read as 480: compiled, they are flagged from
-    the same integers (a test on the uint8 codes kept Inductor's loop from vectorising);
-    eagerly, from the bytes, a quarter of the traffic of the int32 words.
-    """
-    w = codes.view(torch.int8).to(torch.int32)
-    if not host_checks_allowed(codes):
-        w = (w << 20) & _E4M3_SIGN_AND_MAGNITUDE
-        return w.view(torch.float32), (w & 0x7FFFFFFF) == _E4M3_NAN_MAGNITUDE
-    w.bitwise_left_shift_(20).bitwise_and_(_E4M3_SIGN_AND_MAGNITUDE)
+
+def decode_e4m3(codes: torch.Tensor, subnormal_floats: bool):
+    """(v, factor, nan): float32 v with v * factor the value of each e4m3fn code, exactly
+    (torch's own float8 -> float32 conversion is scalar code on the CPU, eager and
+    compiled), and which codes are NaN (0x7F, 0xFF, read as 480 in v); eagerly ``nan``
+    is None when no code is NaN.
+
+    subnormal_floats (keeps_subnormals): the code sign-extended from int8 to int32,
+    shifted left by 20 and masked, has its sign in bit 31 and its 7 magnitude bits at
+    float32 bits 20-26, which reads as 2^(e-127)(1 + m/8) for e > 0 and the subnormal
+    m * 2^-129 for e = 0: the value times 2^-120, three integer steps. Otherwise the
+    exponent is rebiased by 120 for normal codes, m * 2^-9 for subnormal ones, then the
+    sign: the value itself, with no float32 subnormal for a flushing CPU to zero.
+    Compiled, NaN codes are flagged from the same int32 words (a test on the uint8 codes
+    kept Inductor's loop from vectorising); eagerly, from the bytes, a quarter of the
+    traffic."""
+    compiling = not host_checks_allowed(codes)
+    if subnormal_floats:
+        w = codes.view(torch.int8).to(torch.int32)
+        w = (w << 20) & _E4M3_SIGN_AND_MAGNITUDE if compiling else w.bitwise_left_shift_(20).bitwise_and_(_E4M3_SIGN_AND_MAGNITUDE)
+        v, factor = w.view(torch.float32), _TWO_TO_120
+        magnitude, nan_magnitude = w & 0x7FFFFFFF, _E4M3_NAN_MAGNITUDE
+    else:
+        c = codes.view(torch.uint8).to(torch.int32)
+        magnitude, nan_magnitude = c & 0x7F, 0x7F
+        normal = ((magnitude << 20) + (120 << 23)).view(torch.float32)
+        v = torch.where(magnitude < 8, magnitude.to(torch.float32) * (2.0 ** -9), normal)
+        v, factor = torch.where((c & 0x80) != 0, -v, v), 1.0
+    if compiling:
+        return v, factor, magnitude == nan_magnitude
     magnitudes = codes.view(torch.uint8) & 0x7F
     has_nan_code = magnitudes.numel() > 0 and bool(magnitudes.amax() == 0x7F)
-    return w.view(torch.float32), (magnitudes == 0x7F) if has_nan_code else None
+    return v, factor, (magnitudes == 0x7F) if has_nan_code else None
 
 
-def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, scales_checked: bool = False):
+def e4m3_values(codes: torch.Tensor, subnormal_floats: bool) -> torch.Tensor:
+    """float32 values of e4m3fn codes (decode_e4m3), NaN codes read as 480."""
+    v, factor, _ = decode_e4m3(codes, subnormal_floats)
+    return v * factor if factor != 1.0 else v
+
+
+def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, scales_checked: bool = False,
+                   subnormal_floats: bool = False):
     """value = flush_product(float32(code) * scale); scales is [rows, 1] or [1, 1]. A NaN code
     (0x7F, 0xFF) or a NaN scale gives the canonical NaN.
 
     scales_checked: every scale is known to be finite and >= 2^-116 (fp8_scales_checked),
     as the JAX fp8_dequantize: then no product falls below 2^-125 or is NaN, so only
     NaN codes need the canonical NaN, and such scales are already canonical. The
-    compiled kernels take it on the CPU; eager mode makes the same checks inside."""
-    scaled, nan_codes = decode_e4m3_scaled(codes)
+    compiled kernels take it on the CPU; eager mode makes the same checks inside.
+    subnormal_floats: keeps_subnormals() holds (decode_e4m3)."""
+    scaled, factor, nan_codes = decode_e4m3(codes, subnormal_floats)
     if scales_checked:
-        v = scaled * _TWO_TO_120 * scales.to(torch.float32)
+        v = scaled * factor * scales.to(torch.float32) if factor != 1.0 else scaled * scales.to(torch.float32)
         if nan_codes is None:  # eager, and no NaN code
             return _rounded(v, out_dtype)
         return _to_output_nan_where(v, nan_codes, out_dtype)
@@ -387,15 +434,15 @@ def fp8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str, sc
     if host_checks_allowed(codes):
         # scale * 2^120 is exact below 2^8 (NaN and inf stay so): one product then.
         finite = torch.isfinite(scales)
-        if not bool((finite & (scales.abs() >= 256.0)).any()):
-            v = scaled.mul_(scales * _TWO_TO_120)
+        if factor == 1.0 or not bool((finite & (scales.abs() >= 256.0)).any()):
+            v = scaled.mul_(scales * factor)
         else:
-            v = scaled.mul_(_TWO_TO_120).mul_(scales)
+            v = scaled.mul_(factor).mul_(scales)
         if nan_codes is not None:
             v[nan_codes] = float("nan")
         suspects = ~finite | (nan_codes is not None)
     else:
-        v = torch.where(nan_codes, float("nan"), scaled * _TWO_TO_120 * scales)
+        v = torch.where(nan_codes, float("nan"), (scaled * factor if factor != 1.0 else scaled) * scales)
         suspects = None
     if not host_checks_allowed(v) or bool((scales < FP8_PLAIN_SCALE).any()):
         v = flush_product(v)
@@ -434,35 +481,11 @@ def int8_dequantize(codes: torch.Tensor, scales: torch.Tensor, out_dtype: str):
     return _to_output(v, out_dtype, ~torch.isfinite(scales))
 
 
-# -------------------------------------------------------------------- INT4
-def _apply_groups(t: torch.Tensor, params, group_size: int, fn) -> torch.Tensor:
-    return _formulas.apply_groups(M, t, params, group_size, fn)
-
-
-def _int4_params(mn: torch.Tensor, mx: torch.Tensor):
-    """The spec's INT4 parameters (kvquant/_formulas.py), materialised for the element loop."""
-    scale, inv, zero, mn, poisoned = _formulas.int4_params(M, mn, mx, R15)
-    mn, inv, poisoned = M.materialized(mn, inv, poisoned)
-    return scale, inv, zero, mn, poisoned
-
-
+# ------------------------------------------------- INT4, INT2, per channel
+# Written once in kvquant/_formulas.py for PyTorch and JAX; the namespace M above holds
+# what is torch's own (in-place eager steps, the packing Inductor vectorises).
 def int4_quantize(x: torch.Tensor, group_size: int):
-    xf = _widen(x)
-    parts = _formulas.split_groups(xf, group_size)
-    mn = torch.cat([p.amin(-1) for p in parts], dim=1)
-    mx = torch.cat([p.amax(-1) for p in parts], dim=1)
-    scale, inv, zero, mn, poisoned = _int4_params(mn, mx)
-    if torch.compiler.is_compiling():
-        # Compiled, in place on views made Inductor's kernel slower.
-        packed = _apply_groups(xf, (mn, inv, poisoned), group_size,
-                               lambda b, mn_b, inv_b, bad_b: pack_rounded_pairs(_zero_poisoned((b - mn_b) * inv_b, bad_b).round().clamp(0.0, 15.0)))
-        return packed.to(torch.uint8), scale, zero
-    v = _apply_groups(xf, (mn, inv, poisoned), group_size,
-                      lambda b, mn_b, inv_b, bad_b: _zero_poisoned((b - mn_b).mul_(inv_b), bad_b))
-    # Through int8 (the same bytes for codes 0-15): ATen's float32 -> uint8 conversion
-    # is slower on the CPU.
-    codes = _clamp_proven(v.round_(), 0.0, 15.0).to(torch.int8).view(torch.uint8)
-    return pack_nibbles(codes), scale, zero
+    return _formulas.quantize_token_groups(M, _widen(x), group_size, R15, 15, 2)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -476,14 +499,14 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def pack_codes(q: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
     """_formulas.pack_codes (the spec's packing, 2 or 4 codes per byte), the fastest
-    way measured here. Compiled, by 32-bit words: four uint8 codes read as one
-    little-endian int32 w give their bytes as ORs of shifts of w, and Inductor
-    vectorises int32 loops where it left the ORs of shifted uint8 codes scalar
-    (docs/performance.md). The codes are below 16, so w is
-    positive and every shift brings in zeros. Eagerly, nibbles as INT4's pack_nibbles;
-    words were no faster."""
+    way measured here. Eagerly, nibbles as pack_nibbles. Compiled (float32 codes from
+    M.codes), by 32-bit words: four uint8 codes read as one little-endian int32 w give
+    their bytes as ORs of shifts of w, and Inductor vectorises int32 loops where it left
+    the ORs of shifted uint8 codes scalar (docs/performance.md). The codes are below 16,
+    so w is positive and every shift brings in zeros."""
     if not torch.compiler.is_compiling():
         return pack_nibbles(q) if codes_per_byte == 2 else _formulas.pack_codes(M, q, codes_per_byte)
+    q = q.to(torch.uint8)
     if q.shape[-1] % 4:
         return _formulas.pack_codes(M, q, codes_per_byte)
     w = q.contiguous().view(torch.int32)
@@ -492,6 +515,19 @@ def pack_codes(q: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
     pairs = (w | (w >> 4)) & 0x00FF00FF  # bytes 0 and 2: codes 0-1 and 2-3
     # As int16, the two bytes in order; a value above 0x7FFF wraps, keeping its bits.
     return ((pairs | (pairs >> 8)) & 0xFFFF).to(torch.int16).view(torch.uint8)
+
+
+def pack_group_codes(q: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
+    """pack_codes for one block of groups [..., groups, G]. Compiled, nibbles from float32
+    codes (integers 0 to 15): byte j is the weighted sum q[2j] + 16 q[2j+1], exact in
+    float32 (at most 255), which Inductor vectorises inside the loop computing
+    the codes; packing uint8 codes there took a scalar kernel of its own, as did slicing
+    the codes apart. For crumbs, and over a whole row (per channel), the words were faster."""
+    if not torch.compiler.is_compiling() or codes_per_byte != 2:
+        return pack_codes(q, codes_per_byte)
+    lead, width = tuple(q.shape[:-1]), q.shape[-1]
+    weights = torch.tensor([1.0, 16.0], dtype=torch.float32, device=q.device)
+    return (q.reshape(lead + (width // 2, 2)) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
@@ -505,18 +541,6 @@ def unpack_codes(packed: torch.Tensor, codes_per_byte: int) -> torch.Tensor:
         return _formulas.unpack_codes(M, packed, codes_per_byte)
     b = packed.to(torch.int32)
     return ((b | (b << 6) | (b << 12) | (b << 18)) & 0x03030303).view(torch.uint8)
-
-
-def pack_rounded_pairs(q: torch.Tensor) -> torch.Tensor:
-    """pack_nibbles, compiled, on float32 codes (integers 0 to 15) of one block
-    [rows, groups, size]: byte j is the pair's weighted sum q[2j] + 16 q[2j+1], exact in
-    float32 (at most 255), returned as float32 [rows, groups, size / 2]. Inductor
-    vectorises this sum over pairs inside the loop that computes the codes; packing
-    uint8 codes took a scalar kernel of its own, as did the same sum over the whole
-    row, or slicing the pairs apart."""
-    rows, groups, size = q.shape
-    weights = torch.tensor([1.0, 16.0], dtype=torch.float32, device=q.device)
-    return (q.reshape(rows, groups, size // 2, 2) * weights).sum(-1)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -544,23 +568,9 @@ def _spread_nibbles(half: torch.Tensor) -> torch.Tensor:
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_dtype: str,
                     params_checked: bool = False):
-    """value = flush_product((float32(q) - zero) * scale).
-
-    params_checked: every scale and zero is known to be finite and no group at risk of
-    a value below 2^-125 (int4_params_checked): no flush, no NaN, and of the reading
-    rules only the flush of subnormal zeros can act. Compiled kernels take it on the CPU."""
-    q = unpack_nibbles(packed).to(torch.float32)
-    if params_checked:
-        zeros, scales = flush(zeros.to(torch.float32)), scales.to(torch.float32)
-        return _rounded(_apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc), out_dtype)
-    scales, zeros = _canonical_params(scales, zeros)
-    # Eagerly, in place on the fresh float32 codes: a second full-size buffer cost more
-    # than the arithmetic. Compiled, in place on views made Inductor's kernel slower.
-    if torch.compiler.is_compiling():
-        v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: (b - z) * sc)
-    else:
-        v = _apply_groups(q, (zeros, scales), group_size, lambda b, z, sc: b.sub_(z).mul_(sc))
-    return _to_output(M.flush_products(v, scales, zeros), out_dtype, _suspects(scales, zeros))
+    """params_checked: int4_params_checked holds (compiled kernels take it on the CPU)."""
+    v = _formulas.dequantize_token_groups(M, packed, scales, zeros, group_size, 2, params_checked)
+    return _rounded(v, out_dtype) if params_checked else _to_output(v, out_dtype, _suspects(scales, zeros))
 
 
 def _suspects(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -584,8 +594,6 @@ def int4_params_checked(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tens
     return ((s < float("inf")) & (z.abs() < float("inf")) & ~_asymmetric_at_risk(s, z)).all()
 
 
-# ------------------------------------------ INT2, per channel (spec v1.1)
-# Written once in kvquant/_formulas.py for PyTorch and JAX; nothing here differs.
 def int2_quantize(x: torch.Tensor, group_size: int):
     return _formulas.quantize_token_groups(M, _widen(x), group_size, R3, 3, 4)
 
