@@ -4,11 +4,30 @@ conformance suite and the golden vectors ask the table instead of branching on
 from __future__ import annotations
 
 from dataclasses import dataclass
+import operator
 from typing import Any, Optional, Sequence, Tuple
 
 from ._types import Format, Int4GroupSize
 
 GROUP_SIZES: Tuple[int, ...] = tuple(int(g) for g in Int4GroupSize)
+_GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
+
+
+def parse_group_size(group_size: Any) -> int:
+    if isinstance(group_size, Int4GroupSize):
+        # The member's value, not operator.index: dynamo recursed without end inside
+        # IntEnum.__index__ (torch 2.13, torch.compile(fullgraph=True) of a seed call).
+        return group_size.value
+    problem = f"group_size must be {_GROUP_SIZES_TEXT}, got {group_size!r}"
+    if isinstance(group_size, bool):
+        raise ValueError(problem)
+    try:
+        value = operator.index(group_size)
+    except TypeError:
+        raise ValueError(problem) from None
+    if value not in GROUP_SIZES:
+        raise ValueError(problem)
+    return value
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,16 @@ class FormatInfo:
     def code_shape(self, shape: Sequence[int]) -> Tuple[int, ...]:
         shape = tuple(shape)
         return shape[:-1] + (shape[-1] // self.codes_per_byte,)
+
+    def resolve_group_size(self, group_size: Any = None) -> Optional[int]:
+        """The group size this format's codes use: ``group_size`` parsed (the default
+        for None) for a grouped format; None for the others, which refuse one."""
+        if not self.group_sizes:
+            if group_size is not None:
+                raise ValueError(f"group_size applies only to the grouped formats "
+                                 f"({', '.join(f.value for f, i in FORMATS.items() if i.group_sizes)}), not {self.format.value}")
+            return None
+        return parse_group_size(Int4GroupSize.default() if group_size is None else group_size)
 
     def param_shape(self, shape: Sequence[int], group_size: Optional[int] = None) -> Tuple[int, ...]:
         shape = tuple(shape)

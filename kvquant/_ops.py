@@ -12,10 +12,9 @@ import operator
 from typing import Any, Optional, Sequence, Tuple
 
 from . import _spec
-from ._formats import FORMATS, GROUP_SIZES
+from ._formats import FORMATS, parse_group_size
 from ._types import Format, Int4GroupSize, NonFiniteInputError, ON_NONFINITE_CHOICES
 
-_GROUP_SIZES_TEXT = ", ".join(map(str, GROUP_SIZES[:-1])) + f" or {GROUP_SIZES[-1]}"
 
 
 TRACED = "traced"  # what Runtime.device says of an array that has no device yet
@@ -52,23 +51,6 @@ def parse_output_dtype(dtype: Any) -> str:
             + ", ".join(_spec.OUTPUT_DTYPES)
         )
     return name
-
-
-def parse_group_size(group_size: Any) -> int:
-    if isinstance(group_size, Int4GroupSize):
-        # The member's value, not operator.index: dynamo recursed without end inside
-        # IntEnum.__index__ (torch 2.13, torch.compile(fullgraph=True) of a seed call).
-        return group_size.value
-    problem = f"group_size must be {_GROUP_SIZES_TEXT}, got {group_size!r}"
-    if isinstance(group_size, bool):
-        raise ValueError(problem)
-    try:
-        value = operator.index(group_size)
-    except TypeError:
-        raise ValueError(problem) from None
-    if value not in GROUP_SIZES:
-        raise ValueError(problem)
-    return value
 
 
 def parse_on_nonfinite(on_nonfinite: Any) -> str:

@@ -5,7 +5,7 @@ import math
 from typing import Any, Optional
 
 from ._formats import format_info
-from ._ops import canonical_dtype_name, parse_group_size
+from ._ops import canonical_dtype_name
 from ._registry import backend_for, get_backend
 from ._types import Format, Int4GroupSize, QuantizedKV
 
@@ -45,11 +45,7 @@ def quantize(
         raise ValueError(f"x must have rank 2 or more, [..., head_dim], got shape {shape}")
     if scale is not None and not info.static_scale:
         raise ValueError(f"a static scale applies only to fp8_per_tensor, not {info.format.value}")
-    if group_size is not None and not info.group_sizes:
-        raise ValueError(f"group_size applies only to the grouped formats (int4, int2, int4_per_channel, int2_per_channel), not {info.format.value}")
-    group = None
-    if info.group_sizes:
-        group = parse_group_size(Int4GroupSize.default() if group_size is None else group_size)
+    group = info.resolve_group_size(group_size)
     head_dim = shape[-1]
     outputs = info.quantize(ops, x, math.prod(shape[:-1]), head_dim, group_size=group, static_scale=scale,
                             on_nonfinite=on_nonfinite)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from .._formats import FORMATS, FormatInfo
-from .._ops import parse_group_size, parse_static_scale
+from .._ops import parse_static_scale
 from .._registry import backend_for
-from .._types import Format, Int4GroupSize, QuantizedKV
+from .._types import Format, QuantizedKV
 
 TOKEN_AXIS = 2  # [batch, kv_heads, tokens, head_dim]
 
@@ -44,11 +44,7 @@ class StoredFormat:
         if self.format is None:
             return self
         info = FORMATS[self.format]
-        group = self.group_size
-        if info.group_sizes:
-            group = parse_group_size(Int4GroupSize.default() if group is None else group)
-        elif group is not None:
-            raise ValueError(f"group_size applies only to the grouped formats (int4, int2, int4_per_channel, int2_per_channel), not {self.format.value}")
+        group = info.resolve_group_size(self.group_size)
         scale = self.scale
         if info.static_scale:
             if scale is None:
