@@ -97,13 +97,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default=None, help="a GGUF file or a local HF model directory")
     ev.add_argument("--text", default=None, help="a text file (default: Python's pydoc topics)")
     ev.add_argument("--quick", action="store_true",
-                    help="one window, 256 + 256 tokens, seven configurations: 50 s on a 2-core VM, model load "
-                         "included (2026-12-07); a full run takes several minutes")
+                    help="one window, 256 + 256 tokens, seven configurations: 44 s on a 2-core VM, model load "
+                         "included (2026-12-07; --framework jax 2 min 48 s, most of it compiling); a full run "
+                         "takes several minutes")
     ev.add_argument("--windows", type=int, default=3)
     ev.add_argument("--prefill", type=int, default=512)
     ev.add_argument("--chunk", type=int, default=16)
     ev.add_argument("--scored", type=int, default=1280, help="tokens scored per window, after the prefill")
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--framework", choices=["torch", "jax"], default="torch",
+                    help="jax: the same model and tokens in JAX (kvquant.integrations.jax_llama, Llama architecture) "
+                         "with JaxLayerCaches; HF's peer rows are PyTorch's only")
     ev.add_argument("--config", action="append", default=[], metavar="TEXT",
                     help="only configurations whose name contains TEXT (repeatable), e.g. --config kivi")
     ev.add_argument("--json", default="kvquant-eval.json")

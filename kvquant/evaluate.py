@@ -68,6 +68,7 @@ class Result:
     _kl_sum: float = field(default=0.0, repr=False)
     _agree: int = field(default=0, repr=False)
     _seconds: float = field(default=0.0, repr=False)
+    _timed_tokens: int = field(default=0, repr=False)
 
 
 # KIVI (arXiv 2402.02750): keys per channel, values per token, a residual of 128; spec
@@ -190,99 +191,179 @@ def _held_bytes(layer_cache) -> int:
 
 def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: bool = False, windows: int = 3,
              prefill: int = 512, chunk: int = 16, scored: int = 1280, configs: Optional[Sequence[Config]] = None,
-             threads: Optional[int] = None, progress: bool = True, loaded: Optional[tuple] = None) -> Dict[str, Any]:
+             threads: Optional[int] = None, progress: bool = True, loaded: Optional[tuple] = None,
+             framework: str = "torch") -> Dict[str, Any]:
     """The report as a dict (see the module). ``loaded``: an already loaded (model,
-    tokenizer, name) instead of ``model``."""
+    tokenizer, name) instead of ``model``. ``framework="jax"``: the same tokens through
+    kvquant.integrations.jax_llama (the model's weights in JAX) with JaxLayerCaches, the
+    unquantized row a JaxLayerCache that keeps keys and values as they are; HF's peer
+    caches are PyTorch's and run only with ``"torch"``."""
     import torch
-    import transformers
     from tqdm import tqdm
 
-    from .integrations.transformers import KvquantCache, cache_argument
-
+    if framework not in ("torch", "jax"):
+        raise ValueError(f"framework must be 'torch' or 'jax', got {framework!r}")
     if quick:
         windows, prefill, scored = 1, 256, 256
     if threads:
         torch.set_num_threads(threads)
     lm, tok, path = loaded or load_model(model)
-    cache_name = cache_argument(lm)
+    runner = _TorchRunner(lm) if framework == "torch" else _JaxRunner(lm, prefill + scored)
     ids = tok(text or default_text(), return_tensors="pt").input_ids[0]
     span = prefill + scored + 1
     if ids.numel() < windows * span:
         raise ValueError(f"the text has {ids.numel()} tokens; {windows} windows of {span} need more")
     starts = [i * (ids.numel() - span) // max(1, windows - 1) for i in range(windows)] if windows > 1 else [0]
-    configs = list(configs or default_configs(quick))
+    configs = [c for c in (configs or default_configs(quick)) if not (c.peer and framework != "torch")]
     head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
     results = {c.name: Result(c.name, c.keys, c.values, c.residual, float("nan"), peer=True) if c.peer else
                Result(c.name, _label(_calibrated(c.keys, 1.0)), _label(_calibrated(c.values, 1.0)), c.residual,
                       (_bits(_calibrated(c.keys, 1.0), head_dim) + _bits(_calibrated(c.values, 1.0), head_dim)) / 2)
                for c in configs}
-    baseline = Result("unquantized (DynamicCache)", "float32", "float32", 0, 32.0)
+    baseline = Result(runner.baseline_name, "float32", "float32", 0, 32.0)
     steps = windows * (1 + math.ceil(scored / chunk))
-    bar = tqdm(total=steps * (len(configs) + 1), desc="kvquant eval", unit="pass", disable=not progress)
+    bar = tqdm(total=steps * (len(configs) + 1), desc=f"kvquant eval ({framework})", unit="pass", disable=not progress)
     with torch.no_grad():
         for start in starts:
             window = ids[start:start + span].unsqueeze(0)
-            caches = {"base": transformers.DynamicCache(config=lm.config)}
+            caches = {"base": runner.baseline()}
             calibration = None
             for c in configs:
-                if c.peer:
-                    options = {"nbits": c.peer_bits} if c.peer_bits else {}
-                    caches[c.name] = transformers.QuantizedCache(backend=c.peer_backend, config=lm.config, **options)
-                    continue
                 if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
-                    calibration = _calibration_scales(lm, window[:, :prefill], cache_name)
-                caches[c.name] = KvquantCache(lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
-                                              values=_calibrated(c.values, calibration and calibration[1]),
-                                              residual=c.residual)
-            for name, cache in caches.items():
-                t = time.perf_counter()
-                lm(window[:, :prefill], **{cache_name: cache})
-                (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
-                bar.update(1)
-            for pos in range(prefill, prefill + scored, chunk):
-                inputs = window[:, pos:min(pos + chunk, prefill + scored)]
+                    calibration = _calibration_scales(lm, window[:, :prefill], runner.cache_name)
+                caches[c.name] = runner.cache(c, calibration)
+            for pos in [0] + list(range(prefill, prefill + scored, chunk)):
+                stop = prefill if pos == 0 else min(pos + chunk, prefill + scored)
+                inputs = window[:, pos:stop]
                 targets = window[0, pos + 1:pos + 1 + inputs.shape[1]]
                 logits = {}
                 for name, cache in caches.items():
+                    result = baseline if name == "base" else results[name]
                     t = time.perf_counter()
-                    out = lm(inputs, **{cache_name: cache}).logits[0].float()
-                    (baseline if name == "base" else results[name])._seconds += time.perf_counter() - t
-                    logits[name] = torch.log_softmax(out, -1)
+                    logp, caches[name], warm = runner(name, cache, inputs, pos, score=pos > 0)
+                    if warm:  # JAX's first call of each shape compiles: not timed
+                        result._seconds += time.perf_counter() - t
+                        result._timed_tokens += inputs.shape[1]
+                    logits[name] = logp
                     bar.update(1)
+                if pos == 0:
+                    continue  # the prefill is not scored
                 base = logits.pop("base")
                 _score(baseline, base, base, targets)
                 for name, logp in logits.items():
                     _score(results[name], logp, base, targets)
             for c in configs:
-                if c.peer:  # bits per element measured from what the peer holds
-                    held = [_peer_held(layer) for layer in caches[c.name].layers]
-                    results[c.name].cache_bytes_per_token_per_layer = (
-                        sum(h[0] for h in held) / len(held) / (prefill + scored))
-                    results[c.name].bits_per_element = 8 * sum(h[1] for h in held) / max(1, sum(h[2] for h in held))
-                    continue
-                layers = caches[c.name].layer_caches()
-                results[c.name].cache_bytes_per_token_per_layer = (
-                    sum(_held_bytes(layer) for layer in layers) / len(layers) / (prefill + scored))
+                runner.measure(results[c.name], c, caches[c.name], prefill + scored)
             del caches
     bar.close()
-    total_tokens = windows * (prefill + scored)
     out = []
     for r in [baseline] + list(results.values()):
         r.perplexity = math.exp(r._nll / r.scored_tokens)
         r.kl = r._kl_sum / r.scored_tokens
         r.top1 = r._agree / r.scored_tokens
-        r.tokens_per_second = total_tokens / r._seconds
+        r.tokens_per_second = r._timed_tokens / r._seconds if r._seconds else float("nan")
         out.append(r)
     if baseline.cache_bytes_per_token_per_layer != baseline.cache_bytes_per_token_per_layer:
         kv_heads = lm.config.num_key_value_heads
         baseline.cache_bytes_per_token_per_layer = 2 * kv_heads * head_dim * 4
     return {
         "model": path,
+        "framework": framework,
         "method": {"windows": windows, "prefill": prefill, "chunk": chunk, "scored_tokens_per_window": scored,
                    "threads": torch.get_num_threads()},
-        "peers": _peer_note(),
+        "peers": _peer_note() if framework == "torch" else runner.note,
         "results": [{k: v for k, v in asdict(r).items() if not k.startswith("_")} for r in out],
     }
+
+
+class _TorchRunner:
+    """The model as transformers runs it, each configuration a KvquantCache (or HF's
+    QuantizedCache for a peer row), the unquantized row a DynamicCache."""
+
+    baseline_name = "unquantized (DynamicCache)"
+
+    def __init__(self, lm):
+        from .integrations.transformers import cache_argument
+
+        self.lm = lm
+        self.cache_name = cache_argument(lm)
+
+    def baseline(self):
+        import transformers
+
+        return transformers.DynamicCache(config=self.lm.config)
+
+    def cache(self, c: Config, calibration):
+        import transformers
+
+        from .integrations.transformers import KvquantCache
+
+        if c.peer:
+            options = {"nbits": c.peer_bits} if c.peer_bits else {}
+            return transformers.QuantizedCache(backend=c.peer_backend, config=self.lm.config, **options)
+        return KvquantCache(self.lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
+                            values=_calibrated(c.values, calibration and calibration[1]), residual=c.residual)
+
+    def __call__(self, name, cache, inputs, pos, score: bool):
+        """(log-probabilities [n, vocab] as a torch tensor, or None unless ``score``; the
+        cache; whether the call counts towards tokens/s)."""
+        import torch
+
+        out = self.lm(inputs, **{self.cache_name: cache}).logits[0]
+        return (torch.log_softmax(out.float(), -1) if score else None), cache, True
+
+    def measure(self, result: Result, c: Config, cache, tokens: int) -> None:
+        if c.peer:  # bits per element measured from what the peer holds
+            held = [_peer_held(layer) for layer in cache.layers]
+            result.cache_bytes_per_token_per_layer = sum(h[0] for h in held) / len(held) / tokens
+            result.bits_per_element = 8 * sum(h[1] for h in held) / max(1, sum(h[2] for h in held))
+            return
+        layers = cache.layer_caches()
+        result.cache_bytes_per_token_per_layer = sum(_held_bytes(layer) for layer in layers) / len(layers) / tokens
+
+
+class _JaxRunner:
+    """The same model's weights in JAX (kvquant.integrations.jax_llama) under jax.jit,
+    each configuration one JaxLayerCache per layer of ``capacity`` slots."""
+
+    baseline_name = "unquantized (JaxLayerCache, no quantization)"
+    cache_name = "past_key_values"
+    note = ("JAX: the model's weights through kvquant.integrations.jax_llama under jax.jit; tokens/s leaves out "
+            "each configuration's first call of each length (its compile); cache B/token/layer counts every "
+            "array a JaxLayerCache of prefill + scored slots allocates; HF's peer caches are PyTorch's (not run)")
+
+    def __init__(self, lm, tokens: int):
+        from .integrations import jax_llama
+
+        self.jax_llama = jax_llama
+        self.params, self.config = jax_llama.params_of(lm)
+        self.capacity = -(-tokens // 64) * 64
+        self.steps = {True: jax_llama.step_function(self.config, every_position=True),
+                      False: jax_llama.step_function(self.config)}
+        self.seen = set()
+
+    def baseline(self):
+        return self.jax_llama.create_caches(self.params, self.config, self.capacity, None, None)
+
+    def cache(self, c: Config, calibration):
+        return self.jax_llama.create_caches(self.params, self.config, self.capacity,
+                                            _calibrated(c.keys, calibration and calibration[0]),
+                                            _calibrated(c.values, calibration and calibration[1]), c.residual)
+
+    def __call__(self, name, caches, inputs, pos, score: bool):
+        import jax.numpy as jnp
+        import numpy as np
+        import torch
+
+        logits, caches = self.steps[score](self.params, caches, jnp.asarray(inputs.numpy()), jnp.int32(pos))
+        out = torch.from_numpy(np.array(logits[0], dtype=np.float32))  # a copy; waits for the step
+        shape = (name, inputs.shape[1], score)
+        warm = shape in self.seen
+        self.seen.add(shape)
+        return (torch.log_softmax(out, -1) if score else None), caches, warm
+
+    def measure(self, result: Result, c: Config, caches, tokens: int) -> None:
+        result.cache_bytes_per_token_per_layer = sum(cache.nbytes for cache in caches) / len(caches) / self.capacity
 
 
 def _score(result: Result, logp, base, targets) -> None:
@@ -375,7 +456,8 @@ def main(args) -> int:
     text = open(args.text).read() if args.text else None
     configs = select_configs(args.quick, getattr(args, "config", None) or [])
     report = evaluate(args.model, text, quick=args.quick, windows=args.windows, prefill=args.prefill,
-                      chunk=args.chunk, scored=args.scored, threads=args.threads, configs=configs)
+                      chunk=args.chunk, scored=args.scored, threads=args.threads, configs=configs,
+                      framework=getattr(args, "framework", "torch"))
     print(markdown_table(report))
     print(f"\n{report['peers']}")
     if args.json:

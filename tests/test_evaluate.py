@@ -107,3 +107,45 @@ def test_hf_fp8_peer_runs_on_the_same_tokens():
     assert peer["peer"] and peer["scored_tokens"] == 40
     assert 8 < peer["bits_per_element"] < 8.01  # one float32 scale per layer and side on top of the codes
     assert peer["kl"] > 0
+
+
+@pytest.fixture(scope="module")
+def jax_and_torch_reports():
+    pytest.importorskip("jax")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    configs = [Config("int8 r1000", "int8", "int8", 1000), Config("int8 r0", "int8", "int8", 0),
+               Config("int4-g64 r0", "int4", "int4", 0),
+               Config("kivi-4 r16", {"format": "int4_per_channel", "group_size": 32},
+                      {"format": "int4", "group_size": 32}, 16)]
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    run = dict(text=text, windows=2, prefill=24, chunk=8, scored=40, configs=configs, progress=False,
+               loaded=(lm, ByteTokenizer(), "tiny-llama"))
+    return evaluate(framework="jax", **run), evaluate(**run)
+
+
+def test_jax_rows_run_the_same_model_and_tokens(jax_and_torch_reports):
+    """kvquant eval --framework jax: the JAX forward of the same weights scores the same
+    tokens as transformers (perplexity to float32 rounding: another framework's sums),
+    its unquantized row scores itself exactly, and quantizing costs something."""
+    jax_report, torch_report = jax_and_torch_reports
+    assert jax_report["framework"] == "jax" and "jax_llama" in jax_report["peers"]
+    rows, torch_rows = by_name(jax_report), by_name(torch_report)
+    base = rows["unquantized (JaxLayerCache, no quantization)"]
+    assert base["kl"] == 0 and base["top1"] == 1 and base["scored_tokens"] == 80
+    assert base["perplexity"] == pytest.approx(torch_rows["unquantized (DynamicCache)"]["perplexity"], rel=1e-5)
+    # Nothing quantized (residual past the text): the same values, attention over the
+    # window apart from the (empty) quantized slots, so the sums may round differently.
+    assert rows["int8 r1000"]["top1"] == 1 and rows["int8 r1000"]["kl"] < 1e-9
+    assert rows["int4-g64 r0"]["kl"] > rows["int8 r0"]["kl"] > 0
+    for name in ("int8 r0", "int4-g64 r0", "kivi-4 r16"):
+        assert rows[name]["kl"] > 0 and rows[name]["scored_tokens"] == 80, name
+        assert rows[name]["bits_per_element"] == torch_rows[name]["bits_per_element"]
+        assert rows[name]["tokens_per_second"] > 0
+
+
+def test_eval_refuses_an_unknown_framework():
+    with pytest.raises(ValueError, match="framework must be"):
+        evaluate(framework="tensorflow", loaded=(None, None, "x"))

@@ -1,22 +1,16 @@
-"""examples/jax_llama/generate.py, the JAX generation loop over JaxLayerCaches, on a
+"""kvquant.integrations.jax_llama (examples/jax_llama/generate.py, kvquant eval
+--framework jax), the JAX generation loop over JaxLayerCaches, on a
 tiny random-weight Llama: its greedy tokens equal transformers' with an unquantized
 cache and with INT8 (the prompt inside the residual window), and, with KIVI keys
 quantized (residual 8), those of transformers with a KvquantCache of the same
 formats (the same stored bits; attention sums in another order)."""
-import importlib.util
-import os
-
 import pytest
 
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HERE = os.path.dirname(__file__)
-spec = importlib.util.spec_from_file_location(
-    "jax_llama_generate", os.path.join(HERE, "..", "examples", "jax_llama", "generate.py"))
-example = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(example)
+from kvquant.integrations import jax_llama  # noqa: E402
 
 
 @pytest.mark.parametrize("keys, values, residual", [(None, None, 64), ("int8", "int8", 64),
@@ -36,6 +30,17 @@ def test_the_jax_loop_generates_transformers_tokens(keys, values, residual):
     with torch.no_grad():
         want = lm.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids),
                            cache=cache)[0, 40:].tolist()
-    params, cfg = example.params_of(lm)
-    got, _ = example.greedy(params, cfg, jax.numpy.asarray(ids.numpy()), 12, keys, values, residual=residual)
+    params, cfg = jax_llama.params_of(lm)
+    got, _ = jax_llama.greedy(params, cfg, jax.numpy.asarray(ids.numpy()), 12, keys, values, residual=residual)
     assert got == want
+
+
+def test_a_model_the_forward_does_not_implement_is_refused():
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="Llama architecture"):
+        jax_llama.params_of(transformers.Qwen2ForCausalLM(config))
+    biased = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, attention_bias=True)
+    with pytest.raises(ValueError, match="no attention or MLP bias"):
+        jax_llama.params_of(transformers.LlamaForCausalLM(biased))
