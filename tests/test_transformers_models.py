@@ -188,3 +188,103 @@ def test_an_mla_model_is_refused_clearly():
                                            v_head_dim=32)
     with pytest.raises(ValueError, match="does not hold MLA caches"):
         KvquantCache(config)
+
+
+# ------------------------------------------------------------ encoder-decoder
+ENCODER_DECODER = {
+    "bart": lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128)),
+    "whisper": lambda: transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=8, max_source_positions=32,
+        max_target_positions=64, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+    "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, decoder_start_token_id=0)),
+}
+
+
+def _encoder_decoder(name):
+    torch.manual_seed(0)
+    model = ENCODER_DECODER[name]().eval()
+    inputs = (dict(input_features=torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(1))) if name == "whisper"
+              else dict(input_ids=torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(1))))
+    return model, inputs
+
+
+def _generate(model, inputs, cache=None):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=30, min_new_tokens=30, do_sample=False, num_beams=1,
+                              **({"cache": cache} if cache is not None else {}))[0].tolist()
+
+
+@pytest.mark.parametrize("name, attention", [("bart", "kvquant"), ("bart", "dequantized"), ("whisper", "kvquant"),
+                                             ("whisper", "dequantized"), ("t5", "dequantized")])
+def test_encoder_decoder_models_quantize_the_self_attention_cache(name, attention):
+    """KvquantCache.encoder_decoder: the decoder's self-attention in kvquant (INT8, every
+    token past a residual of 8 quantized), the cross-attention keys as transformers keeps
+    them; greedy tokens equal the default cache's, and each self-attention layer's codes
+    are one kvquant.quantize of the keys the model handed it."""
+    model, inputs = _encoder_decoder(name)
+    want = _generate(model, inputs)
+    cache = KvquantCache.encoder_decoder(model.config, keys="int8", values="int8", residual=8, quantize_every=1,
+                                         attention=attention)
+    handed = {}
+    for i, layer in kvquant_layers(cache.self_attention_cache):
+        original = layer.update
+
+        def spy(k, v, *a, _i=i, _orig=original, **kw):
+            handed.setdefault(_i, []).append(k.clone())
+            return _orig(k, v, *a, **kw)
+
+        layer.update = spy
+    assert _generate(model, inputs, cache) == want
+    assert isinstance(cache.cross_attention_cache, transformers.DynamicCache)
+    for i, layer in kvquant_layers(cache.self_attention_cache):
+        q = layer.kv.quantized("keys")
+        assert q is not None and q.shape[2] == layer.kv.seq_length - 8
+        seen = torch.cat(handed[i], dim=2).numpy()
+        assert_same_bits(kvquant.quantize(seen[:, :, :q.shape[2]], "int8").codes, q.codes.numpy(), f"{name} layer {i}")
+
+
+def test_an_encoder_decoder_model_needs_the_encoder_decoder_cache():
+    model, inputs = _encoder_decoder("bart")
+    with pytest.raises(ValueError, match="KvquantCache.encoder_decoder"):
+        KvquantCache(model.config)
+    with pytest.raises(ValueError, match="not an encoder-decoder"):
+        KvquantCache.encoder_decoder(transformers.LlamaConfig(**COMMON, num_hidden_layers=1))
+
+
+def test_t5s_own_attention_is_named_and_the_dequantized_path_offered():
+    """T5 adds its relative position bias in its own attention code, outside
+    transformers' attention interface: kvquant's attention cannot serve it, and the
+    cache says so (on the step after the first, when the codes went unread)."""
+    model, inputs = _encoder_decoder("t5")
+    cache = KvquantCache.encoder_decoder(model.config, keys="int8", values="int8", residual=8)
+    with pytest.raises(RuntimeError, match="attention='dequantized'"):
+        _generate(model, inputs, cache)
+
+
+def test_gemma3n_shared_kv_layers_read_their_owners_kvquant_layer():
+    """Gemma 3n's last layers reuse the keys and values of an earlier layer of their type
+    (kv_sharing_modes 'reuse'): they keep transformers' placeholder layer, their owners
+    are kvquant layers, and the consumers attend to the owners' whole history (the
+    dequantized path, since the owner's codes are read twice per step)."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=256, vocab_size_per_layer_input=256, hidden_size=64, hidden_size_per_layer_input=16,
+        intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        num_kv_shared_layers=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4)
+    model = transformers.Gemma3nForCausalLM(config).eval()
+    assert list(model.config.kv_sharing_modes) == ["store", "store", "reuse", "reuse"]
+    ids = prompt()
+    want = greedy(model, ids, transformers.DynamicCache(config=model.config), 30).tolist()
+    cache = KvquantCache(model.config, keys="int8", values="int8", residual=64)
+    assert greedy(model, ids, cache, 30).tolist() == want
+    assert [type(layer).__name__ for layer in cache.layers] == ["KvquantLayer", "KvquantLayer", "DummyLayer", "DummyLayer"]
+    quantized = KvquantCache(model.config, keys="int8", values="int8", residual=4, quantize_every=1)
+    greedy(model, ids, quantized, 30)
+    for i, layer in kvquant_layers(quantized):
+        assert layer.kv.quantized("keys").shape[2] > 0, i

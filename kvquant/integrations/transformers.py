@@ -185,12 +185,22 @@ class KvquantCache(Cache):
     default without a config; None means the same). ``compiled``: kvquant attention's
     compiled path (C++ kernel on the CPU, torch.compile's kernels elsewhere); None takes
     ``use_kvquant_attention``'s choice for this model, else True.
+
+    An encoder-decoder model (Bart, T5, Whisper) takes ``KvquantCache.encoder_decoder(
+    model.config, ...)``: transformers' EncoderDecoderCache with a KvquantCache for the
+    decoder's self-attention and a DynamicCache for the cross-attention keys and values.
     """
 
     def __init__(self, config: Optional[Any] = None, *, keys: Any = "int8", values: Any = "int8",
                  residual: int = 128, per_layer: Optional[Dict[int, Dict[str, Any]]] = None,
                  attention: Optional[str] = "auto", quantize_every: int = QUANTIZE_EVERY,
-                 compiled: Optional[bool] = None):
+                 compiled: Optional[bool] = None, _self_attention_of_encoder_decoder: bool = False):
+        if getattr(config, "is_encoder_decoder", False) and not _self_attention_of_encoder_decoder:
+            raise ValueError(
+                f"{type(config).__name__} is an encoder-decoder model: its cache holds the decoder's self-attention "
+                "and the encoder's keys for cross-attention apart (transformers' EncoderDecoderCache). Use "
+                "KvquantCache.encoder_decoder(model.config, ...), which quantizes the self-attention cache and "
+                "keeps the cross-attention one as transformers does")
         if attention == "auto":  # a cache can switch only a model whose config it is given
             attention = ATTENTION if config is not None else "dequantized"
         attention = "dequantized" if attention is None else attention
@@ -208,7 +218,7 @@ class KvquantCache(Cache):
                     "values of one head size); use transformers' DynamicCache for this model")
             types = _checked_layer_types(text_config)  # (types, per-layer options)
             if attention == ATTENTION:
-                _switch_to_kvquant_attention(text_config)
+                _switch_to_kvquant_attention(_config_the_layers_read(config, text_config))
         elif attention == ATTENTION and not _REGISTERED:
             raise ValueError("KvquantCache() without a config cannot switch the model to kvquant's attention: pass "
                              "model.config, call kvquant.integrations.transformers.use_kvquant_attention(model) "
@@ -243,6 +253,17 @@ class KvquantCache(Cache):
             return
         super().__init__(layers=[layer(i, kind, options) for i, (kind, options) in enumerate(zip(*types))])
 
+    @classmethod
+    def encoder_decoder(cls, config: Any, **options: Any):
+        """transformers' EncoderDecoderCache for an encoder-decoder model: the decoder's
+        self-attention in a KvquantCache (``options`` as for KvquantCache), the
+        cross-attention keys and values (the encoder's, computed once) in a DynamicCache."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if not getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(config).__name__} is not an encoder-decoder model: use KvquantCache(config, ...)")
+        return EncoderDecoderCache(cls(config, _self_attention_of_encoder_decoder=True, **options), DynamicCache())
+
     def layer_caches(self):
         """The kvquant LayerCache of every layer (stored bits, nbytes), None for a layer
         transformers keeps (linear attention, placeholders)."""
@@ -257,6 +278,14 @@ class KvquantCache(Cache):
 SLIDING = ("sliding_attention", "chunked_attention")  # transformers caches chunked layers as sliding ones
 # Layers with no per-token KV of their own: transformers' layer for the type, untouched.
 PASSED_THROUGH = ("linear_attention", "conv", "dummy")
+
+
+def _config_the_layers_read(config, text_config):
+    """The config object whose attention setting the attention layers read: a
+    multimodal model's text sub-config, which its language model holds; otherwise the
+    model's own (an encoder-decoder config's get_text_config(decoder=True) is a copy)."""
+    held = any(value is text_config for value in vars(config).values())
+    return text_config if held or text_config is config else config
 
 
 def _checked_layer_types(config):
