@@ -17,8 +17,9 @@ against the copy's bytes read).
 
 ``--framework jax``: the same step in JAX under jax.jit, as a ratio to
 jax.nn.dot_product_attention over the float32 history: that over a bfloat16 history,
-dequantize-then-dot_product_attention, and kvquant.attention over the codes (XLA's
-fused loops; JAX has no C++ kernel of kvquant's).
+dequantize-then-dot_product_attention, and kvquant.attention over the codes: on one
+CPU device the C++ kernel as an XLA custom call, and the element-wise form XLA fuses
+(what a GPU or a mesh runs).
 
 Not a test: numbers depend on the machine. docs/attention.md records a run.
 """
@@ -137,6 +138,12 @@ def bench_jax(shape: str, tokens: int, repeats: int, only=()):
                  _time(block(lambda: dot(q.astype(jnp.bfloat16), kb, vb)), repeats), nbytes(kb, vb)))
     wanted = (lambda name: not only or any(w in name for w in only))
     step = jax.jit(lambda q, keys, values: attend(q, keys, values, causal=False))
+    from kvquant.backends.jax import attention as jax_attention
+    from kvquant.backends.cpu_kernel import load_jax
+
+    # the element-wise form (what a GPU or a mesh runs), beside the C++ kernel's custom call
+    elementwise = jax.jit(lambda q, keys, values: jax_attention._attend(q, keys, values, q.shape[-1] ** -0.5,
+                                                                        False, None))
     deq_dot = jax.jit(lambda q, kq, vq: dot(q, kvquant.dequantize(kq, "float32"), kvquant.dequantize(vq, "float32")))
     for fmt, kw in FORMATS:
         kq, vq = kvquant.quantize(k, fmt, **kw), kvquant.quantize(v, fmt, **kw)
@@ -144,7 +151,8 @@ def bench_jax(shape: str, tokens: int, repeats: int, only=()):
         label = fmt + ("-g64" if fmt == "int4" else "")
         keys, values = History(kq, None), History(vq, None)
         candidates = [(f"{label} dequantize+dot_product_attention", lambda: deq_dot(q, kq, vq)),
-                      (f"{label} kvquant jit", lambda: step(q, keys, values))]
+                      (f"{label} kvquant jit" + (" (C++ kernel)" if load_jax() else ""), lambda: step(q, keys, values)),
+                      (f"{label} kvquant jit element-wise", lambda: elementwise(q, keys, values))]
         rows += [(name, _time(block(fn), repeats), held) for name, fn in candidates if wanted(name)]
     copy_bandwidth = f32_bytes / copy_time
     return [{"shape": shape, "tokens": tokens, "candidate": name, "ms": t * 1e3, "ratio_to_sdpa_f32": t / base,
@@ -180,17 +188,20 @@ def main():
     if args.framework == "jax":
         import jax
 
+        from kvquant.backends import cpu_kernel
+
+        kernel = cpu_kernel.describe_jax()
         print(f"one decode step, batch 1, jax {jax.__version__} on {jax.devices()[0].platform}; median of "
-              f"{args.repeats}; ratio to jax.nn.dot_product_attention over the float32 history")
+              f"{args.repeats}; ratio to jax.nn.dot_product_attention over the float32 history; {kernel}")
     else:
         from kvquant.backends import cpu_kernel
 
         ran = cpu_kernel.describe() if args.device == "cpu" else f"torch.compile's kernels on {args.device}"
         print(f"one decode step, batch 1; median of {args.repeats}; ratio to SDPA over the float32 history; "
               f"{torch.get_num_threads()} threads; compiled=True ran: {ran}")
-    print(f"{'shape':<9}{'tokens':>7}  {'candidate':<40}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
+    print(f"{'shape':<9}{'tokens':>7}  {'candidate':<44}{'ms':>9}{'ratio':>8}{'MB read':>9}{'bw/copy':>9}")
     for r in results:
-        print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<40}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
+        print(f"{r['shape']:<9}{r['tokens']:>7}  {r['candidate']:<44}{r['ms']:>9.3f}{r['ratio_to_sdpa_f32']:>7.2f}x"
               f"{r['bytes_read'] / 2**20:>9.1f}{r['bandwidth_fraction_of_copy']:>9.2f}")
     if args.json:
         with open(args.json, "w") as fh:

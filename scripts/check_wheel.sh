@@ -16,6 +16,7 @@ ls "$work/dist"
 # Listings read whole (grep -q would close the pipe early, which pipefail counts as failure).
 [[ $(tar -tzf "$work"/dist/*.tar.gz) == *backends/cpu_kernel/decode_attention.cpp* ]] || { echo "the sdist lacks the kernel's source"; exit 1; }
 [[ $("$python" -m zipfile -l "$work"/dist/*.whl) == *kvquant/backends/cpu_kernel/decode_attention.cpp* ]] || { echo "the wheel lacks the kernel's source"; exit 1; }
+[[ $("$python" -m zipfile -l "$work"/dist/*.whl) == *kvquant/backends/cpu_kernel/jax_ffi.cpp* ]] || { echo "the wheel lacks the JAX kernel's source"; exit 1; }
 "$python" -m venv "$work/venv"
 wheel=$(ls "$work"/dist/*.whl)
 "$work/venv/bin/pip" install -q -c "$checkout/constraints.txt" "${wheel}[torch,jax]"

@@ -48,7 +48,20 @@ out = kvquant.attention.attend(q, *cache.attention_inputs(), compiled=True)
 ref = kvquant.attention.reference_attention(q, *cache.attention_inputs())
 err = float(np.abs(out.double().numpy() - ref).max())
 assert err < 1e-4, err
+
+# JAX's attention on one CPU device: the same kernel as an XLA custom call, built from
+# the shipped jax_ffi.cpp with jaxlib's headers.
+assert os.path.isfile(cpu_kernel.JAX_SOURCE), f"the JAX kernel's source did not ship: {cpu_kernel.JAX_SOURCE}"
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert cpu_kernel.load_jax(), "the C++ decode kernel for JAX did not build from the installed source"
+jq = jnp.asarray(q.numpy())
+jk, jv = (kvquant.attention.History(kvquant.quantize(jnp.asarray(t[:, :, :64].numpy()), fmt, **extra), jnp.asarray(t[:, :, 64:].numpy()))
+          for t, fmt, extra in ((k, "int8", {}), (v, "int4", {"group_size": 32})))
+jax_ref = kvquant.attention.reference_attention(jq, jk, jv)
+jax_err = float(np.abs(np.asarray(kvquant.attention.attend(jq, jk, jv), np.float64) - jax_ref).max())
+assert jax_err < 1e-4, jax_err
 built = sorted(n for n in os.listdir(kvquant._cache_dir.cache_dir("cpu-kernel")) if n.endswith(".so"))
-assert built, "the kernel was not kept in the user's cache"
-print(f"smoke: quantize bits equal on numpy/torch/jax for 4 formats; C++ kernel {built[0]} built from the "
-      f"installed source; compiled attention within {err:.1e} of the float64 reference")
+assert {n.split("_")[0] for n in built} >= {"decode", "jax"}, f"the kernels were not kept in the user's cache: {built}"
+print(f"smoke: quantize bits equal on numpy/torch/jax for 4 formats; C++ kernels {', '.join(built)} built from the "
+      f"installed source; compiled attention within {err:.1e} of the float64 reference, JAX's {jax_err:.1e}")

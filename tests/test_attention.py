@@ -2,6 +2,10 @@
 format (keys and values in different ones too), grouped-query heads, causal chunks, an
 additive mask, adversarial scores, and NaN tokens that poison exactly what sees them.
 The bound is docs/attention.md's: max |out - ref| <= 2e-5 * max|v| + ...; see BOUND."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -26,7 +30,9 @@ def _framework_paths():
     try:
         import jax  # noqa: F401
 
-        paths.append(("jax-jit", "jax", None))
+        # jax-jit: the element-wise form XLA fuses (a GPU, a mesh); jax-cpu-kernel: the C++
+        # kernel as an XLA custom call, which one CPU device uses.
+        paths += [("jax-jit", "jax", None), ("jax-cpu-kernel", "jax", None)]
     except ImportError:
         pass
     return paths
@@ -68,6 +74,17 @@ def run(path, query, keys, values, **kw):
     name, framework, compiled = path
     extra = {"compiled": compiled, "chunk_tokens": 96} if framework == "torch" else {}
     with contextlib.ExitStack() as patches:
+        if framework == "jax":
+            from kvquant.backends.jax import attention as jax_attention
+
+            if name == "jax-jit":
+                patches.enter_context(mock.patch.object(jax_attention, "_kernel_serves", lambda *args: False))
+            else:
+                from kvquant.backends.cpu_kernel import load_jax
+
+                if not load_jax():
+                    pytest.skip("the C++ kernel for JAX cannot be built here (no compiler, or KVQUANT_CPU_KERNEL=0)")
+                patches.enter_context(mock.patch.object(jax_attention, "_attend", _not_served))
         if name.endswith("-reductions"):
             patches.enter_context(mock.patch.object(torch_attention, "prefill", lambda *args: None))
         if name.startswith("torch-compiled"):
@@ -586,3 +603,26 @@ print(worst)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.strip()) <= BOUND
+
+
+def test_jax_attention_without_the_cpu_kernel_uses_the_element_wise_form():
+    """KVQUANT_CPU_KERNEL=0 (or no compiler): JAX's attention on the CPU runs the
+    element-wise form, with no warning, and within the accuracy bound."""
+    pytest.importorskip("jax")
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "import numpy as np, jax.numpy as jnp, kvquant\n"
+        "from kvquant.backends import cpu_kernel\n"
+        "from kvquant.backends.jax import attention as ja\n"
+        "rng = np.random.default_rng(0)\n"
+        "k, v = (jnp.asarray(rng.standard_normal((1, 2, 64, 64), np.float32)) for _ in range(2))\n"
+        "q = jnp.asarray(rng.standard_normal((1, 4, 1, 64), np.float32))\n"
+        "K, V = (kvquant.attention.History(kvquant.quantize(t, 'int8'), None) for t in (k, v))\n"
+        "assert not cpu_kernel.load_jax() and not ja._kernel_serves(K, V)\n"
+        "out = np.asarray(kvquant.attention.attend(q, K, V), np.float64)\n"
+        "err = np.abs(out - kvquant.attention.reference_attention(q, K, V)).max()\n"
+        "assert err <= 2e-5 * float(np.abs(np.asarray(v)).max()), err\n"
+        "print('ok')\n")
+    env = dict(os.environ, KVQUANT_CPU_KERNEL="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

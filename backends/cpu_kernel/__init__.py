@@ -21,7 +21,11 @@ each process builds into a fresh private temporary directory, removed once loade
 ``load()`` returns None, with a one-line warning where something is wrong, where there
 is no compiler or source, the build fails, the library's ABI is not this module's, the
 platform is not x86-64 or aarch64 Linux/macOS, or KVQUANT_CPU_KERNEL=0: callers then
-use torch.compile's path."""
+use torch.compile's path.
+
+``load_jax()`` builds the same kernel with an XLA FFI handler around it (jax_ffi.cpp,
+jaxlib's headers) and registers it, so JAX's attention under jax.jit calls it on XLA's
+own buffers."""
 from __future__ import annotations
 
 import ctypes
@@ -88,11 +92,12 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _compile(compiler: str, target: str) -> Optional[str]:
+def _compile(compiler: str, target: str, source: str = SOURCE, extra: tuple = ()) -> Optional[str]:
     """Build the library at ``target`` (atomically); the compiler's complaint, or None."""
     try:
         with _cache_dir.atomic_path(target) as tmp:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([compiler, *FLAGS, *extra, "-o", tmp, source], capture_output=True, text=True,
+                                  timeout=300)
             if done.returncode != 0:
                 raise subprocess.CalledProcessError(done.returncode, compiler, done.stdout, done.stderr)
             os.chmod(tmp, 0o700)  # the linker's mode follows the umask, which may let the group write
@@ -143,35 +148,44 @@ def _unavailable(compiler: Optional[str]) -> Optional[str]:
     return None
 
 
-def _build_and_open(compiler: str):
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join((compiler, *FLAGS, _cpu())).encode()).hexdigest()[:16]
+def _build(compiler: str, name: str, sources: tuple, extra: tuple, opener, what: str):
+    """opener(path of the library built from sources[0] as ``name``), or None (with a
+    warning) where it cannot be built: built once per source, compiler, flags and CPU,
+    under a lock, a failure kept and not retried (see the module's doc)."""
+    content = b""
+    for source in sources:
+        with open(source, "rb") as f:
+            content += f.read()
+    digest = hashlib.sha256(content + " ".join((compiler, *FLAGS, *extra, _cpu())).encode()).hexdigest()[:16]
     directory = _cache_dir.cache_dir("cpu-kernel")
     if directory is None:  # no private cache: a build for this process alone
         with tempfile.TemporaryDirectory(prefix="kvquant-cpu-kernel-") as private:  # mkdtemp: 0700, new
-            target = os.path.join(private, "decode_attention.so")
-            failure = _compile(compiler, target)
+            target = os.path.join(private, f"{name}.so")
+            failure = _compile(compiler, target, sources[0], extra)
             if failure is not None:
-                _cache_dir.warn_once(f"kvquant: the C++ decode kernel did not build: {failure}")
+                _cache_dir.warn_once(f"kvquant: {what} did not build: {failure}")
                 return None
-            return _open(target)  # the loaded library outlives its file
-    target = os.path.join(directory, f"decode_attention_{digest}.so")
+            return opener(target)  # the loaded library outlives its file
+    target = os.path.join(directory, f"{name}_{digest}.so")
     failed = target[:-3] + ".failed"
     with _cache_dir.locked(target[:-3] + ".lock"):
         if not os.path.exists(target):
             if os.path.exists(failed):
-                _cache_dir.warn_once(f"kvquant: the C++ decode kernel failed to build before (the compiler's message "
-                                     f"is in {failed}; delete it to try again); attention uses torch.compile's kernels")
+                _cache_dir.warn_once(f"kvquant: {what} failed to build before (the compiler's message is in "
+                                     f"{failed}; delete it to try again)")
                 return None
-            failure = _compile(compiler, target)
+            failure = _compile(compiler, target, sources[0], extra)
             if failure is not None:
                 _cache_dir.write_atomic(failed, failure + "\n")
-                _cache_dir.warn_once(f"kvquant: the C++ decode kernel did not build (kept in {failed}, not tried "
-                                     f"again): {failure}")
+                _cache_dir.warn_once(f"kvquant: {what} did not build (kept in {failed}, not tried again): {failure}")
                 return None
-    if not _cache_dir.loadable(target, "the C++ decode kernel"):
+    if not _cache_dir.loadable(target, what):
         return None
-    return _open(target)
+    return opener(target)
+
+
+def _build_and_open(compiler: str):
+    return _build(compiler, "decode_attention", (SOURCE,), (), _open, "the C++ decode kernel")
 
 
 def describe() -> str:
@@ -182,6 +196,63 @@ def describe() -> str:
     if load() is None:
         return f"torch.compile's kernels (no C++ kernel), {torch.get_num_threads()} threads"
     return f"C++ kernel ({_LOADED['isa']}), {torch.get_num_threads()} threads"
+
+
+JAX_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_ffi.cpp")
+JAX_TARGET = "kvquant_decode_attention"  # the XLA FFI target's name
+
+
+def _register_jax(path: str) -> bool:
+    """Register the handler in the library at ``path`` with XLA as JAX_TARGET (CPU)."""
+    import jax
+
+    try:
+        lib = ctypes.CDLL(path)
+        abi = lib.kvquant_decode_attention_abi
+        abi.restype = ctypes.c_int64
+        if abi() != ABI_VERSION:
+            raise OSError(f"ABI {abi()}, this kvquant expects {ABI_VERSION}")
+        jax.ffi.register_ffi_target(JAX_TARGET, jax.ffi.pycapsule(lib.kvquant_jax_decode_attention), platform="cpu")
+        isa = lib.kvquant_decode_attention_isa
+        isa.restype = ctypes.c_char_p
+        _LOADED["jax isa"] = isa().decode()
+    except (OSError, AttributeError) as e:
+        _cache_dir.warn_once(f"kvquant: the C++ decode kernel for JAX at {path} cannot be loaded ({e}); "
+                             "JAX's attention uses its element-wise form")
+        return False
+    return True
+
+
+def load_jax() -> bool:
+    """Whether the kernel is registered with XLA as the FFI target JAX_TARGET (built
+    from jax_ffi.cpp with jaxlib's FFI headers on first use, as load() builds its own);
+    False where it cannot be had, for the reasons load() gives, or without the headers."""
+    if "jax" not in _LOADED:
+        import jax
+        import jaxlib
+
+        compiler = _compiler()
+        reason = _unavailable(compiler)
+        if reason is None and not os.path.isfile(JAX_SOURCE):
+            reason = f"its source {JAX_SOURCE} is missing from this installation"
+        include = getattr(getattr(jax, "ffi", None), "include_dir", None)
+        if reason is None and (include is None or not os.path.isdir(include())):
+            reason = "jaxlib's FFI headers are missing"
+        if reason:
+            _cache_dir.warn_once(f"kvquant: the C++ decode kernel for JAX cannot be built: {reason}; "
+                                 "JAX's attention uses its element-wise form")
+        _LOADED["jax"] = reason is None and bool(_build(
+            compiler, "jax_decode_attention", (JAX_SOURCE, SOURCE),
+            ("-I", include(), "-w", f"-DKVQUANT_JAXLIB={jaxlib.__version__}"), _register_jax,
+            "the C++ decode kernel for JAX"))
+    return _LOADED["jax"]
+
+
+def describe_jax() -> str:
+    """Which code JAX's attention runs on one CPU device here, for benchmarks to print."""
+    if not load_jax():
+        return "the element-wise form (no C++ kernel)"
+    return f"C++ kernel ({_LOADED['jax isa']}, OpenMP's threads)"
 
 
 def load():

@@ -1,6 +1,8 @@
-"""kvquant.attention for JAX, under jax.jit: element-wise products and reductions over
-the dequantized history, which XLA fuses into loops over the codes (nothing full-size
-is written). Same function names as backends/torch/attention.py: attend, scores, weighted_values.
+"""kvquant.attention for JAX, under jax.jit. On one CPU device, kvquant's C++ decode
+kernel (backends/cpu_kernel/) as an XLA custom call on XLA's own buffers; elsewhere
+element-wise products and reductions over the dequantized history, which XLA fuses
+into loops over the codes (nothing full-size is written). Same function names as
+backends/torch/attention.py: attend, scores, weighted_values.
 """
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kvquant._formats import FORMATS
 from kvquant.api import dequantize
 
 TOKEN_AXIS = -2
@@ -63,5 +67,70 @@ def _attend(query, keys, values, scale: float, causal: bool, mask):
     return weighted_values(p, values).reshape(b, hq, n, d).astype(query.dtype)
 
 
+# Side.kind of the C++ kernel (backends/cpu_kernel/) for each format's parameters.
+_KINDS = {("token", "int8"): 1, ("token", "float8_e4m3fn"): 2, ("tensor", "float8_e4m3fn"): 3,
+          ("group", "uint8"): 4, ("channel", "uint8"): 5}
+
+
+def _kernel_serves(keys, values) -> bool:
+    """Whether the C++ kernel reads these histories here: one CPU device (a custom call
+    has no sharding rule, so on a mesh XLA would gather the arrays), float32 or bfloat16
+    windows, formats it has a kind for, and the kernel built."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    for side in (keys, values):
+        q = side.quantized
+        if q is not None and (FORMATS[q.format].params, FORMATS[q.format].code_dtype) not in _KINDS:
+            return False
+        if side.window is not None and side.window.dtype not in (jnp.float32, jnp.bfloat16):
+            return False
+    from ..cpu_kernel import load_jax
+
+    return load_jax()
+
+
+def _kernel_side(side, batch: int, heads: int, dim: int):
+    """(kind, bits, group, [codes, scales, zeros, window]) for the FFI call; empty arrays
+    for what a side does not have."""
+    empty = jnp.zeros((), F32)
+    window = side.window if side.window is not None else jnp.zeros((batch, heads, 0, dim), F32)
+    q = side.quantized
+    if q is None:
+        return 0, 0, 0, [jnp.zeros((batch, heads, 0, 1), jnp.uint8), empty, empty, window]
+    info = FORMATS[q.format]
+    kind = _KINDS[(info.params, info.code_dtype)]
+    # Groups inside a token longer than it are one group of head_dim (spec section 6).
+    group = min(q.group_size, dim) if info.params == "group" else (q.group_size or 0)
+    zeros = q.zeros if q.zeros is not None else empty
+    return kind, 8 // info.codes_per_byte, group, [q.codes, q.scales.astype(F32), zeros.astype(F32), window]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _kernel_attend(query, keys, values, scale: float, causal: bool, mask):
+    """attend by the C++ decode kernel (an XLA custom call on XLA's buffers)."""
+    from ..cpu_kernel import JAX_TARGET
+
+    b, hq, n, d = query.shape
+    kv_heads = (keys.quantized if keys.quantized is not None else keys.window).shape[1]
+    rows = (hq // kv_heads) * n
+    qg = query.astype(F32).reshape(b, kv_heads, rows, d)
+    k_kind, k_bits, k_group, k_arrays = _kernel_side(keys, b, kv_heads, d)
+    v_kind, v_bits, v_group, v_arrays = _kernel_side(values, b, kv_heads, d)
+    total = (keys.quantized.shape[TOKEN_AXIS] if keys.quantized is not None else 0) + k_arrays[3].shape[TOKEN_AXIS]
+    grouped = jnp.zeros((), F32)
+    if mask is not None:
+        grouped = jnp.broadcast_to(mask.astype(F32), (b, hq, n, total)).reshape(b, kv_heads, rows, total)
+    out = jax.ffi.ffi_call(JAX_TARGET, jax.ShapeDtypeStruct((b, kv_heads, rows, d), F32), vmap_method="sequential")(
+        qg, *k_arrays, *v_arrays, grouped, k_kind=np.int32(k_kind), k_bits=np.int32(k_bits),
+        k_group=np.int64(k_group), v_kind=np.int32(v_kind), v_bits=np.int32(v_bits), v_group=np.int64(v_group),
+        scale=np.float32(scale), causal=np.int32(causal and n > 1), new_tokens=np.int64(n),
+        has_mask=np.int32(mask is not None))
+    return out.reshape(b, hq, n, d).astype(query.dtype)
+
+
 def attend(query, keys, values, scale: float, causal: bool, mask):
+    """On one CPU device, kvquant's C++ decode kernel through XLA's FFI (it reads the
+    codes once per token); elsewhere the element-wise form above, which XLA fuses."""
+    if _kernel_serves(keys, values):
+        return _kernel_attend(query, keys, values, scale, causal, mask)
     return _attend(query, keys, values, scale, causal, mask)
