@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", default=None, help="a text file (default: Python's pydoc topics)")
     ev.add_argument("--quick", action="store_true",
                     help="one window, 256 + 256 tokens, seven configurations: 44 s on a 2-core VM, model load "
-                         "included (2026-12-07; --framework jax 2 min 48 s, most of it compiling); a full run "
+                         "included (2026-12-07; --framework jax 1 min 32 s, most of it compiling); a full run "
                          "takes several minutes")
     ev.add_argument("--windows", type=int, default=3)
     ev.add_argument("--prefill", type=int, default=512)

@@ -136,9 +136,10 @@ def test_jax_rows_run_the_same_model_and_tokens(jax_and_torch_reports):
     base = rows["unquantized (JaxLayerCache, no quantization)"]
     assert base["kl"] == 0 and base["top1"] == 1 and base["scored_tokens"] == 80
     assert base["perplexity"] == pytest.approx(torch_rows["unquantized (DynamicCache)"]["perplexity"], rel=1e-5)
-    # Nothing quantized (residual past the text): the same values, attention over the
-    # window apart from the (empty) quantized slots, so the sums may round differently.
-    assert rows["int8 r1000"]["top1"] == 1 and rows["int8 r1000"]["kl"] < 1e-9
+    # Nothing quantized (residual past the text): the same values, but the attention's
+    # sums split at other token ranges (the empty quantized slots come first), so logits
+    # differ by rounding (3e-7 here), which a float32 KL reads as about 1e-8, not 0.
+    assert rows["int8 r1000"]["top1"] == 1 and rows["int8 r1000"]["kl"] < 1e-6
     assert rows["int4-g64 r0"]["kl"] > rows["int8 r0"]["kl"] > 0
     for name in ("int8 r0", "int4-g64 r0", "kivi-4 r16"):
         assert rows[name]["kl"] > 0 and rows[name]["scored_tokens"] == 80, name
