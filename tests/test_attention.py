@@ -626,3 +626,35 @@ def test_jax_attention_without_the_cpu_kernel_uses_the_element_wise_form():
     env = dict(os.environ, KVQUANT_CPU_KERNEL="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt, kw", [("int8", {}), ("int4", {"group_size": 32})])
+def test_jax_gradients_through_the_cpu_kernel_are_the_element_wise_forms(fmt, kw):
+    """The kernel's custom call has no derivative of its own: jax.grad through attend
+    takes the element-wise form's, with respect to the query and the windows (before
+    the kernel served JAX, the element-wise form was all there was, and differentiable)."""
+    jax = pytest.importorskip("jax")
+    from kvquant.backends.cpu_kernel import load_jax
+    from kvquant.backends.jax import attention as jax_attention
+
+    if not load_jax():
+        pytest.skip("the C++ kernel for JAX cannot be built here")
+    q, k, v = data(tokens=96, new=2)
+    K = History(kvquant.quantize(jax.numpy.asarray(k[:, :, :64]), fmt, **kw), jax.numpy.asarray(k[:, :, 64:]))
+    V = History(kvquant.quantize(jax.numpy.asarray(v[:, :, :64]), fmt, **kw), jax.numpy.asarray(v[:, :, 64:]))
+
+    weights = jax.numpy.asarray(np.random.default_rng(1).standard_normal(q.shape).astype(np.float32))
+
+    def loss(query, k_window, v_window, form):  # linear in the output: the same cotangent for both forms
+        keys, values = History(K.quantized, k_window), History(V.quantized, v_window)
+        return (form(query, keys, values, 0.125, True, None) * weights).sum()
+
+    args = (jax.numpy.asarray(q), K.window, V.window)
+    got = jax.grad(loss, argnums=(0, 1, 2))(*args, jax_attention._kernel_attend)
+    want = jax.grad(loss, argnums=(0, 1, 2))(*args, jax_attention._attend)
+    # The same backward formulas, compiled into two programs (XLA fuses the element-wise
+    # form's forward and backward together), so they agree to float32 rounding, as
+    # attention's paths do (docs/attention.md: its bits are not promised across paths).
+    for g, w in zip(got, want):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-6 * float(np.abs(w).max()))

@@ -107,7 +107,29 @@ def _kernel_side(side, batch: int, heads: int, dim: int):
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _kernel_attend(query, keys, values, scale: float, causal: bool, mask):
-    """attend by the C++ decode kernel (an XLA custom call on XLA's buffers)."""
+    """attend by the C++ decode kernel (an XLA custom call on XLA's buffers); its
+    gradient is the element-wise form's (the custom call has none of its own)."""
+    return _kernel_with_gradient(scale, causal, query, keys, values, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_with_gradient(scale: float, causal: bool, query, keys, values, mask):
+    return _kernel_call(query, keys, values, scale, causal, mask)
+
+
+def _kernel_forward(scale, causal, query, keys, values, mask):
+    return _kernel_call(query, keys, values, scale, causal, mask), (query, keys, values, mask)
+
+
+def _kernel_backward(scale, causal, saved, cotangent):
+    _, vjp = jax.vjp(lambda q, k, v, m: _attend(q, k, v, scale, causal, m), *saved)
+    return vjp(cotangent)
+
+
+_kernel_with_gradient.defvjp(_kernel_forward, _kernel_backward)
+
+
+def _kernel_call(query, keys, values, scale: float, causal: bool, mask):
     from ..cpu_kernel import JAX_TARGET
 
     b, hq, n, d = query.shape
