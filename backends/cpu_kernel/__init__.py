@@ -50,6 +50,25 @@ FLAGS = ("-O3", f"-march={os.environ.get('KVQUANT_CPU_KERNEL_MARCH') or 'native'
 NONE, INT8_TOKEN, FP8_TOKEN, FP8_TENSOR, PACKED_GROUP, PACKED_CHANNEL = range(6)
 
 
+def side_format(q) -> Optional[tuple]:
+    """(kind, bits, group) of a Side for a QuantizedKV's format (bits and group only
+    for packed codes), or None where the kernel has no kind for it."""
+    from kvquant._formats import FORMATS
+
+    info = FORMATS[q.format]
+    fp8 = info.code_dtype == "float8_e4m3fn"
+    if info.params == "token":
+        return (FP8_TOKEN if fp8 else INT8_TOKEN), 0, 0
+    if info.params == "tensor":
+        return (FP8_TENSOR, 0, 0) if fp8 else None
+    if info.params == "group":
+        # Groups inside a token longer than it are one group of head_dim (spec section 6).
+        return PACKED_GROUP, info.bits, min(q.group_size, q.shape[-1])
+    if info.params == "channel":
+        return PACKED_CHANNEL, info.bits, q.group_size
+    return None
+
+
 class Side(ctypes.Structure):
     _fields_ = [
         ("kind", ctypes.c_int32), ("bits", ctypes.c_int32), ("group", ctypes.c_int64), ("tokens", ctypes.c_int64),

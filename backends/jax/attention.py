@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvquant._formats import FORMATS
 from kvquant.api import dequantize
 
 TOKEN_AXIS = -2
@@ -67,25 +66,19 @@ def _attend(query, keys, values, scale: float, causal: bool, mask):
     return weighted_values(p, values).reshape(b, hq, n, d).astype(query.dtype)
 
 
-# Side.kind of the C++ kernel (backends/cpu_kernel/) for each format's parameters.
-_KINDS = {("token", "int8"): 1, ("token", "float8_e4m3fn"): 2, ("tensor", "float8_e4m3fn"): 3,
-          ("group", "uint8"): 4, ("channel", "uint8"): 5}
-
-
 def _kernel_serves(keys, values) -> bool:
     """Whether the C++ kernel reads these histories here: one CPU device (a custom call
     has no sharding rule, so on a mesh XLA would gather the arrays), float32 or bfloat16
     windows, formats it has a kind for, and the kernel built."""
+    from ..cpu_kernel import load_jax, side_format
+
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         return False
     for side in (keys, values):
-        q = side.quantized
-        if q is not None and (FORMATS[q.format].params, FORMATS[q.format].code_dtype) not in _KINDS:
+        if side.quantized is not None and side_format(side.quantized) is None:
             return False
         if side.window is not None and side.window.dtype not in (jnp.float32, jnp.bfloat16):
             return False
-    from ..cpu_kernel import load_jax
-
     return load_jax()
 
 
@@ -97,12 +90,11 @@ def _kernel_side(side, batch: int, heads: int, dim: int):
     q = side.quantized
     if q is None:
         return 0, 0, 0, [jnp.zeros((batch, heads, 0, 1), jnp.uint8), empty, empty, window]
-    info = FORMATS[q.format]
-    kind = _KINDS[(info.params, info.code_dtype)]
-    # Groups inside a token longer than it are one group of head_dim (spec section 6).
-    group = min(q.group_size, dim) if info.params == "group" else (q.group_size or 0)
+    from ..cpu_kernel import side_format
+
+    kind, bits, group = side_format(q)
     zeros = q.zeros if q.zeros is not None else empty
-    return kind, 8 // info.codes_per_byte, group, [q.codes, q.scales.astype(F32), zeros.astype(F32), window]
+    return kind, bits, group, [q.codes, q.scales.astype(F32), zeros.astype(F32), window]
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

@@ -453,25 +453,19 @@ def _kernel_codes(q: QuantizedKV):
     each call), or None where the kernel does not read this layout or device."""
     from .. import cpu_kernel
 
-    info = FORMATS[q.format]
+    side_format = cpu_kernel.side_format(q)
     codes, scales, zeros = q.codes, q.scales, q.zeros
     arrays = (codes, scales) if zeros is None else (codes, scales, zeros)
-    if (not all(_on_cpu(t) for t in arrays) or codes.dim() != 4 or codes.stride(-1) != 1 or scales.dtype != torch.float32
-            or (zeros is not None and zeros.dtype != torch.float32)):
+    if (side_format is None or not all(_on_cpu(t) for t in arrays) or codes.dim() != 4 or codes.stride(-1) != 1
+            or scales.dtype != torch.float32 or (zeros is not None and zeros.dtype != torch.float32)):
         return None
     s = cpu_kernel.Side()
-    if info.params in ("token", "tensor"):
-        fp8 = info.code_dtype == "float8_e4m3fn"
-        s.kind = cpu_kernel.INT8_TOKEN if not fp8 else cpu_kernel.FP8_TOKEN if info.params == "token" \
-            else cpu_kernel.FP8_TENSOR
-        if info.params == "token":
-            s.scales_b, s.scales_h, s.scales_t = scales.stride()
-    else:
+    s.kind, s.bits, s.group = side_format
+    if s.kind == cpu_kernel.INT8_TOKEN or s.kind == cpu_kernel.FP8_TOKEN:
+        s.scales_b, s.scales_h, s.scales_t = scales.stride()
+    elif s.kind != cpu_kernel.FP8_TENSOR:
         if scales.stride(-1) != 1 or zeros.stride(-1) != 1:
             return None
-        s.kind = cpu_kernel.PACKED_GROUP if info.params == "group" else cpu_kernel.PACKED_CHANNEL
-        # Groups inside a token longer than it are one group of head_dim (spec section 6).
-        s.bits, s.group = info.bits, min(q.group_size, q.shape[-1]) if info.params == "group" else q.group_size
         s.scales_b, s.scales_h, s.scales_t, _ = scales.stride()
         s.zeros_b, s.zeros_h, s.zeros_t, _ = zeros.stride()
         s.zeros = zeros.data_ptr()
