@@ -252,3 +252,67 @@ def test_cache_argument_follows_the_forward_signature(model):
             model(prompt, **{cache_argument(model): cache})
     assert cache.get_seq_length() == 5  # the model filled the cache it was given
     assert cache_argument(Before()) == "past_key_values"
+
+
+def test_kept_kernel_problem_matches_a_fresh_one_every_step(model, prompt, monkeypatch):
+    """Each layer keeps its C++ kernel Problem between decode steps (KernelCall) and sets
+    only the windows' lengths, the query and the output while the quantized views and
+    window buffers stay the same. Over a generation whose windows shift, whose stores
+    and windows grow, every step's output equals a Problem built afresh for that call,
+    and the kept one is rebuilt exactly when the cache's buffers changed."""
+    from kvquant.backends import cpu_kernel
+    from kvquant.backends.torch import attention as torch_attention
+
+    if cpu_kernel.load() is None:
+        pytest.skip("no C++ kernel here")
+    calls = {"kept": 0, "rebuilt": 0, "compared": 0}
+    kept_call = torch_attention.KernelCall.__call__
+    kept_build = torch_attention.KernelCall._build
+
+    def checked(self, query, keys, values, scale, causal, mask):
+        out = kept_call(self, query, keys, values, scale, causal, mask)
+        if out is not None and query.shape[2] == 1:
+            fresh = kept_call(torch_attention.KernelCall(), query, keys, values, scale, causal, mask)
+            assert torch.equal(out.view(torch.int32), fresh.view(torch.int32))
+            calls["compared"] += 1
+        return out
+
+    def counted(self, keys, values, sources):
+        calls["rebuilt"] += 1
+        return kept_build(self, keys, values, sources)
+
+    monkeypatch.setattr(torch_attention.KernelCall, "__call__", checked)
+    monkeypatch.setattr(torch_attention.KernelCall, "_build", counted)
+    before = model.config._attn_implementation
+    try:
+        cache = KvquantCache(model.config, keys="int8", values="int4", residual=4, quantize_every=8)
+        greedy(model, prompt, cache, new=40)
+    finally:
+        model.set_attn_implementation(before)
+    layers = len(cache.layers)
+    assert calls["compared"] == 39 * layers
+    # rebuilt (besides each fresh one compared) at a quantize call or a buffer's growth,
+    # not at every step: 40 steps with tokens leaving every 8
+    kept_rebuilds = calls["rebuilt"] - calls["compared"]
+    assert layers * 5 <= kept_rebuilds <= layers * 12
+
+
+def test_a_copied_cache_goes_on_as_the_original(model, prompt):
+    """copy.deepcopy of a cache mid-generation (as assisted decoding and prompt reuse
+    do): its layers build their own kernel Problem (ctypes pointers do not copy), and
+    both caches give the same next logits."""
+    import copy
+
+    before = model.config._attn_implementation
+    try:
+        cache = KvquantCache(model.config, keys="int8", values="int4", residual=4, quantize_every=8)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            model(prompt[:, :1], cache=cache)
+            copied = copy.deepcopy(cache)
+            a = model(prompt[:, 1:2], cache=cache).logits
+            b = model(prompt[:, 1:2], cache=copied).logits
+    finally:
+        model.set_attn_implementation(before)
+    assert copied.get_seq_length() == cache.get_seq_length() == prompt.shape[1] + 2
+    assert torch.equal(a, b)

@@ -479,28 +479,28 @@ def _kernel_codes(q: QuantizedKV):
 _KERNEL_CODES: dict = {}  # id(QuantizedKV) -> (a weak reference to it, its _kernel_codes)
 
 
-def _kernel_side(side, into) -> Optional[list]:
-    """A History into the kernel's Side ``into``; the tensors it points into that the
-    caller must keep alive for the call (a window converted here), or None where the
-    kernel does not read it."""
-    keep = []
+def _kernel_side(side, into) -> Optional[tuple]:
+    """A History into the kernel's Side ``into``: (the tensors it points into that the
+    caller must keep alive for the call, whether they are the history's own), or None
+    where the kernel does not read it. Not its own: a window converted here."""
+    keep, own = [], True
     if side.quantized is not None:
         codes = _memo(_KERNEL_CODES, side.quantized, _kernel_codes)
         if codes is None:
             return None
         ctypes.memmove(ctypes.addressof(into), ctypes.addressof(codes), ctypes.sizeof(codes))
     window = side.window
-    if window is not None and window.shape[TOKEN_AXIS]:
+    if window is not None:  # an empty one too: a kept Problem's window fills later
         if not _on_cpu(window):
             return None
         if window.dtype not in (torch.float32, torch.bfloat16):
-            window = window.to(torch.float32)
+            window, own = window.to(torch.float32), False
         if window.stride(-1) != 1:
-            window = window.contiguous()
+            window, own = window.contiguous(), False
         keep.append(window)
         into.window, into.window_bf16, into.win = window.shape[2], window.dtype == torch.bfloat16, window.data_ptr()
         into.win_b, into.win_h, into.win_t, _ = window.stride()
-    return keep
+    return keep, own
 
 
 def _on_cpu(t: torch.Tensor) -> bool:
@@ -511,48 +511,105 @@ def _on_cpu(t: torch.Tensor) -> bool:
 CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests compare the two)
 
 
+def _buffer(window):
+    """What a window is a view of (itself where it is none): a cache's window views
+    share one buffer from step to step."""
+    return None if window is None else (window._base if window._base is not None else window)
+
+
+class KernelCall:
+    """Attention by the CPU kernel (backends/cpu_kernel/) for one layer, its Problem
+    kept from one decode step to the next. A cache hands attention the same quantized
+    views until its next quantize call, and window views at the start of the same
+    buffers until they grow, so a step that finds them sets only what moves: the
+    windows' lengths, the query, the output. In a model's decode step the layer's
+    weights have just passed through the CPU's caches and every Python operation runs
+    cold: building the Problem afresh cost about 125 us per layer call in generate
+    (docs/performance.md). One instance per layer, for windows that are views at the
+    start of their buffers (a LayerCache's); ``cpu_kernel_attend`` makes one per call."""
+
+    __slots__ = ("problem", "sources", "keep", "fn")
+
+    def __init__(self):
+        self.problem = self.sources = self.keep = self.fn = None
+
+    def __reduce__(self):  # a copied or pickled cache's layers build their own (ctypes pointers do not copy)
+        return KernelCall, ()
+
+    def _build(self, keys, values, sources) -> bool:
+        from .. import cpu_kernel
+
+        self.problem = self.sources = self.keep = None
+        self.fn = cpu_kernel.load()
+        if self.fn is None:
+            return False
+        problem = cpu_kernel.Problem()
+        k, v = _kernel_side(keys, problem.keys), _kernel_side(values, problem.values)
+        if k is None or v is None:
+            return False
+        self.problem, self.keep = problem, (k[0], v[0])
+        # a converted window is this step's copy: the next step converts again
+        self.sources = sources if k[1] and v[1] else None
+        return True
+
+    def __call__(self, query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
+        """The output [B, Hq, n, D], or None where the kernel does not apply: not the
+        CPU, autograd recording, a layout it does not read, or no kernel built here."""
+        if (not CPU_KERNEL or not _on_cpu(query) or (query.requires_grad and torch.is_grad_enabled())
+                or (mask is not None and not _on_cpu(mask))):
+            return None
+        kw, vw = keys.window, values.window
+        sources, held = (keys.quantized, values.quantized, _buffer(kw), _buffer(vw)), self.sources
+        if (held is not None and sources[0] is held[0] and sources[1] is held[1] and sources[2] is held[2]
+                and sources[3] is held[3]):
+            problem = self.problem
+            problem.keys.window = 0 if kw is None else kw.shape[2]
+            problem.values.window = 0 if vw is None else vw.shape[2]
+        elif self._build(keys, values, sources):
+            problem = self.problem
+        else:
+            return None
+        b, hq, n, d = query.shape
+        kv_heads = problem.heads = (keys.quantized if keys.quantized is not None else kw).shape[1]
+        # [B, Hq, n, D] contiguous is the grouped query [B, Hkv, g * n, D] the kernel reads
+        qg = query if query.dtype == torch.float32 else query.to(torch.float32)
+        if not qg.is_contiguous():
+            qg = qg.contiguous()
+        total = problem.keys.tokens + problem.keys.window
+        problem.query, problem.batch, problem.rows, problem.dim = qg.data_ptr(), b, (hq // kv_heads) * n, d
+        problem.scale = scale
+        per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
+        problem.chunk = -(-total // per_head)
+        if mask is not None:
+            mask = _grouped_mask(mask, query.shape, kv_heads, total).contiguous()
+            problem.mask = mask.data_ptr()
+        else:
+            problem.mask = None
+        problem.new_tokens, problem.causal = n, causal and n > 1
+        out = torch.empty((b, hq, n, d), dtype=torch.float32)  # the memory of [B, Hkv, g * n, D]
+        problem.out = out.data_ptr()
+        failed = self.fn(problem)
+        problem.query = problem.out = problem.mask = None  # nothing dangles between calls
+        if failed:
+            return None
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+
 def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:
-    """Attention by the CPU kernel (backends/cpu_kernel/), or None where it does not apply: not
-    the CPU, autograd recording, a layout it does not read, or no kernel built here."""
-    from .. import cpu_kernel
-
-    if (not CPU_KERNEL or not _on_cpu(query) or (query.requires_grad and torch.is_grad_enabled())
-            or (mask is not None and not _on_cpu(mask))):
-        return None
-    fn = cpu_kernel.load()
-    if fn is None:
-        return None
-    problem = cpu_kernel.Problem()
-    keep = (_kernel_side(keys, problem.keys), _kernel_side(values, problem.values))
-    if keep[0] is None or keep[1] is None:
-        return None
-    b, hq, n, d = query.shape
-    kv_heads = (keys.quantized if keys.quantized is not None else keys.window).shape[1]
-    rows = (hq // kv_heads) * n
-    qg = _grouped(query.to(torch.float32), kv_heads).contiguous()
-    total = problem.keys.tokens + problem.keys.window
-    problem.query, problem.batch, problem.heads, problem.rows, problem.dim = qg.data_ptr(), b, kv_heads, rows, d
-    problem.scale = scale
-    per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
-    problem.chunk = -(-total // per_head)
-    if mask is not None:
-        mask = _grouped_mask(mask, query.shape, kv_heads, total).contiguous()
-        problem.mask = mask.data_ptr()
-    problem.new_tokens, problem.causal = n, causal and n > 1
-    out = torch.empty((b, kv_heads, rows, d), dtype=torch.float32)
-    problem.out = out.data_ptr()
-    if fn(problem) != 0:
-        return None
-    return out.reshape(b, hq, n, d).to(query.dtype)
+    """Attention by the CPU kernel (backends/cpu_kernel/), or None where it does not apply
+    (KernelCall.__call__)."""
+    return KernelCall()(query, keys, values, scale, causal, mask)
 
 
-def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int):
+def attend(query, keys, values, scale: float, causal: bool, mask, compiled: bool, chunk_tokens: int,
+           kernel_call: Optional[KernelCall] = None):
+    """``kernel_call``: one layer's KernelCall, kept by the caller between decode steps."""
     if query.shape[TOKEN_AXIS] > 1 and not torch.compiler.is_compiling():
         out = prefill(query, keys, values, scale, causal, mask)
         if out is not None:
             return out
     if compiled and not torch.compiler.is_compiling():
-        out = cpu_kernel_attend(query, keys, values, scale, causal, mask)
+        out = (kernel_call or KernelCall())(query, keys, values, scale, causal, mask)
         if out is not None:
             return out
         k_parts, k_window, k_meta = _flat(keys)

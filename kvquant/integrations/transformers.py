@@ -82,6 +82,7 @@ class KvquantLayer(DynamicLayer):
         self.reads_codes = reads_codes
         self.compiled = compiled
         self._unconsumed = False
+        self.kernel_call = torch_attention.KernelCall()  # the C++ kernel's Problem, kept between steps
         self.is_sliding = sliding_window is not None
         self.sliding_window = sliding_window
         self.cumulative_length = 0  # tokens seen; a sliding layer holds fewer
@@ -106,7 +107,7 @@ class KvquantLayer(DynamicLayer):
                 "model did not use it (another config, or a model that does not take transformers' attention "
                 "interface). Pass that model's config, or attention='dequantized'")
         self.kv.append(key_states, value_states, history=False)
-        _PENDING[id(key_states)] = self
+        _PENDING[id(key_states)] = weakref.ref(self)
         self._unconsumed = True
         return key_states, value_states
 
@@ -126,6 +127,7 @@ class KvquantLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.kv = LayerCache(**self._options)
+        self.kernel_call = torch_attention.KernelCall()  # lets the old buffers go
         self.is_initialized = False
         self._unconsumed = False
         self.cumulative_length = 0
@@ -309,7 +311,10 @@ def _checked_layer_types(config):
 
 
 # ------------------------------------------------------------------ attention
-_PENDING: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # id(new key states) -> its layer
+# id(new key states) -> a weak reference to its layer, from the cache's update to the
+# layer's attention (a plain dict: a WeakValueDictionary's Python-level set and pop cost
+# per layer and step); an entry left by a step that failed is dropped below once dead.
+_PENDING: dict = {}
 _REGISTERED = False
 
 
@@ -361,7 +366,11 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
                        scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention interface over a kvquant layer's codes (kvquant.attention).
     Layers of other caches (or none) get the model's previous attention."""
-    layer = _PENDING.pop(id(key), None)
+    ref = _PENDING.pop(id(key), None)
+    layer = None if ref is None else ref()
+    if len(_PENDING) > 64:  # only failed steps leave entries: drop those of layers gone
+        for stale in [k for k, r in _PENDING.items() if r() is None]:
+            del _PENDING[stale]
     if layer is None:
         return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    is_causal=is_causal, **kwargs)
@@ -393,7 +402,7 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         # matches the layer: attend's general checks, a cost in every layer and step,
         # have nothing left to find.
         out = torch_attention.attend(query, keys, values, float(scaling), causal, mask, compiled,
-                                     DEFAULT_CHUNK_TOKENS)
+                                     DEFAULT_CHUNK_TOKENS, layer.kernel_call)
     else:  # the general path, which says what is wrong
         out = attend(query, keys, values, scale=scaling, causal=causal, mask=mask, compiled=compiled)
     return out.transpose(1, 2).contiguous(), None
