@@ -410,3 +410,4 @@ def test_a_sliding_window_append_that_raises_changes_nothing():
     assert (cache.seq_length, cache.hidden_tokens) == before[:2]
     assert_same_bits(before[2], np.asarray(cache.quantized("keys").codes), "stored keys")
     assert_same_bits(before[3], np.asarray(cache.window("keys")), "window")
+

@@ -45,7 +45,7 @@ class LayerCache:
         self.layer = layer
         self.on_nonfinite = parse_on_nonfinite(on_nonfinite)
         self._stores = tuple(GrowingStore(f) for f in self.formats)
-        self._windows = tuple(Window(self._window_floor(f)) for f in self.formats)
+        self._windows = tuple(Window(self._window_floor(f), self._window_holds(f)) for f in self.formats)
         self._signature = None  # (runtime, dtype, device, batch, kv_heads, head_dim) of the first append
         self._seen = None  # what _check last let through (types, dtypes, devices, layouts, shapes)
         self._ops = None
@@ -67,6 +67,13 @@ class LayerCache:
         if stored.info.per_channel:
             return self.residual + stored.group_size
         return self.residual + self.quantize_every
+
+    def _window_holds(self, stored: StoredFormat) -> Optional[int]:
+        """The most tokens a side's window holds before an append moves some into the
+        store (append's rule for how many leave), None for a full-precision side."""
+        if stored.format is None:
+            return None
+        return self.residual + (stored.group_size if stored.info.per_channel else self.quantize_every) - 1
 
     # ------------------------------------------------------------ reading
     @property
@@ -133,6 +140,15 @@ class LayerCache:
         the dequantized copy."""
         signature = self._check(keys, values)
         out = canonical_dtype_name(out_dtype) if out_dtype is not None else signature[1]
+        new, (k_window, v_window) = keys.shape[TOKEN_AXIS], self._windows
+        if (k_window.length + new <= k_window.bound and v_window.length + new <= v_window.bound
+                and self.sliding_window is None):
+            # A decode step between quantize calls: the new tokens go into the windows in
+            # place, nothing leaves them; the general path below does the same, with
+            # bookkeeping that costs per layer and step.
+            k_window.write(keys, new)
+            v_window.write(values, new)
+            return tuple(self._history(i, out) for i in range(2)) if history else None
         if self._signature is None:
             self._signature = signature
             self._backend = backend_for(keys)

@@ -246,11 +246,27 @@ class Window:
     compiled attention does not recompile when the buffer grows. A window that shifts
     (tokens leaving it) moves its remaining tokens to the front once per quantize call."""
 
-    def __init__(self, floor: int):
+    def __init__(self, floor: int, holds: Optional[int] = None):
         self.floor = floor  # the least capacity: what the window holds between quantize calls
+        self.holds = holds  # the most tokens it holds before some leave it (None: none ever leave)
         self.buffer = None
         self.length = 0
+        # Tokens it takes before an append must do more than write them in place (some
+        # leave, or the buffer grows): LayerCache.append's decode step, checked in one
+        # comparison. Every method that changes the buffer or length sets it.
+        self.bound = 0
         self._view = None  # view()'s last answer, until the next change
+
+    def _changed(self) -> None:
+        capacity = 0 if self.buffer is None else self.buffer.shape[TOKEN_AXIS]
+        self.bound = capacity if self.holds is None else min(capacity, self.holds)
+        self._view = None
+
+    def write(self, arr, new: int) -> None:
+        """Append ``new`` tokens where ``length + new <= bound``: in place, nothing leaves."""
+        self.buffer[:, :, self.length:self.length + new] = arr
+        self.length += new
+        self._view = None
 
     def view(self):
         if self.buffer is None:
@@ -300,14 +316,14 @@ class Window:
         if new > skip:
             self.buffer[:, :, start:length] = arr[:, :, skip:]
         self.length = length
-        self._view = None
+        self._changed()
 
     def replace(self, ops, arr) -> None:
         """Hold exactly ``arr`` (a reordered batch)."""
         self.length = arr.shape[TOKEN_AXIS]
         self.buffer = token_major_copy(ops, arr, max(self.length, self.floor))
-        self._view = None
+        self._changed()
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
-        self._view = None
+        self._changed()
