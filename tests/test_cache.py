@@ -411,3 +411,38 @@ def test_a_sliding_window_append_that_raises_changes_nothing():
     assert_same_bits(before[2], np.asarray(cache.quantized("keys").codes), "stored keys")
     assert_same_bits(before[3], np.asarray(cache.window("keys")), "window")
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_small_cpu_tensors_quantized_through_numpy_give_torchs_bits(fmt, dtype):
+    """A cache quantizes a small CPU tensor (a decode step's leaving tokens) with the
+    NumPy reference on its memory: the tensors it hands back have the dtypes, shapes
+    and bits of torch's own quantize, on inputs built to expose the spec's edges (a NaN
+    token, an infinite one, subnormals, a zero token, exact ties)."""
+    torch = pytest.importorskip("torch")
+    from kvquant.cache import stored as stored_module
+
+    keys, _ = stream(total=64)
+    x = torch.from_numpy(keys).to(getattr(torch, dtype))
+    x[0, 0, 3, 5] = float("nan")
+    x[0, 1, 4, 7] = float("inf")
+    x[1, 0, 6] = 1e-40 if dtype == "float32" else 0.0
+    x[1, 1, 8] = 0.0
+    x[1, 2, 9, :32] = torch.arange(32, dtype=x.dtype) * 0.5  # halves: ties once scaled
+    x = x[:, :, :, :]  # a view, as a window's leaving tokens are
+    f = StoredFormat.parse(fmt)
+    assert stored_module._small_cpu_tensor(x) is not None  # this input takes the NumPy route
+    via_numpy = stored_module.quantize_dense(x, f)
+    saved = stored_module.NUMPY_BELOW
+    stored_module.NUMPY_BELOW = 0
+    try:
+        assert stored_module._small_cpu_tensor(x) is None
+        via_torch = stored_module.quantize_dense(x, f)
+    finally:
+        stored_module.NUMPY_BELOW = saved
+    assert (via_numpy.backend, via_numpy.source_dtype, via_numpy.shape, via_numpy.format, via_numpy.group_size) == (
+        via_torch.backend, via_torch.source_dtype, via_torch.shape, via_torch.format, via_torch.group_size)
+    for got, want in zip(parts(via_numpy), parts(via_torch)):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
+        carrier = torch.uint8 if got.dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8) else torch.int32
+        assert torch.equal(got.view(carrier), want.view(carrier)), f"{fmt} {dtype}"
