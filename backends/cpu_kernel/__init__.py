@@ -89,7 +89,7 @@ class Problem(ctypes.Structure):
     ]
 
 
-ABI_VERSION = 2  # kvquant_decode_attention_abi() in the C++ source: Side and Problem's layout, the exports
+ABI_VERSION = 3  # kvquant_decode_attention_abi() in the C++ source: Side and Problem's layout, the exports
 
 _LOADED = {}
 

@@ -19,6 +19,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -56,7 +58,7 @@ struct Problem {
     const float* query;  // [B, H, R, D], contiguous
     int64_t batch, heads, rows, dim;
     float scale;
-    int64_t chunk;       // tokens per work item
+    int64_t chunk;       // tokens per work item; 0: the kernel's own split (work_split)
     const float* mask;   // [B, H, R, T] added to the scores, or null
     int64_t new_tokens;  // n: row r is query token r % n (R = query heads per KV head * n)
     int32_t causal;      // query token i sees the history's tokens up to T - n + i
@@ -758,12 +760,28 @@ void with_head_dim(int64_t dim, const F& f) {
     }
 }
 
+// Tokens per work item for `total` tokens of `heads` (batch x KV heads) heads: enough
+// items for every thread, none shorter than item_tokens. Each item pays for its own
+// set-up (the query's layout, the readers' buffers, its partial sums), which decides
+// short histories: in a model's decode step (a 13 MB weight sweep between layers' calls,
+// 2 threads, SmolLM2's 3 heads) a 640-token history took 53 us as one item per head
+// against 67 as three; from about 1,000 tokens on, 2 to 4 items per head ran alike and
+// past 2,000 one item per head was slowest (docs/performance.md). With more threads
+// items shrink towards 256 tokens, the split measured before on long histories.
+inline int64_t work_split(int64_t total, int64_t heads) {
+    const int64_t threads = std::max(1, omp_get_max_threads());
+    const int64_t item_tokens = std::max<int64_t>(256, 1280 / threads);
+    const int64_t per_head = std::max<int64_t>(
+        1, std::min<int64_t>((total + item_tokens - 1) / item_tokens, (8 * threads + heads - 1) / heads));
+    return std::max<int64_t>(1, (total + per_head - 1) / per_head);
+}
+
 }  // namespace
 
 // What __init__.py checks before its first call: the version of the Side and Problem
 // layout and of these exports, here and in __init__.py (raise both together on any
 // change), and Problem's size.
-extern "C" int64_t kvquant_decode_attention_abi() { return 2; }
+extern "C" int64_t kvquant_decode_attention_abi() { return 3; }
 extern "C" int64_t kvquant_decode_attention_problem_size() { return sizeof(Problem); }
 // Which vector code this build runs (the benchmarks print it beside their numbers).
 extern "C" const char* kvquant_decode_attention_isa() {
@@ -781,9 +799,10 @@ extern "C" const char* kvquant_decode_attention_isa() {
 extern "C" int kvquant_decode_attention(const Problem* problem) {
     const Problem& p = *problem;
     const int64_t total = p.keys.tokens + p.keys.window;
-    if (total != p.values.tokens + p.values.window || p.chunk <= 0 || total == 0) return 1;
+    if (total != p.values.tokens + p.values.window || p.chunk < 0 || total == 0) return 1;
     const int64_t d = p.dim, rows = p.rows, heads = p.batch * p.heads;
-    const int64_t chunks = (total + p.chunk - 1) / p.chunk, items = heads * chunks;
+    const int64_t chunk = p.chunk ? p.chunk : work_split(total, heads);
+    const int64_t chunks = (total + chunk - 1) / chunk, items = heads * chunks;
     // One buffer per calling thread, kept between calls: allocated afresh, a 16k-token
     // history's scores were pages mapped and zeroed on every call. Nothing in it is read
     // before this call writes it.
@@ -803,9 +822,9 @@ extern "C" int kvquant_decode_attention(const Problem* problem) {
     {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
-            const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
+            const int64_t bh = it / chunks, t0 = it % chunks * chunk;
             with_head_dim(d, [&](auto dc) {
-                item_scores<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total),
+                item_scores<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + chunk, total),
                                       scores + bh * rows * total, total, item_maxima + it * rows);
             });
         }
@@ -819,9 +838,9 @@ extern "C" int kvquant_decode_attention(const Problem* problem) {
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
-            const int64_t bh = it / chunks, t0 = it % chunks * p.chunk;
+            const int64_t bh = it / chunks, t0 = it % chunks * chunk;
             with_head_dim(d, [&](auto dc) {
-                item_values<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + p.chunk, total),
+                item_values<dc.value>(p, bh / p.heads, bh % p.heads, t0, std::min(t0 + chunk, total),
                                       scores + bh * rows * total, total, maxima + bh * rows, sums + it * rows,
                                       acc + it * rows * d);
             });

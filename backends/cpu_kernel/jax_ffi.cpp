@@ -9,8 +9,6 @@
 // mask [B, H, R, T + W]. A side without quantized tokens has kind NONE and empty arrays.
 #include "decode_attention.cpp"
 
-#include <omp.h>
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -69,13 +67,7 @@ ffi::Error attend(ffi::Buffer<ffi::F32> query, ffi::AnyBuffer k_codes, ffi::AnyB
     p.scale = scale;
     p.keys = side_of(k_kind, k_bits, k_group, k_codes, k_scales, k_zeros, k_window);
     p.values = side_of(v_kind, v_bits, v_group, v_codes, v_scales, v_zeros, v_window);
-    const int64_t total = p.keys.tokens + p.keys.window;
-    // The work split torch's caller makes: token ranges of at least 256 per thread-sized
-    // share, enough items for every thread.
-    const int64_t threads = omp_get_max_threads(), heads = p.batch * p.heads;
-    const int64_t per_head = std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256,
-                                                                    (8 * threads + heads - 1) / heads));
-    p.chunk = std::max<int64_t>(1, (total + per_head - 1) / per_head);
+    p.chunk = 0;  // the kernel's own work split
     p.mask = has_mask ? mask.typed_data() : nullptr;
     p.new_tokens = new_tokens, p.causal = causal;
     p.out = out->typed_data();

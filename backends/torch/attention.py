@@ -543,7 +543,7 @@ class KernelCall:
         self.fn = cpu_kernel.load()
         if self.fn is None:
             return False
-        problem = cpu_kernel.Problem()
+        problem = cpu_kernel.Problem()  # chunk 0: the kernel's own work split
         k, v = _kernel_side(keys, problem.keys), _kernel_side(values, problem.values)
         if k is None or v is None:
             return False
@@ -578,8 +578,6 @@ class KernelCall:
         total = problem.keys.tokens + problem.keys.window
         problem.query, problem.batch, problem.rows, problem.dim = qg.data_ptr(), b, (hq // kv_heads) * n, d
         problem.scale = scale
-        per_head = max(1, min(-(-total // 256), -(-8 * torch.get_num_threads() // (b * kv_heads))))
-        problem.chunk = -(-total // per_head)
         if mask is not None:
             mask = _grouped_mask(mask, query.shape, kv_heads, total).contiguous()
             problem.mask = mask.data_ptr()
