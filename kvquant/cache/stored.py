@@ -107,9 +107,8 @@ def quantize_dense(x: Any, stored: StoredFormat, on_nonfinite: str = "propagate"
     from ..api import quantize
 
     scale = None if dynamic_per_tensor else stored.scale
-    small = _small_cpu_tensor(x)
-    if small is not None:
-        rt = small
+    rt = _small_cpu_tensor(x)
+    if rt is not None:
         q = quantize(rt.to_numpy(x), stored.format, group_size=stored.group_size, scale=scale,
                      on_nonfinite=on_nonfinite)
         zeros = None if q.zeros is None else rt.from_numpy(q.zeros)
@@ -279,9 +278,9 @@ class Window:
         self.holds = holds  # the most tokens it holds before some leave it (None: none ever leave)
         self.buffer = None
         self.length = 0
-        # Tokens it takes before an append must do more than write them in place (some
-        # leave, or the buffer grows): LayerCache.append's decode step, checked in one
-        # comparison. Every method that changes the buffer or length sets it.
+        # The most tokens it may hold after a write in place (none leaving, no growth):
+        # LayerCache.append's decode step checks length + new <= bound, one comparison.
+        # Every method that changes the buffer or what may leave sets it (_changed).
         self.bound = 0
         self._view = None  # view()'s last answer, until the next change
 
@@ -291,7 +290,8 @@ class Window:
         self._view = None
 
     def write(self, arr, new: int) -> None:
-        """Append ``new`` tokens where ``length + new <= bound``: in place, nothing leaves."""
+        """Append ``new`` tokens in place: they fit the buffer and none leave (the caller's
+        check: ``length + new <= bound``)."""
         self.buffer[:, :, self.length:self.length + new] = arr
         self.length += new
         self._view = None
@@ -319,10 +319,7 @@ class Window:
         new = arr.shape[TOKEN_AXIS]
         length = self.length + new - leaving
         if not leaving and self.buffer is not None and length <= self.buffer.shape[TOKEN_AXIS]:
-            self.buffer[:, :, self.length:length] = arr  # a decode step, between quantize calls
-            self.length = length
-            self._view = None
-            return
+            return self.write(arr, new)  # a decode step, between quantize calls
         kept, start = None, self.length
         if leaving:
             # The tokens that stay move to the front; a copy first, as source and
