@@ -127,15 +127,23 @@ def _compile(compiler: str, target: str, source: str = SOURCE, extra: tuple = ()
     return None
 
 
+def _abi_and_isa(lib) -> tuple:
+    """(the ABI version, the vector code) a kernel library reports; AttributeError where
+    it lacks those exports."""
+    abi, isa = lib.kvquant_decode_attention_abi, lib.kvquant_decode_attention_isa
+    abi.restype, isa.restype = ctypes.c_int64, ctypes.c_char_p
+    return abi(), isa().decode()
+
+
 def _open(path: str):
     """The kernel's function from the library at ``path``, or None (with a warning) where
     it cannot be loaded or was built for another ABI."""
     try:
         lib = ctypes.CDLL(path)
-        abi, size = lib.kvquant_decode_attention_abi, lib.kvquant_decode_attention_problem_size
-        abi.restype = size.restype = ctypes.c_int64
-        found = (abi(), size())
-        isa = lib.kvquant_decode_attention_isa
+        abi, isa = _abi_and_isa(lib)
+        size = lib.kvquant_decode_attention_problem_size
+        size.restype = ctypes.c_int64
+        found = (abi, size())
     except (OSError, AttributeError) as e:
         _cache_dir.warn_once(f"kvquant: the C++ decode kernel at {path} cannot be loaded ({e}); "
                              "attention uses torch.compile's kernels")
@@ -148,8 +156,7 @@ def _open(path: str):
     fn = lib.kvquant_decode_attention
     fn.argtypes = [ctypes.POINTER(Problem)]
     fn.restype = ctypes.c_int
-    isa.restype = ctypes.c_char_p
-    _LOADED["isa"] = isa().decode()
+    _LOADED["isa"] = isa
     return fn
 
 
@@ -227,14 +234,11 @@ def _register_jax(path: str) -> bool:
 
     try:
         lib = ctypes.CDLL(path)
-        abi = lib.kvquant_decode_attention_abi
-        abi.restype = ctypes.c_int64
-        if abi() != ABI_VERSION:
-            raise OSError(f"ABI {abi()}, this kvquant expects {ABI_VERSION}")
+        abi, isa = _abi_and_isa(lib)
+        if abi != ABI_VERSION:
+            raise OSError(f"ABI {abi}, this kvquant expects {ABI_VERSION}")
         jax.ffi.register_ffi_target(JAX_TARGET, jax.ffi.pycapsule(lib.kvquant_jax_decode_attention), platform="cpu")
-        isa = lib.kvquant_decode_attention_isa
-        isa.restype = ctypes.c_char_p
-        _LOADED["jax isa"] = isa().decode()
+        _LOADED["jax isa"] = isa
     except (OSError, AttributeError) as e:
         _cache_dir.warn_once(f"kvquant: the C++ decode kernel for JAX at {path} cannot be loaded ({e}); "
                              "JAX's attention uses its element-wise form")
