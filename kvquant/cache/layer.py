@@ -70,10 +70,8 @@ class LayerCache:
 
     def _window_holds(self, stored: StoredFormat) -> Optional[int]:
         """The most tokens a side's window holds before an append moves some into the
-        store (append's rule for how many leave), None for a full-precision side."""
-        if stored.format is None:
-            return None
-        return self.residual + (stored.group_size if stored.info.per_channel else self.quantize_every) - 1
+        store (one below its least capacity), None for a full-precision side."""
+        return None if stored.format is None else self._window_floor(stored) - 1
 
     # ------------------------------------------------------------ reading
     @property
