@@ -575,10 +575,10 @@ class KernelCall:
         qg = query if query.dtype == torch.float32 else query.to(torch.float32)
         if not qg.is_contiguous():
             qg = qg.contiguous()
-        total = problem.keys.tokens + problem.keys.window
         problem.query, problem.batch, problem.rows, problem.dim = qg.data_ptr(), b, (hq // kv_heads) * n, d
         problem.scale = scale
         if mask is not None:
+            total = problem.keys.tokens + problem.keys.window
             mask = _grouped_mask(mask, query.shape, kv_heads, total).contiguous()
             problem.mask = mask.data_ptr()
         else:
