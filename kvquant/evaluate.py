@@ -231,7 +231,8 @@ def evaluate(model: Optional[str] = None, text: Optional[str] = None, *, quick: 
             for c in configs:
                 if "fp8_per_tensor" in (c.keys, c.values) and calibration is None:
                     calibration = _calibration_scales(lm, window[:, :prefill], runner.cache_name)
-                caches[c.name] = runner.cache(c, calibration)
+                caches[c.name] = runner.cache(c, _calibrated(c.keys, calibration and calibration[0]),
+                                              _calibrated(c.values, calibration and calibration[1]))
             for pos in [0] + list(range(prefill, prefill + scored, chunk)):
                 stop = prefill if pos == 0 else min(pos + chunk, prefill + scored)
                 inputs = window[:, pos:stop]
@@ -293,7 +294,9 @@ class _TorchRunner:
 
         return transformers.DynamicCache(config=self.lm.config)
 
-    def cache(self, c: Config, calibration):
+    def cache(self, c: Config, keys, values):
+        """The cache of configuration ``c``, its formats ``keys`` and ``values`` (FP8 per
+        tensor calibrated)."""
         import transformers
 
         from .integrations.transformers import KvquantCache
@@ -301,8 +304,7 @@ class _TorchRunner:
         if c.peer:
             options = {"nbits": c.peer_bits} if c.peer_bits else {}
             return transformers.QuantizedCache(backend=c.peer_backend, config=self.lm.config, **options)
-        return KvquantCache(self.lm.config, keys=_calibrated(c.keys, calibration and calibration[0]),
-                            values=_calibrated(c.values, calibration and calibration[1]), residual=c.residual)
+        return KvquantCache(self.lm.config, keys=keys, values=values, residual=c.residual)
 
     def __call__(self, name, cache, inputs, pos, score: bool):
         """(log-probabilities [n, vocab] as a torch tensor, or None unless ``score``; the
@@ -327,14 +329,15 @@ class _JaxRunner:
     each configuration one JaxLayerCache per layer of ``capacity`` slots."""
 
     baseline_name = "unquantized (JaxLayerCache, no quantization)"
-    cache_name = "past_key_values"
     note = ("JAX: the model's weights through kvquant.integrations.jax_llama under jax.jit; tokens/s leaves out "
             "each configuration's first call of each length (its compile); cache B/token/layer counts every "
             "array a JaxLayerCache of prefill + scored slots allocates; HF's peer caches are PyTorch's (not run)")
 
     def __init__(self, lm, tokens: int):
         from .integrations import jax_llama
+        from .integrations.transformers import cache_argument
 
+        self.cache_name = cache_argument(lm)  # for the FP8 per-tensor calibration's PyTorch pass
         self.jax_llama = jax_llama
         self.params, self.config = jax_llama.params_of(lm)
         self.capacity = -(-tokens // 64) * 64
@@ -345,10 +348,8 @@ class _JaxRunner:
     def baseline(self):
         return self.jax_llama.create_caches(self.params, self.config, self.capacity, None, None)
 
-    def cache(self, c: Config, calibration):
-        return self.jax_llama.create_caches(self.params, self.config, self.capacity,
-                                            _calibrated(c.keys, calibration and calibration[0]),
-                                            _calibrated(c.values, calibration and calibration[1]), c.residual)
+    def cache(self, c: Config, keys, values):
+        return self.jax_llama.create_caches(self.params, self.config, self.capacity, keys, values, c.residual)
 
     def __call__(self, name, caches, inputs, pos, score: bool):
         import jax.numpy as jnp
