@@ -255,34 +255,56 @@ def test_cache_argument_follows_the_forward_signature(model):
 
 
 def test_kept_kernel_problem_matches_a_fresh_one_every_step(model, prompt, monkeypatch):
-    """Each layer keeps its C++ kernel Problem between decode steps (KernelCall) and sets
-    only the windows' lengths, the query and the output while the quantized views and
-    window buffers stay the same. Over a generation whose windows shift, whose stores
-    and windows grow, every step's output equals a Problem built afresh for that call,
-    and the kept one is rebuilt exactly when the cache's buffers changed."""
+    """Each layer keeps its C++ kernel Problem between decode steps (KernelCall): a step
+    like the last (KernelCall.decode) sets only the windows' lengths, the query and the
+    output, while the quantized views and window buffers stay the same. Over a
+    generation whose windows shift, whose stores and windows grow, every step's output
+    equals a Problem built afresh for that call; the kept one is rebuilt exactly when
+    the cache's buffers changed, and every other step takes decode's path."""
     from kvquant.backends import cpu_kernel
     from kvquant.backends.torch import attention as torch_attention
+    from kvquant.cache import LayerCache
 
     if cpu_kernel.load() is None:
         pytest.skip("no C++ kernel here")
-    calls = {"kept": 0, "rebuilt": 0, "compared": 0}
+    calls = {"general": 0, "decode": 0, "rebuilt": 0, "compared": 0}
     kept_call = torch_attention.KernelCall.__call__
+    kept_decode = torch_attention.KernelCall.decode
     kept_build = torch_attention.KernelCall._build
+    kept_buffers = LayerCache.attention_buffers
+    asked = {}
+
+    def fresh_equals(out, query, keys, values, scale, causal, mask):
+        fresh = kept_call(torch_attention.KernelCall(), query, keys, values, scale, causal, mask)
+        assert torch.equal(out.view(torch.int32), fresh.view(torch.int32))
+        calls["compared"] += 1
 
     def checked(self, query, keys, values, scale, causal, mask):
         out = kept_call(self, query, keys, values, scale, causal, mask)
         if out is not None and query.shape[2] == 1:
-            fresh = kept_call(torch_attention.KernelCall(), query, keys, values, scale, causal, mask)
-            assert torch.equal(out.view(torch.int32), fresh.view(torch.int32))
-            calls["compared"] += 1
+            fresh_equals(out, query, keys, values, scale, causal, mask)
+            calls["general"] += 1
         return out
+
+    def decoded(self, query, scale, buffers):
+        out = kept_decode(self, query, scale, buffers)
+        if out is not None:
+            fresh_equals(out, query, *asked["cache"].attention_inputs(), scale, True, None)
+            calls["decode"] += 1
+        return out
+
+    def buffers_of(self):
+        asked["cache"] = self
+        return kept_buffers(self)
 
     def counted(self, keys, values, sources):
         calls["rebuilt"] += 1
         return kept_build(self, keys, values, sources)
 
     monkeypatch.setattr(torch_attention.KernelCall, "__call__", checked)
+    monkeypatch.setattr(torch_attention.KernelCall, "decode", decoded)
     monkeypatch.setattr(torch_attention.KernelCall, "_build", counted)
+    monkeypatch.setattr(LayerCache, "attention_buffers", buffers_of)
     before = model.config._attn_implementation
     try:
         cache = KvquantCache(model.config, keys="int8", values="int4", residual=4, quantize_every=8)
@@ -295,6 +317,8 @@ def test_kept_kernel_problem_matches_a_fresh_one_every_step(model, prompt, monke
     # not at every step: 40 steps with tokens leaving every 8
     kept_rebuilds = calls["rebuilt"] - calls["compared"]
     assert layers * 5 <= kept_rebuilds <= layers * 12
+    assert calls["general"] == kept_rebuilds  # only a step whose buffers changed
+    assert calls["decode"] == 39 * layers - kept_rebuilds
 
 
 def test_a_copied_cache_goes_on_as_the_original(model, prompt):

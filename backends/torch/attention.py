@@ -513,7 +513,8 @@ CPU_KERNEL = True  # False: the compiled path never uses the CPU kernel (tests c
 
 def _buffer(window):
     """What a window is a view of (itself where it is none): a cache's window views
-    share one buffer from step to step."""
+    share one buffer from step to step. The root of the views (torch's _base): a
+    window's buffer may itself be a view (a token-major layout)."""
     return None if window is None else (window._base if window._base is not None else window)
 
 
@@ -528,10 +529,13 @@ class KernelCall:
     (docs/performance.md). One instance per layer, for windows that are views at the
     start of their buffers (a LayerCache's); ``cpu_kernel_attend`` makes one per call."""
 
-    __slots__ = ("problem", "sources", "keep", "fn")
+    __slots__ = ("problem", "sources", "keep", "fn", "decode_form")
 
     def __init__(self):
         self.problem = self.sources = self.keep = self.fn = None
+        # (query shape, dtype, scale) of the last call, when it was one decode step (one
+        # query token, no mask) that the kernel served: what decode() may repeat.
+        self.decode_form = None
 
     def __reduce__(self):  # a copied or pickled cache's layers build their own (ctypes pointers do not copy)
         return KernelCall, ()
@@ -539,7 +543,7 @@ class KernelCall:
     def _build(self, keys, values, sources) -> bool:
         from .. import cpu_kernel
 
-        self.problem = self.sources = self.keep = None
+        self.problem = self.sources = self.keep = self.decode_form = None
         self.fn = cpu_kernel.load()
         if self.fn is None:
             return False
@@ -589,8 +593,41 @@ class KernelCall:
         failed = self.fn(problem)
         problem.query = problem.out = problem.mask = None  # nothing dangles between calls
         if failed:
+            self.decode_form = None
             return None
+        self.decode_form = (query.shape, query.dtype, scale) if n == 1 and mask is None else None
         return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+    def decode(self, query, scale: float, buffers) -> Optional[torch.Tensor]:
+        """The next decode step of a layer whose last step __call__ served: ``buffers``
+        as LayerCache.attention_buffers gives them. The output [B, Hq, 1, D], or None
+        where the step is not like the last (other buffers: a quantize call or growth
+        since; another query shape, dtype or scale), which __call__ then serves. Only
+        what moves is set, without the Histories' views or __call__'s checks: in
+        generate each Python operation here runs cold, per layer and step."""
+        form = self.decode_form
+        if (form is None or not CPU_KERNEL or query.shape != form[0] or query.dtype is not form[1]
+                or scale != form[2] or not query.is_cpu or query.layout is not torch.strided
+                or (query.requires_grad and torch.is_grad_enabled())):
+            return None
+        held = self.sources
+        if (buffers[0] is not held[0] or buffers[1] is not held[1] or _buffer(buffers[2]) is not held[2]
+                or _buffer(buffers[3]) is not held[3]):
+            return None
+        qg = query if form[1] is torch.float32 else query.to(torch.float32)
+        if not qg.is_contiguous():
+            qg = qg.contiguous()
+        problem = self.problem
+        problem.keys.window, problem.values.window = buffers[4], buffers[5]
+        problem.query = qg.data_ptr()
+        out = torch.empty(form[0], dtype=torch.float32)
+        problem.out = out.data_ptr()
+        failed = self.fn(problem)
+        problem.query = problem.out = None
+        if failed:
+            self.decode_form = None
+            return None
+        return out if form[1] is torch.float32 else out.to(form[1])
 
 
 def cpu_kernel_attend(query, keys, values, scale: float, causal: bool, mask) -> Optional[torch.Tensor]:

@@ -190,6 +190,17 @@ class LayerCache:
         return tuple(History(None if stored.format is None else store.view(source, backend), window.view())
                      for stored, store, window in zip(self.formats, self._stores, self._windows))
 
+    def attention_buffers(self):
+        """What attention_inputs' Histories are views of, without making them: (keys'
+        quantized tokens, values', keys' window buffer, values', tokens in keys' window,
+        in values'). For a caller that keeps pointers into them between decode steps
+        (the CPU kernel's KernelCall): the same objects are the same memory."""
+        source, backend = self._signature[1], self._backend.name
+        (k_store, v_store), (k_window, v_window) = self._stores, self._windows
+        k_quantized = None if self.formats[0].format is None else k_store.view(source, backend)
+        v_quantized = None if self.formats[1].format is None else v_store.view(source, backend)
+        return k_quantized, v_quantized, k_window.buffer, v_window.buffer, k_window.length, v_window.length
+
     def _beyond_window(self):
         """Per side (tokens to drop from its store, from its window): the oldest tokens
         beyond sliding_window - 1, once enough have piled up, the same number from both

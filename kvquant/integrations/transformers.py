@@ -375,7 +375,15 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         return _fallback_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    is_causal=is_causal, **kwargs)
     layer._unconsumed = False
-    if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+    special = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
+    if (attention_mask is None and scaling is not None and not special and layer.compiled
+            and not layer.kv.hidden_tokens and not torch.compiler.is_compiling()):
+        # A decode step like the last one: the layer's kept kernel Problem, nothing else
+        # made (the general path below, per layer and step, costs more than the kernel).
+        out = layer.kernel_call.decode(query, float(scaling), layer.kv.attention_buffers())
+        if out is not None:
+            return out.transpose(1, 2), None  # one query token: [B, 1, Hq, D] is contiguous
+    if special:
         # Attention sinks or soft-capped logits: kvquant's attention has neither, the
         # model's own attention over the dequantized history applies them.
         key, value = _visible(layer.kv, layer.kv.history(query.dtype))
