@@ -321,6 +321,26 @@ def test_kept_kernel_problem_matches_a_fresh_one_every_step(model, prompt, monke
     assert calls["decode"] == 39 * layers - kept_rebuilds
 
 
+def test_float16_windows_converted_per_call_decode_as_the_general_path(model, prompt, monkeypatch):
+    """The kernel reads float32 and bfloat16 windows; a float16 model's are converted at
+    each call, so no Problem is kept and every step takes the general path, whose
+    tokens a run without the decode lane reproduces."""
+    import copy
+
+    from kvquant.backends.torch import attention as torch_attention
+
+    half = copy.deepcopy(model).to(torch.float16)
+    before = half.config._attn_implementation
+    try:
+        ours = greedy(half, prompt, KvquantCache(half.config, keys="int8", values="int4", residual=4, quantize_every=8))
+        monkeypatch.setattr(torch_attention.KernelCall, "decode", lambda *args: None)
+        general = greedy(half, prompt, KvquantCache(half.config, keys="int8", values="int4", residual=4,
+                                                    quantize_every=8))
+    finally:
+        half.set_attn_implementation(before)
+    assert torch.equal(ours, general)
+
+
 def test_a_copied_cache_goes_on_as_the_original(model, prompt):
     """copy.deepcopy of a cache mid-generation (as assisted decoding and prompt reuse
     do): its layers build their own kernel Problem (ctypes pointers do not copy), and

@@ -534,7 +534,7 @@ class KernelCall:
     def __init__(self):
         self.problem = self.sources = self.keep = self.fn = None
         # (query shape, dtype, scale) of the last call, when it was one decode step (one
-        # query token, no mask) that the kernel served: what decode() may repeat.
+        # query token, no mask) on a kept Problem: what decode() may repeat.
         self.decode_form = None
 
     def __reduce__(self):  # a copied or pickled cache's layers build their own (ctypes pointers do not copy)
@@ -595,7 +595,9 @@ class KernelCall:
         if failed:
             self.decode_form = None
             return None
-        self.decode_form = (query.shape, query.dtype, scale) if n == 1 and mask is None else None
+        # a Problem kept for the next step (no window converted here): decode may repeat it
+        kept = n == 1 and mask is None and self.sources is not None
+        self.decode_form = (query.shape, query.dtype, scale) if kept else None
         return out if query.dtype == torch.float32 else out.to(query.dtype)
 
     def decode(self, query, scale: float, buffers) -> Optional[torch.Tensor]:
