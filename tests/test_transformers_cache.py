@@ -288,8 +288,8 @@ def test_kept_kernel_problem_matches_a_fresh_one_every_step(model, prompt, monke
 
     def decoded(self, query, scale, buffers):
         out = kept_decode(self, query, scale, buffers)
-        if out is not None:
-            fresh_equals(out, query, *asked["cache"].attention_inputs(), scale, True, None)
+        if out is not None:  # transformers' layout [B, 1, Hq, D] against the kernel's [B, Hq, 1, D]
+            fresh_equals(out.transpose(1, 2), query, *asked["cache"].attention_inputs(), scale, True, None)
             calls["decode"] += 1
         return out
 

@@ -529,13 +529,14 @@ class KernelCall:
     (docs/performance.md). One instance per layer, for windows that are views at the
     start of their buffers (a LayerCache's); ``cpu_kernel_attend`` makes one per call."""
 
-    __slots__ = ("problem", "sources", "keep", "fn", "decode_form")
+    __slots__ = ("problem", "sides", "sources", "keep", "fn", "decode_form", "decode_buffers")
 
     def __init__(self):
-        self.problem = self.sources = self.keep = self.fn = None
-        # (query shape, dtype, scale) of the last call, when it was one decode step (one
-        # query token, no mask) on a kept Problem: what decode() may repeat.
-        self.decode_form = None
+        self.problem = self.sides = self.sources = self.keep = self.fn = None
+        # (query shape, dtype, scale, output shape) of the last call, when it was one
+        # decode step (one query token, no mask) on a kept Problem: what decode() may
+        # repeat; and the buffers decode() last found to be the Problem's.
+        self.decode_form = self.decode_buffers = None
 
     def __reduce__(self):  # a copied or pickled cache's layers build their own (ctypes pointers do not copy)
         return KernelCall, ()
@@ -543,7 +544,7 @@ class KernelCall:
     def _build(self, keys, values, sources) -> bool:
         from .. import cpu_kernel
 
-        self.problem = self.sources = self.keep = self.decode_form = None
+        self.problem = self.sides = self.sources = self.keep = self.decode_form = self.decode_buffers = None
         self.fn = cpu_kernel.load()
         if self.fn is None:
             return False
@@ -552,6 +553,7 @@ class KernelCall:
         if k is None or v is None:
             return False
         self.problem, self.keep = problem, (k[0], v[0])
+        self.sides = (problem.keys, problem.values)  # views into problem: made once, not per step
         # a converted window is this step's copy: the next step converts again
         self.sources = sources if k[1] and v[1] else None
         return True
@@ -597,32 +599,38 @@ class KernelCall:
             return None
         # a Problem kept for the next step (no window converted here): decode may repeat it
         kept = n == 1 and mask is None and self.sources is not None
-        self.decode_form = (query.shape, query.dtype, scale) if kept else None
+        self.decode_form = (query.shape, query.dtype, scale, (b, 1, hq, d)) if kept else None
         return out if query.dtype == torch.float32 else out.to(query.dtype)
 
     def decode(self, query, scale: float, buffers) -> Optional[torch.Tensor]:
-        """The next decode step of a layer whose last step __call__ served: ``buffers``
-        as LayerCache.attention_buffers gives them. The output [B, Hq, 1, D], or None
-        where the step is not like the last (other buffers: a quantize call or growth
-        since; another query shape, dtype or scale), which __call__ then serves. Only
-        what moves is set, without the Histories' views or __call__'s checks: in
-        generate each Python operation here runs cold, per layer and step."""
+        """The next decode step of a layer whose last step __call__ served on a kept
+        Problem: ``buffers`` as LayerCache.attention_buffers gives them. The output as
+        [B, 1, Hq, D] (the memory of [B, Hq, 1, D]: transformers' attention layout, no
+        transpose to make), or None where the step is not like the last (other
+        buffers: a quantize call or growth since; another query shape, dtype or scale),
+        which __call__ then serves. Only what moves is set, without the Histories'
+        views or __call__'s checks: in generate each Python operation here runs cold,
+        per layer and step."""
         form = self.decode_form
         if (form is None or not CPU_KERNEL or query.shape != form[0] or query.dtype is not form[1]
                 or scale != form[2] or not query.is_cpu or query.layout is not torch.strided
                 or (query.requires_grad and torch.is_grad_enabled())):
             return None
-        held = self.sources
-        if (buffers[0] is not held[0] or buffers[1] is not held[1] or _buffer(buffers[2]) is not held[2]
-                or _buffer(buffers[3]) is not held[3]):
-            return None
+        seen = self.decode_buffers
+        if (seen is None or buffers[0] is not seen[0] or buffers[1] is not seen[1] or buffers[2] is not seen[2]
+                or buffers[3] is not seen[3]):
+            held = self.sources
+            if (buffers[0] is not held[0] or buffers[1] is not held[1] or _buffer(buffers[2]) is not held[2]
+                    or _buffer(buffers[3]) is not held[3]):
+                return None
+            self.decode_buffers = buffers[:4]
         qg = query if form[1] is torch.float32 else query.to(torch.float32)
         if not qg.is_contiguous():
             qg = qg.contiguous()
-        problem = self.problem
-        problem.keys.window, problem.values.window = buffers[4], buffers[5]
+        problem, (keys, values) = self.problem, self.sides
+        keys.window, values.window = buffers[4], buffers[5]
         problem.query = qg.data_ptr()
-        out = torch.empty(form[0], dtype=torch.float32)
+        out = torch.empty(form[3], dtype=torch.float32)
         problem.out = out.data_ptr()
         failed = self.fn(problem)
         problem.query = problem.out = None

@@ -382,7 +382,7 @@ def _kvquant_attention(module, query, key, value, attention_mask, dropout: float
         # made (the general path below, per layer and step, costs more than the kernel).
         out = layer.kernel_call.decode(query, float(scaling), layer.kv.attention_buffers())
         if out is not None:
-            return out.transpose(1, 2), None  # one query token: [B, 1, Hq, D] is contiguous
+            return out, None
     if special:
         # Attention sinks or soft-capped logits: kvquant's attention has neither, the
         # model's own attention over the dequantized history applies them.
