@@ -78,6 +78,25 @@ def test_keys_and_values_in_different_formats_and_full_precision():
     assert_same_bits(kvquant.dequantize(one_shot(keys[:, :, :16], "int8")), k_all[:, :, :16])
 
 
+@pytest.mark.parametrize("keys_format, values_format", [("int8", "int4"), (None, "int8"), ("fp8", None)],
+                         ids=["int8-int4", "full-keys", "full-values"])
+def test_attention_buffers_are_what_attention_inputs_views(keys_format, values_format):
+    """attention_buffers names, without making views, the objects attention_inputs'
+    Histories are views of: the same quantized views, the windows' buffers with the
+    windows' lengths, through decode steps, quantize calls and growth."""
+    keys, values = stream(total=60)
+    cache = LayerCache(keys=keys_format, values=values_format, residual=4, quantize_every=8)
+    assert cache.attention_buffers() == (None, None, None, None, 0, 0)
+    for t in [20] + [1] * 40:
+        start = cache.seq_length
+        cache.append(keys[:, :, start:start + t], values[:, :, start:start + t], history=False)
+        buffers = cache.attention_buffers()
+        for i, side in enumerate(cache.attention_inputs()):
+            assert buffers[i] is side.quantized
+            assert np.shares_memory(buffers[2 + i], side.window) and buffers[4 + i] == side.window.shape[2]
+            assert_same_bits(buffers[2 + i][:, :, :buffers[4 + i]], side.window, f"side {i} window")
+
+
 def test_nbytes_is_the_arrays_held_and_bytes_per_token_the_formula():
     keys, values = stream(total=300, batch=1, heads=2, head_dim=64)
     cache = LayerCache(keys="int8", values={"format": "int4", "group_size": 64}, residual=128)

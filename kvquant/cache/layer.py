@@ -194,7 +194,10 @@ class LayerCache:
         """What attention_inputs' Histories are views of, without making them: (keys'
         quantized tokens, values', keys' window buffer, values', tokens in keys' window,
         in values'). For a caller that keeps pointers into them between decode steps
-        (the CPU kernel's KernelCall): the same objects are the same memory."""
+        (the CPU kernel's KernelCall): the same objects are the same memory. Before
+        the first token: (None, None, None, None, 0, 0)."""
+        if self._signature is None:
+            return None, None, None, None, 0, 0
         (k_store, v_store), (k_window, v_window) = self._stores, self._windows
         # a store's kept view is the one view() gives (the cache's one source dtype and
         # backend), held until its tokens change; a full-precision side's store is empty
