@@ -53,13 +53,18 @@ def generate_with_each_cache(model) -> dict:
     """{cache name: tokens, per-layer record, kvquant attention calls} for ``model``,
     with or without tensor parallelism (the test runs it on one process too)."""
     calls = {"n": 0}
-    original_attend = torch_attention.attend
+    original_attend, original_decode = torch_attention.attend, torch_attention.KernelCall.decode
 
     def counting_attend(*args, **kw):
         calls["n"] += 1
         return original_attend(*args, **kw)
 
-    torch_attention.attend = counting_attend
+    def counting_decode(*args, **kw):  # the decode lane: a step like the layer's last, on its kept kernel call
+        out = original_decode(*args, **kw)
+        calls["n"] += out is not None
+        return out
+
+    torch_attention.attend, torch_attention.KernelCall.decode = counting_attend, counting_decode
     try:
         report = {}
         for name, options in CACHES:
@@ -83,7 +88,7 @@ def generate_with_each_cache(model) -> dict:
             report[name] = {"tokens": tokens.tolist(), "layers": layers, "kvquant_attention_calls": calls["n"]}
         return report
     finally:
-        torch_attention.attend = original_attend
+        torch_attention.attend, torch_attention.KernelCall.decode = original_attend, original_decode
 
 
 def main(model_dir: str, out_dir: str) -> None:
