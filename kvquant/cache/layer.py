@@ -198,15 +198,11 @@ class LayerCache:
         the first token: (None, None, None, None, 0, 0)."""
         if self._signature is None:
             return None, None, None, None, 0, 0
+        source, backend = self._signature[1], self._backend.name
         (k_store, v_store), (k_window, v_window) = self._stores, self._windows
-        # a store's kept view is the one view() gives (the cache's one source dtype and
-        # backend), held until its tokens change; a full-precision side's store is empty
-        k_quantized, v_quantized = k_store._view, v_store._view
-        if k_quantized is None or v_quantized is None:
-            source, backend = self._signature[1], self._backend.name
-            k_quantized = None if self.formats[0].format is None else k_store.view(source, backend)
-            v_quantized = None if self.formats[1].format is None else v_store.view(source, backend)
-        return k_quantized, v_quantized, k_window.buffer, v_window.buffer, k_window.length, v_window.length
+        # a full-precision side's store is never written: its view is None
+        return (k_store.view(source, backend), v_store.view(source, backend), k_window.buffer, v_window.buffer,
+                k_window.length, v_window.length)
 
     def _beyond_window(self):
         """Per side (tokens to drop from its store, from its window): the oldest tokens
